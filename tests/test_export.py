@@ -1,0 +1,73 @@
+"""ONNX export of every supported class: the Turbo graph reproduces Turbo in PyTorch in ONNX Runtime."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from turbo_export.export.onnx import export_onnx, require_parity, validate
+from turbo_export.export.specs import SPECS, TurboOptions
+from turbo_export.errors import ParityError
+from turbo_export.presets import LoadedModel, build_random
+from turbo_export.runtime import make_runner
+from test_patch import _models
+
+SPEC = SPECS["vit"]
+
+
+def _loaded(model):
+    return LoadedModel(model, type(model).__name__, "test", int(model.config.image_size), 3)
+
+
+@pytest.mark.parametrize("model", _models(), ids=lambda m: type(m).__name__)
+def test_turbo_onnx_matches_pytorch(model, tmp_path):
+    loaded = _loaded(model)
+    options = TurboOptions(ratio=8, alpha=6.0, batch=2)
+    turbo = SPEC.make_turbo(copy.deepcopy(model), options)
+    graph = SPEC.graph("turbo", turbo, loaded, options)
+    path = export_onnx(graph, str(tmp_path / "turbo.onnx"))
+    onnx.checker.check_model(path)
+    proto = onnx.load(path)
+    # static shapes: every input and output dimension is a number
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        assert all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim), value.name
+    runner = make_runner(path)
+    fresh = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))}
+    for inputs in (graph.example_inputs, fresh):
+        report = validate(graph, path, runner, inputs)
+        require_parity(report)
+        assert report.cosine > 0.99999
+    # the merge really happened inside the exported graph
+    ops = {n.op_type for n in proto.graph.node}
+    assert "ScatterElements" in ops and "TopK" in ops
+
+
+def test_validation_fails_loudly_on_a_wrong_graph(tmp_path):
+    loaded = build_random("tiny", "vit")
+    options = TurboOptions(ratio=8, batch=1)
+    baseline = SPEC.graph("baseline", loaded.model, loaded, options)
+    path = export_onnx(baseline, str(tmp_path / "baseline.onnx"))
+    turbo = SPEC.graph("turbo", SPEC.make_turbo(copy.deepcopy(loaded.model), options), loaded, options)
+    report = validate(turbo, path, make_runner(path))  # the unmerged graph is not the Turbo model
+    assert not report.ok
+    with pytest.raises(ParityError, match="max abs diff"):
+        require_parity(report)
+    assert any("[x]" in line for line in report.lines())
+
+
+def test_flops_and_tokens():
+    from turbo_export import merge
+
+    tiny = build_random("tiny", "vit")
+    base = SPEC.flops(tiny, 32, [(65, 0)] * 4)
+    layers = merge.tokens_per_layer(65, [8] * 4)
+    turbo = SPEC.flops(tiny, 32, layers)
+    assert 1.2 < base / turbo < 2.0
+    # hand count for one block of the tiny model (width 32, MLP 64, 65 tokens, no merge)
+    w, m, n = 32, 64, 65
+    block = 2 * n * w * w * 3 + 2 * 2 * n * n * w + 2 * n * w * w + 2 * 2 * n * w * m
+    patch_embed = 2 * 64 * w * 3 * 4 * 4
+    assert base == patch_embed + 4 * block + 2 * w * 10
+    assert np.isclose(SPEC.num_tokens(tiny, 32), 65)

@@ -1,0 +1,149 @@
+"""The `turbo-export` command line: parse, call the library, print, map user errors to exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from .errors import ParityError, TurboExportError
+
+EXIT_USAGE = 2
+EXIT_PARITY = 1
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"turbo-export: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TurboExportError as exc:
+            _fail(str(exc))
+        except ParityError as exc:
+            _fail(f"parity check failed, nothing was written: {exc}", EXIT_PARITY)
+        except KeyboardInterrupt:
+            _fail("interrupted, nothing was written", 130)
+
+    return wrapper
+
+
+class _OneLineErrors(click.Group):
+    """click's own usage errors (unknown option, bad type) as one line with exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click.UsageError as exc:
+            _fail(exc.format_message().replace("\n", " "))
+        except click.exceptions.Abort:
+            _fail("aborted", 130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+
+
+def parse_ratio(value: str) -> int | list[int]:
+    """`16` -> 16; `16,16,8` -> a per-layer list."""
+    text = str(value).strip()
+    try:
+        parts = [int(p) for p in text.split(",") if p.strip() != ""]
+    except ValueError:
+        raise TurboExportError(f"ratio: expected an integer or a comma-separated list of integers, got '{value}'") from None
+    if not parts:
+        raise TurboExportError("ratio: empty")
+    if any(p < 0 for p in parts):
+        raise TurboExportError(f"ratio: must be >= 0 (tokens merged per block), got '{value}'")
+    return parts[0] if len(parts) == 1 and "," not in text else parts
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="turbo-export")
+def main() -> None:
+    """Bake Turbo token merging into ONNX graphs (and TensorRT engines) and measure it honestly."""
+
+
+@main.command()
+@click.option("--model", "model_source", required=True,
+              help="random:<preset> (vit-base-patch16-224, vit-large-patch16-224, tiny, ...), a local "
+                   "Hugging Face folder, or a hub id.")
+@click.option("--ratio", required=True, help="Tokens merged per block (r): an int, or a comma-separated per-layer list.")
+@click.option("--schedule", type=click.Choice(["constant", "decreasing"]), default="constant", show_default=True,
+              help="For an int ratio: constant r, or ToMe's decreasing schedule (1.5r down to 0.5r).")
+@click.option("--alpha", type=float, default=6.0, show_default=True,
+              help="Weight of the semantic value I in E = R - alpha * I (0 = ToMe).")
+@click.option("--min-tokens", type=int, default=0, show_default=True,
+              help="No merge in a block whose input is shorter than this.")
+@click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention (log size bias).")
+@click.option("--batch", type=int, default=8, show_default=True, help="Static batch size of the exported graphs.")
+@click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: engines/<name>-r<ratio>/).")
+@click.option("--no-bench", is_flag=True, help="Skip the throughput comparison.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check (not recommended).")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per model.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff).")
+@user_errors
+def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: int, no_prop_attn: bool,
+        batch: int, image_size: int | None, backend: str, out_dir: str | None, no_bench: bool,
+        no_validate: bool, runs: int, atol: float) -> None:
+    """Export a ViT / DeiT / DINOv2 model unaccelerated and with Turbo, check parity, compare throughput."""
+    from .export.pipeline import JobOptions, run_export, summary_lines
+    from .export.specs import SPECS, TurboOptions
+    from .presets import load_model
+
+    r = parse_ratio(ratio)
+    if schedule == "decreasing":
+        if not isinstance(r, int):
+            raise TurboExportError("schedule: 'decreasing' needs an int --ratio, not a list")
+        r = (r, -0.5)
+    if batch < 1:
+        raise TurboExportError(f"batch: must be >= 1, got {batch}")
+    if image_size is not None and image_size < 1:
+        raise TurboExportError(f"image-size: must be positive, got {image_size}")
+    if backend == "tensorrt":
+        from .runtime import make_runner
+
+        make_runner("", "tensorrt")
+    spec = SPECS["vit"]
+    click.echo(f"loading {model_source} ...", err=True)
+    loaded = load_model(model_source, "vit", spec.supported())
+    ratio_tag = ratio.replace(",", "_") + ("d" if schedule == "decreasing" else "")
+    out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio_tag}")
+    options = JobOptions(
+        turbo=TurboOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, prop_attn=not no_prop_attn, batch=batch,
+                           image_size=image_size),
+        out_dir=out, backend=backend, validate=not no_validate, bench=not no_bench, bench_runs=runs, atol=atol,
+    )
+    result = run_export(spec, loaded, options)
+    click.echo("")
+    for line in summary_lines(result.report):
+        click.echo(line)
+    click.echo(f"\nwrote {result.out_dir}/: baseline.onnx, turbo.onnx, report.json")
+
+
+@main.command("presets")
+def list_presets() -> None:
+    """List the random:<preset> models (seeded random weights, built offline)."""
+    from .presets import VIT_PRESETS
+
+    width = max(len(n) for n in VIT_PRESETS) + len("random:")
+    for name, preset in VIT_PRESETS.items():
+        click.echo(f"{'random:' + name:{width}}  {preset.family:5}  {preset.model_class:38}  {preset.description}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""torch -> ONNX (dynamo exporter), onnx.checker, and parity validation against PyTorch in ONNX Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ParityError
+
+TWO_GB = 2**31
+DEFAULT_ATOL = 1e-4
+
+
+@dataclass
+class GraphSpec:
+    """One graph to export: a module whose forward takes tensors in ``input_names`` order and returns a tuple."""
+
+    name: str
+    module: nn.Module
+    example_inputs: dict[str, torch.Tensor]
+    output_names: list[str]
+    atol: float = DEFAULT_ATOL
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints progress and warnings for every export; keep the CLI output readable."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(spec: GraphSpec, path: str) -> str:
+    """Export ``spec`` to ``path`` with static shapes; weights go to external data above 2 GB."""
+    import onnx
+
+    module = spec.module.eval()
+    args = tuple(spec.example_inputs.values())
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module, args, None, dynamo=True, input_names=list(spec.example_inputs),
+            output_names=spec.output_names, optimize=True,
+        )
+        param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        program.save(path, external_data=param_bytes >= TWO_GB)
+    onnx.checker.check_model(path if param_bytes >= TWO_GB else onnx.load(path), full_check=False)
+    return path
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    shape: tuple[int, ...]
+    reference_shape: tuple[int, ...]
+    max_abs_diff: float
+    cosine: float
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.shape == self.reference_shape and self.max_abs_diff <= self.atol
+
+
+@dataclass
+class ParityReport:
+    graph: str
+    path: str
+    outputs: list[OutputCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(o.max_abs_diff for o in self.outputs)
+
+    @property
+    def cosine(self) -> float:
+        return min(o.cosine for o in self.outputs)
+
+    def lines(self) -> list[str]:
+        mark = lambda ok: "✓" if ok else "x"  # noqa: E731
+        out = [f"Validating ONNX model {self.path} against PyTorch ({self.graph}):"]
+        for o in self.outputs:
+            out.append(f'  - output "{o.name}":')
+            out.append(f"    -[{mark(o.shape == o.reference_shape)}] shape {o.shape} matches {o.reference_shape}")
+            out.append(
+                f"    -[{mark(o.ok)}] values close (atol: {o.atol:g}): max abs diff {o.max_abs_diff:.3g}, "
+                f"cosine {o.cosine:.6f}"
+            )
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs_diff": self.max_abs_diff, "cosine": self.cosine, "ok": self.ok,
+            "outputs": {o.name: {"max_abs_diff": o.max_abs_diff, "cosine": o.cosine, "atol": o.atol,
+                                 "shape": list(o.shape)} for o in self.outputs},
+        }
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denom = np.linalg.norm(a64) * np.linalg.norm(b64)
+    return float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))
+
+
+def compare_outputs(
+    names: Sequence[str], actual: Sequence[np.ndarray], reference: Sequence[np.ndarray], atol: float
+) -> list[OutputCheck]:
+    checks = []
+    for name, got, ref in zip(names, actual, reference):
+        same_shape = tuple(got.shape) == tuple(ref.shape)
+        diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if same_shape else float("inf")
+        cos = cosine(got, ref) if same_shape else 0.0
+        checks.append(OutputCheck(name, tuple(got.shape), tuple(ref.shape), diff, cos, atol))
+    return checks
+
+
+def torch_outputs(spec: GraphSpec, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = spec.module(*inputs.values())
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return [t.detach().float().cpu().numpy() for t in out]
+
+
+def validate(spec: GraphSpec, path: str, runner: Any, inputs: dict[str, torch.Tensor] | None = None) -> ParityReport:
+    """Run the ONNX file (through ``runner``) and the PyTorch module on the same inputs and compare."""
+    inputs = inputs if inputs is not None else spec.example_inputs
+    reference = torch_outputs(spec, inputs)
+    actual = runner.run({k: v.cpu().numpy() for k, v in inputs.items()})
+    report = ParityReport(spec.name, path)
+    report.outputs = compare_outputs(spec.output_names, [actual[n] for n in spec.output_names], reference, spec.atol)
+    return report
+
+
+def require_parity(report: ParityReport) -> None:
+    if not report.ok:
+        worst = max(report.outputs, key=lambda o: o.max_abs_diff)
+        raise ParityError(
+            f"{report.graph}: ONNX output '{worst.name}' differs from PyTorch: max abs diff "
+            f"{worst.max_abs_diff:.3g} > atol {worst.atol:g} (shape {worst.shape} vs {worst.reference_shape})"
+        )
+
+
+def file_size(path: str) -> int:
+    total = os.path.getsize(path)
+    data = path + ".data"
+    return total + (os.path.getsize(data) if os.path.exists(data) else 0)

@@ -1,0 +1,210 @@
+"""The one export job: build baseline + Turbo, export both, validate each against PyTorch, benchmark, report."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import __version__, bench, merge
+from ..errors import TurboExportError
+from ..files import staged_output, write_json_atomic
+from ..presets import LoadedModel
+from ..runtime import make_runner
+from .onnx import DEFAULT_ATOL, ParityReport, export_onnx, file_size, require_parity, validate
+from .specs import TurboOptions, VitSpec
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class JobOptions:
+    turbo: TurboOptions
+    out_dir: str
+    backend: str = "onnxruntime"
+    validate: bool = True
+    bench: bool = True
+    bench_runs: int = 20
+    bench_warmup: int = 3
+    atol: float = DEFAULT_ATOL
+    progress: bool = True
+
+
+@dataclass
+class JobResult:
+    report: dict[str, Any]
+    parity: dict[str, ParityReport] = field(default_factory=dict)
+    out_dir: str = ""
+
+
+def check_ratio(schedule: list[int], num_tokens: int, protected: int) -> None:
+    """A ratio that no block could apply is a user mistake, not something to clamp silently."""
+    maximum = (num_tokens - protected) // 2
+    if any(r < 0 for r in schedule):
+        raise TurboExportError(f"ratio: must be >= 0 (tokens merged per block), got {schedule}")
+    if schedule and schedule[0] > maximum:
+        raise TurboExportError(
+            f"ratio: {schedule[0]} is above the maximum {maximum} for this model "
+            f"({num_tokens} tokens, {protected} protected)"
+        )
+
+
+def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log = _stderr) -> JobResult:
+    turbo = options.turbo
+    if options.backend != "onnxruntime":
+        make_runner("", options.backend)  # raises the one-line reason
+    if turbo.batch < 1:
+        raise TurboExportError(f"batch: must be >= 1, got {turbo.batch}")
+    if turbo.min_tokens < 0:
+        raise TurboExportError(f"min-tokens: must be >= 0, got {turbo.min_tokens}")
+    protected = spec.protected(loaded)
+    image_size = spec.image_size(loaded, turbo)
+    num_tokens = spec.num_tokens(loaded, image_size)
+    try:
+        schedule = merge.r_schedule(turbo.ratio, spec.num_layers(loaded))
+    except (TypeError, ValueError) as exc:
+        raise TurboExportError(f"ratio: {exc}") from None
+    check_ratio(schedule, num_tokens, protected)
+
+    baseline_model = loaded.model
+    turbo_model = spec.make_turbo(copy.deepcopy(baseline_model), turbo)
+    layers_turbo = merge.tokens_per_layer(num_tokens, schedule, protected, turbo.min_tokens)
+    layers_base = [(num_tokens, 0)] * len(schedule)
+
+    graphs = {
+        "baseline": spec.graph("baseline", baseline_model, loaded, turbo),
+        "turbo": spec.graph("turbo", turbo_model, loaded, turbo),
+    }
+    for g in graphs.values():
+        g.atol = options.atol
+
+    parity: dict[str, ParityReport] = {}
+    timings = None
+    with staged_output(options.out_dir) as stage:
+        paths = {}
+        for i, (name, g) in enumerate(graphs.items(), 1):
+            log(f"[{i}/2] exporting {name}.onnx ...")
+            start = time.perf_counter()
+            paths[name] = export_onnx(g, os.path.join(stage, f"{name}.onnx"))
+            log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
+        runners = {name: make_runner(p, options.backend) for name, p in paths.items()}
+
+        if options.validate:
+            for name, g in graphs.items():
+                report = validate(g, os.path.join(options.out_dir, f"{name}.onnx"), runners[name])
+                parity[name] = report
+                for line in report.lines():
+                    log(line)
+            for report in parity.values():
+                require_parity(report)
+
+        if options.bench:
+            feeds = {name: g.example_inputs for name, g in graphs.items()}
+            timings = bench.interleaved(runners, feeds, turbo.batch, warmup=options.bench_warmup,
+                                        runs=options.bench_runs, progress=options.progress,
+                                        desc=f"benchmark ({options.backend})")
+
+        flops = {"baseline": spec.flops(loaded, image_size, layers_base),
+                 "turbo": spec.flops(loaded, image_size, layers_turbo)}
+        report = build_report(spec, loaded, options, schedule, image_size, layers_base, layers_turbo, flops,
+                              parity, timings, runners)
+        write_json_atomic(os.path.join(stage, "report.json"), report)
+    return JobResult(report, parity, os.path.abspath(options.out_dir))
+
+
+def build_report(spec, loaded, options, schedule, image_size, layers_base, layers_turbo, flops, parity, timings,
+                 runners) -> dict[str, Any]:
+    turbo = options.turbo
+    report: dict[str, Any] = {
+        "family": spec.family,
+        "model": loaded.source,
+        "model_class": type(loaded.model).__name__,
+        "ratio": turbo.ratio if isinstance(turbo.ratio, int) else list(schedule),
+        "r_schedule": schedule,
+        "alpha": turbo.alpha,
+        "min_tokens": turbo.min_tokens,
+        "prop_attn": turbo.prop_attn,
+        "image_size": image_size,
+        "batch": turbo.batch,
+        "tokens_per_layer": {
+            "baseline": [n for n, _ in layers_base],
+            "turbo": [n for n, _ in layers_turbo],
+        },
+        "merged_per_layer": [r for _, r in layers_turbo],
+        "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
+                  "ratio": flops["baseline"] / flops["turbo"]},
+        "files": {"baseline": "baseline.onnx", "turbo": "turbo.onnx"},
+        "parity": None,
+        "bench": None,
+        "environment": _environment(runners),
+    }
+    if parity:
+        report["parity"] = {"compared": "turbo.onnx (ONNX Runtime) vs Turbo model (PyTorch)",
+                            **parity["turbo"].as_dict()}
+        report["parity_baseline"] = {"compared": "baseline.onnx (ONNX Runtime) vs model (PyTorch)",
+                                     **parity["baseline"].as_dict()}
+    if timings:
+        ratio = bench.speedup(timings)
+        report["bench"] = {
+            "backend": options.backend,
+            "providers": getattr(runners["turbo"], "providers", None),
+            "batch": turbo.batch,
+            "runs": options.bench_runs,
+            "warmup": options.bench_warmup,
+            "baseline_ips": timings["baseline"].items_per_s,
+            "turbo_ips": timings["turbo"].items_per_s,
+            "baseline_median_ms": timings["baseline"].median_s * 1e3,
+            "turbo_median_ms": timings["turbo"].median_s * 1e3,
+            "speedup": ratio,
+            "speedup_over_flops_ratio": ratio / report["flops"]["ratio"],
+        }
+    return report
+
+
+def _environment(runners: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "turbo_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+    }
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A readable side-by-side table of the report."""
+    base, tur = report["tokens_per_layer"]["baseline"], report["tokens_per_layer"]["turbo"]
+    rows = [
+        ("model", report["model"], ""),
+        ("tokens per layer", f"{base[0]} x {len(base)}", " ".join(str(n) for n in tur)),
+        ("GFLOPs / image", f"{report['flops']['baseline'] / 1e9:.3f}", f"{report['flops']['turbo'] / 1e9:.3f}"),
+    ]
+    if report.get("parity"):
+        p, pb = report["parity"], report["parity_baseline"]
+        rows.append(("ONNX vs PyTorch max|diff|", f"{pb['max_abs_diff']:.2e}", f"{p['max_abs_diff']:.2e}"))
+        rows.append(("ONNX vs PyTorch cosine", f"{pb['cosine']:.6f}", f"{p['cosine']:.6f}"))
+    if report.get("bench"):
+        b = report["bench"]
+        rows.append((f"{b['backend']} images/s (batch {b['batch']})", f"{b['baseline_ips']:.1f}",
+                     f"{b['turbo_ips']:.1f}"))
+        rows.append(("median latency ms", f"{b['baseline_median_ms']:.1f}", f"{b['turbo_median_ms']:.1f}"))
+    width = max(len(r[0]) for r in rows)
+    col = max(12, max(len(r[1]) for r in rows))
+    lines = [f"{'':{width}}  {'baseline':>{col}}  turbo (r={report['ratio']}, alpha={report['alpha']:g})"]
+    lines += [f"{a:{width}}  {b:>{col}}  {c}" for a, b, c in rows]
+    lines.append(f"{'FLOPs ratio':{width}}  {report['flops']['ratio']:>{col}.2f}x")
+    if report.get("bench"):
+        b = report["bench"]
+        lines.append(f"{'speedup':{width}}  {b['speedup']:>{col}.2f}x  "
+                     f"({b['speedup_over_flops_ratio']:.2f} of the FLOPs ratio)")
+    return lines

@@ -1,0 +1,204 @@
+"""Turbo token merging as pure tensor functions (no model knowledge).
+
+Turbo (ECCV 2024) extends ToMe's bipartite soft matching with an *information degree*
+``E = R - alpha * I``: R is a token's mutual redundancy (its best cosine similarity to the other
+set) and I its semantic value (the CLS token's attention to it). The ``r`` tokens of set A with the
+largest E are merged into their most similar token of set B by size-weighted average.
+
+Every shape here depends only on input shapes and on the Python int ``r``: no data-dependent shape,
+so the functions trace into a static ONNX graph. Index selection uses ``argsort``/``sort`` (TopK in
+ONNX), ``gather`` (GatherElements) and ``scatter_reduce(reduce="sum")`` (ScatterElements with
+reduction "add"); never ``index_add`` or ``reduce="mean"``, which export wrongly.
+
+Token layout convention (understanding models): A = tokens 0, 2, 4, ... (CLS first), B = tokens
+1, 3, 5, ...; the first ``protected`` tokens (CLS, distillation token) are never sources, and a
+protected token in B is never a destination.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence, Union
+
+import torch
+
+RSchedule = Union[int, Sequence[int], tuple]
+
+
+class MergePlan(NamedTuple):
+    """Which tokens merge where; everything ``merge_wavg`` and ``unmerge`` need.
+
+    Indices are into the A / B halves of the sequence, shape [batch, k].
+    """
+
+    unm_idx: torch.Tensor  # A tokens that stay, ascending (original order)
+    src_idx: torch.Tensor  # A tokens merged away
+    dst_idx: torch.Tensor  # for each source, its destination in B
+
+
+def split_alternate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = tokens 0, 2, 4, ...; B = tokens 1, 3, 5, ... along dim 1."""
+    return x[:, ::2], x[:, 1::2]
+
+
+def information_degree(
+    metric: torch.Tensor,
+    semantic: torch.Tensor | None,
+    alpha: float,
+    protected: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[a] = max_b cos(a, b) - alpha * I[a] for every A token, and its best B token.
+
+    metric: [B, N, C] (need not be normalised); semantic: [B, N] or None (treated as 0).
+    Returns (E [B, Na], dst [B, Na]); protected A tokens get E = -inf.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = split_alternate(metric)
+    scores = a @ b.transpose(-1, -2)  # cosine similarity [B, Na, Nb]
+
+    protected_b = protected // 2  # B holds the odd indices below `protected`
+    protected_a = (protected + 1) // 2
+    if protected_b:
+        scores[..., :protected_b] = -math.inf
+    redundancy, dst = scores.max(dim=-1)
+
+    if semantic is not None and alpha != 0.0:
+        degree = redundancy - alpha * semantic[:, ::2]
+    else:
+        degree = redundancy
+    if protected_a:
+        degree[..., :protected_a] = -math.inf
+    return degree, dst
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    semantic: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    protected: int = 1,
+) -> MergePlan:
+    """Choose the r A tokens with the largest information degree and their destinations.
+
+    With ``alpha = 0`` (or no semantic value) this is exactly ToMe's bipartite soft matching.
+    ``r`` must already respect ``r <= (N - protected) // 2`` (see ``layer_r``).
+    """
+    degree, dst = information_degree(metric, semantic, alpha, protected)
+    order = degree.argsort(dim=-1, descending=True)
+    src_idx = order[:, :r]
+    unm_idx = order[:, r:].sort(dim=-1)[0]
+    dst_idx = dst.gather(dim=-1, index=src_idx)
+    return MergePlan(unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx)
+
+
+def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge. x: [B, N, C], size: [B, N, 1] -> [B, N - r, C], [B, N - r, 1].
+
+    Output order: the unmerged A tokens in original order, then all of B in original order.
+    """
+    merged = merge_sum(plan, torch.cat([x * size, size], dim=-1))
+    x_sum, size = merged[..., :-1], merged[..., -1:]
+    return x_sum / size, size
+
+
+def merge_sum(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
+    """Sum every source into its destination: [B, N, C] -> [B, N - r, C]."""
+    a, b = split_alternate(x)
+    batch, _, channels = a.shape
+    unm = a.gather(dim=1, index=plan.unm_idx.unsqueeze(-1).expand(batch, plan.unm_idx.shape[1], channels))
+    src = a.gather(dim=1, index=plan.src_idx.unsqueeze(-1).expand(batch, plan.src_idx.shape[1], channels))
+    dst_index = plan.dst_idx.unsqueeze(-1).expand(batch, plan.dst_idx.shape[1], channels)
+    b = b.scatter_reduce(dim=1, index=dst_index, src=src, reduce="sum")
+    return torch.cat([unm, b], dim=1)
+
+
+def unmerge(plan: MergePlan, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Restore a merged sequence [B, N - r, C] to [B, N, C] in the original token order.
+
+    Unmerged tokens get their own value back; each source receives a copy of its destination.
+    """
+    batch, _, channels = x.shape
+    num_unm = plan.unm_idx.shape[1]
+    unm, b = x[:, :num_unm], x[:, num_unm:]
+    src = b.gather(dim=1, index=plan.dst_idx.unsqueeze(-1).expand(batch, plan.dst_idx.shape[1], channels))
+
+    num_a = (num_tokens + 1) // 2
+    a = x.new_zeros(batch, num_a, channels)
+    a = a.scatter(dim=1, index=plan.unm_idx.unsqueeze(-1).expand(batch, num_unm, channels), src=unm)
+    a = a.scatter(dim=1, index=plan.src_idx.unsqueeze(-1).expand(batch, plan.src_idx.shape[1], channels), src=src)
+    return interleave(a, b, num_tokens)
+
+
+def interleave(a: torch.Tensor, b: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Inverse of ``split_alternate``: a at even, b at odd positions."""
+    batch, num_b, channels = b.shape
+    pairs = torch.stack([a[:, :num_b], b], dim=2).reshape(batch, 2 * num_b, channels)
+    if num_tokens > 2 * num_b:  # odd length: A has one extra token at the end
+        pairs = torch.cat([pairs, a[:, num_b:]], dim=1)
+    return pairs
+
+
+def turbo_merge(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    metric: torch.Tensor,
+    semantic: torch.Tensor | None,
+    r: int,
+    alpha: float,
+    protected: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, MergePlan]:
+    """The merge boundary: one call from (tokens, sizes, metric, semantic value) to merged tokens.
+
+    Exporters that emit a single custom node (the TensorRT plugin) replace exactly this function.
+    """
+    plan = bipartite_soft_matching(metric, r, semantic, alpha, protected)
+    x, size = merge_wavg(plan, x, size)
+    return x, size, plan
+
+
+def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:
+    """log(size) as an additive attention bias over keys: [B, N, 1] -> [B, 1, 1, N]."""
+    return size.log()[:, None, None, :, 0]
+
+
+def r_schedule(r: RSchedule, num_layers: int) -> list[int]:
+    """Per-layer r from an int (constant), a list (padded with 0), or ToMe's (r, inflection) tuple.
+
+    ``(r, -0.5)`` is ToMe's decreasing schedule: 1.5 r in the first layer down to 0.5 r in the last,
+    the same total as a constant r.
+    """
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"a schedule tuple must be (r, inflection), got {r!r}")
+        base, inflect = r
+        lo = int(base * (1.0 - inflect))
+        hi = 2 * base - lo
+        if num_layers == 1:
+            return [int(base)]
+        step = (hi - lo) / (num_layers - 1)
+        return [int(lo + step * i) for i in range(num_layers)]
+    if isinstance(r, (list, tuple)) or hasattr(r, "__iter__"):
+        values = [int(v) for v in r]
+        if len(values) > num_layers:
+            raise ValueError(f"r schedule has {len(values)} entries but the model has {num_layers} layers")
+        return values + [0] * (num_layers - len(values))
+    return [int(r)] * num_layers
+
+
+def layer_r(r: int, num_tokens: int, protected: int = 1, min_tokens: int = 0) -> int:
+    """Tokens actually merged in a block with ``num_tokens`` input tokens."""
+    if num_tokens < min_tokens:
+        return 0
+    return max(0, min(r, (num_tokens - protected) // 2))
+
+
+def tokens_per_layer(
+    num_tokens: int, schedule: Sequence[int], protected: int = 1, min_tokens: int = 0
+) -> list[tuple[int, int]]:
+    """(tokens entering the block, tokens merged in it) for every block."""
+    out = []
+    for r in schedule:
+        merged = layer_r(r, num_tokens, protected, min_tokens)
+        out.append((num_tokens, merged))
+        num_tokens -= merged
+    return out

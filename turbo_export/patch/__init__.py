@@ -1,0 +1,49 @@
+"""Model adapters: apply_turbo / remove_turbo dispatch on the model's class to one module per family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import merge
+from ..errors import TurboExportError
+from . import vit
+
+
+def supported_classes() -> list[str]:
+    return sorted(vit.ADAPTERS)
+
+
+def _adapter(model: nn.Module) -> vit.FamilyAdapter:
+    adapter = vit.adapter_for(model)
+    if adapter is None:
+        raise TurboExportError(
+            f"model class {type(model).__name__} is not supported; supported classes: "
+            + ", ".join(supported_classes())
+        )
+    return adapter
+
+
+def apply_turbo(
+    model: nn.Module,
+    ratio: merge.RSchedule,
+    alpha: float = 6.0,
+    min_tokens: int = 0,
+    prop_attn: bool = True,
+) -> nn.Module:
+    """Patch ``model`` in place so every block merges tokens with Turbo; returns the model.
+
+    ratio: tokens merged per block (r): an int, a per-layer list, or ToMe's ``(r, inflection)``
+    tuple (``(r, -0.5)`` is the decreasing schedule). alpha weighs the semantic value I directly
+    (``alpha = 0`` is ToMe). Blocks whose input is shorter than ``min_tokens`` do not merge.
+    Calling it again on a patched model replaces the settings.
+    """
+    return vit.patch(model, _adapter(model), ratio, alpha, min_tokens, prop_attn)
+
+
+def remove_turbo(model: nn.Module) -> nn.Module:
+    """Undo ``apply_turbo``: the model computes exactly what it computed before."""
+    return vit.unpatch(model, _adapter(model))
+
+
+def turbo_settings(model: nn.Module) -> "vit.TurboSettings | None":
+    return getattr(model, vit.TURBO_ATTR, None)

@@ -1,0 +1,68 @@
+"""ONNX Runtime runner: CPU by default, the CUDA / TensorRT execution providers when present."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import TurboExportError
+from .base import TensorInfo, to_numpy
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8,
+}
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in available]
+
+
+class OnnxRuntimeRunner:
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        session_options: Any = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        if not os.path.isfile(path):
+            raise TurboExportError(f"ONNX file '{path}' does not exist")
+        options = session_options or ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3
+        self.path = path
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        try:
+            self.session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
+            raise TurboExportError(f"cannot load ONNX file '{path}': {str(exc).splitlines()[0]}") from None
+        self.providers = self.session.get_providers()
+
+    @staticmethod
+    def _info(args: Sequence[Any]) -> list[TensorInfo]:
+        return [TensorInfo(a.name, tuple(a.shape), np.dtype(_ORT_TYPES.get(a.type, np.float32))) for a in args]
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self._info(self.session.get_inputs())
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self._info(self.session.get_outputs())
+
+    def run(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        arrays = {name: to_numpy(value) for name, value in feed.items()}
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, arrays)))
