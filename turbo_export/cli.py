@@ -135,6 +135,72 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
     click.echo(f"\nwrote {result.out_dir}/: baseline.onnx, turbo.onnx, report.json")
 
 
+@main.command()
+@click.option("--task", type=click.Choice(["caption", "retrieval", "vqa"]), default="caption", show_default=True)
+@click.option("--model", "model_source", required=True,
+              help="random:<preset> (blip-base, blip-large, tiny), a local BLIP folder, or a hub id.")
+@click.option("--ratio", required=True, help="Tokens merged per image-encoder block (r): an int or a per-layer list.")
+@click.option("--alpha", type=float, default=6.0, show_default=True, help="Weight of the semantic value I (0 = ToMe).")
+@click.option("--min-tokens", type=int, default=None,
+              help="No merge below this many tokens [default: 40 for caption and VQA, 100 for retrieval].")
+@click.option("--batch", type=int, default=4, show_default=True, help="Images per call (static).")
+@click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
+@click.option("--max-new-tokens", type=int, default=20, show_default=True)
+@click.option("--num-beams", type=int, default=1, show_default=True)
+@click.option("--size-aware", is_flag=True,
+              help="Add log(size) of each merged image token to the text side's cross-attention logits.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: engines/<name>-<task>-r<ratio>/).")
+@click.option("--no-bench", is_flag=True)
+@click.option("--no-validate", is_flag=True)
+@click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--atol", type=float, default=1e-4, show_default=True)
+@user_errors
+def blip(task: str, model_source: str, ratio: str, alpha: float, min_tokens: int | None, batch: int,
+         image_size: int | None, max_new_tokens: int, num_beams: int, size_aware: bool, backend: str,
+         out_dir: str | None, no_bench: bool, no_validate: bool, runs: int, atol: float) -> None:
+    """Export BLIP (caption, retrieval, VQA) unaccelerated and with Turbo, check parity, compare throughput."""
+    from .export.blip import BlipOptions, run_blip_export
+    from .presets import BLIP_TASK_CLASSES, RANDOM_PREFIX, build_random_blip, load_pretrained
+
+    r = parse_ratio(ratio)
+    if backend == "tensorrt":
+        from .runtime import make_runner
+
+        make_runner("", "tensorrt")
+    click.echo(f"loading {model_source} ...", err=True)
+    if model_source.startswith(RANDOM_PREFIX):
+        loaded = build_random_blip(model_source[len(RANDOM_PREFIX):], task)
+    else:
+        loaded = load_pretrained(model_source, sorted(BLIP_TASK_CLASSES.values()), with_processor="blip")
+    out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio.replace(',', '_')}")
+    options = BlipOptions(task=task, ratio=r, out_dir=out, alpha=alpha, min_tokens=min_tokens, batch=batch,
+                          image_size=image_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                          size_aware=size_aware, backend=backend, validate=not no_validate, bench=not no_bench,
+                          bench_runs=runs, atol=atol)
+    report = run_blip_export(loaded, options)
+    click.echo("")
+    for line in blip_summary(report):
+        click.echo(line)
+    click.echo(f"\nwrote {os.path.abspath(out)}/: {', '.join(report['files'].values())}, report.json")
+
+
+def blip_summary(report: dict[str, Any]) -> list[str]:
+    from .export.pipeline import summary_lines
+
+    lines = summary_lines(report)
+    task = report["task"]
+    if "turbo_vs_baseline_token_agreement" in task:
+        lines.append(f"caption token agreement (Turbo vs baseline): {task['turbo_vs_baseline_token_agreement']:.3f}"
+                     f"  [{task['note']}]")
+    pipeline = (report.get("bench") or {}).get("pipeline")
+    if pipeline:
+        lines.append(f"pipeline ({pipeline['what']}): {pipeline['baseline_per_s']:.2f} -> {pipeline['turbo_per_s']:.2f}"
+                     f"  speedup {pipeline['speedup']:.2f}x")
+    return lines
+
+
 @main.command("presets")
 def list_presets() -> None:
     """List the random:<preset> models (seeded random weights, built offline)."""

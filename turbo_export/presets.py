@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -73,8 +74,66 @@ VIT_PRESETS: dict[str, Preset] = {
 }
 
 
+BLIP_TASK_CLASSES = {
+    "caption": "BlipForConditionalGeneration",
+    "retrieval": "BlipForImageTextRetrieval",
+    "vqa": "BlipForQuestionAnswering",
+}
+
+# BLIP base: ViT-B/16 at 384 px (577 tokens) + the BERT-base text side; large: ViT-L/16 (24 layers).
+BLIP_PRESETS: dict[str, dict[str, Any]] = {
+    "blip-base": dict(vision_config={}, text_config={}),
+    "blip-large": dict(
+        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        text_config=dict(encoder_hidden_size=1024),
+    ),
+    "tiny": dict(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=4),
+        text_config=dict(vocab_size=512, bos_token_id=510, hidden_size=32, encoder_hidden_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64),
+        image_text_hidden_size=32, projection_dim=32,
+    ),
+}
+BLIP_PRESET_NOTES = {
+    "blip-base": "BLIP base: ViT-B/16 at 384 px (577 tokens), BERT-base text side",
+    "blip-large": "BLIP large captioning: ViT-L/16 at 384 px, 24 layers",
+    "tiny": "tiny BLIP for tests: 32 px, 65 image tokens, 2+2 layers",
+}
+
+
 def presets_for(family: str) -> dict[str, Preset]:
     return {name: p for name, p in VIT_PRESETS.items() if p.family == family}
+
+
+def build_random_blip(preset_name: str, task: str, seed: int = SEED) -> LoadedModel:
+    """A BLIP model of the task's class from a preset config with seeded random weights, plus an offline processor."""
+    from transformers import BlipConfig
+
+    from .tokenizer import offline_blip_processor
+
+    if preset_name not in BLIP_PRESETS:
+        raise TurboExportError(
+            f"model: unknown preset 'random:{preset_name}'; available: "
+            + ", ".join(f"random:{n}" for n in BLIP_PRESETS)
+        )
+    if task not in BLIP_TASK_CLASSES:
+        raise TurboExportError(f"task: unknown '{task}'; choose one of {', '.join(BLIP_TASK_CLASSES)}")
+    settings = copy.deepcopy(BLIP_PRESETS[preset_name])
+    # BlipVisionConfig's default initializer_range is 1e-10, which makes every random image token alike
+    settings["vision_config"].setdefault("initializer_range", 0.02)
+    config = BlipConfig(**settings)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _transformers_attr(BLIP_TASK_CLASSES[task])(config)
+    model.eval()
+    vision = config.vision_config
+    processor = offline_blip_processor(config.text_config.vocab_size, config.text_config.bos_token_id,
+                                       int(vision.image_size))
+    return LoadedModel(model, f"{preset_name}-{task}", RANDOM_PREFIX + preset_name, int(vision.image_size), 3,
+                       processor)
 
 
 @dataclass
@@ -115,7 +174,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith("/")
 
 
-def load_pretrained(source: str, supported: list[str]) -> LoadedModel:
+def load_pretrained(source: str, supported: list[str], with_processor: str = "image") -> LoadedModel:
     """Load a checkpoint from a local folder or hub id, choosing the class from its config."""
     from transformers import AutoConfig
 
@@ -155,14 +214,20 @@ def load_pretrained(source: str, supported: list[str]) -> LoadedModel:
 
     processor = None
     try:
-        from transformers import AutoImageProcessor
+        from transformers import AutoImageProcessor, AutoProcessor
 
-        processor = AutoImageProcessor.from_pretrained(path)
+        with _quiet_hub():
+            if with_processor == "blip":
+                processor = AutoProcessor.from_pretrained(path)
+            else:
+                processor = AutoImageProcessor.from_pretrained(path)
     except Exception:  # a checkpoint without an image processor still exports
         processor = None
-    image_size = _default_image_size(config, processor)
+    image_size = _default_image_size(getattr(config, "vision_config", config),
+                                     getattr(processor, "image_processor", processor))
     name = os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else source.replace("/", "--")
-    return LoadedModel(model, name, source, image_size, int(getattr(config, "num_channels", 3)), processor)
+    channels = int(getattr(getattr(config, "vision_config", config), "num_channels", 3))
+    return LoadedModel(model, name, source, image_size, channels, processor)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ class GraphSpec:
 @contextlib.contextmanager
 def _quiet_exporter():
     """The dynamo exporter prints progress and warnings for every export; keep the CLI output readable."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

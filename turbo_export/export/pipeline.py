@@ -15,7 +15,7 @@ from ..errors import TurboExportError
 from ..files import staged_output, write_json_atomic
 from ..presets import LoadedModel
 from ..runtime import make_runner
-from .onnx import DEFAULT_ATOL, ParityReport, export_onnx, file_size, require_parity, validate
+from .onnx import DEFAULT_ATOL, GraphSpec, ParityReport, export_onnx, file_size, require_parity, validate
 from .specs import TurboOptions, VitSpec
 
 Log = Callable[[str], None]
@@ -89,22 +89,9 @@ def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log
     parity: dict[str, ParityReport] = {}
     timings = None
     with staged_output(options.out_dir) as stage:
-        paths = {}
-        for i, (name, g) in enumerate(graphs.items(), 1):
-            log(f"[{i}/2] exporting {name}.onnx ...")
-            start = time.perf_counter()
-            paths[name] = export_onnx(g, os.path.join(stage, f"{name}.onnx"))
-            log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
-        runners = {name: make_runner(p, options.backend) for name, p in paths.items()}
-
+        runners = export_graphs(graphs, stage, options.backend, log)
         if options.validate:
-            for name, g in graphs.items():
-                report = validate(g, os.path.join(options.out_dir, f"{name}.onnx"), runners[name])
-                parity[name] = report
-                for line in report.lines():
-                    log(line)
-            for report in parity.values():
-                require_parity(report)
+            parity = validate_graphs(graphs, runners, options.out_dir, log)
 
         if options.bench:
             feeds = {name: g.example_inputs for name, g in graphs.items()}
@@ -118,6 +105,31 @@ def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log
                               parity, timings, runners)
         write_json_atomic(os.path.join(stage, "report.json"), report)
     return JobResult(report, parity, os.path.abspath(options.out_dir))
+
+
+def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: Log) -> dict[str, Any]:
+    """Export every graph to ``stage/<name>.onnx`` and open a runner on each."""
+    paths = {}
+    for i, (name, g) in enumerate(graphs.items(), 1):
+        log(f"[{i}/{len(graphs)}] exporting {name}.onnx ...")
+        start = time.perf_counter()
+        paths[name] = export_onnx(g, os.path.join(stage, f"{name}.onnx"))
+        log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
+    return {name: make_runner(p, backend) for name, p in paths.items()}
+
+
+def validate_graphs(graphs: dict[str, GraphSpec], runners: dict[str, Any], out_dir: str, log: Log
+                    ) -> dict[str, ParityReport]:
+    """Check every graph against its PyTorch module; raises ParityError (after printing all) on a mismatch."""
+    parity = {}
+    for name, g in graphs.items():
+        report = validate(g, os.path.join(out_dir, f"{name}.onnx"), runners[name])
+        parity[name] = report
+        for line in report.lines():
+            log(line)
+    for report in parity.values():
+        require_parity(report)
+    return parity
 
 
 def build_report(spec, loaded, options, schedule, image_size, layers_base, layers_turbo, flops, parity, timings,

@@ -13,8 +13,8 @@ from torch import nn
 
 from .. import merge
 from ..errors import TurboExportError
-from ..patch import apply_turbo, supported_classes
-from ..patch.vit import adapter_for
+from ..patch import adapter_for, apply_turbo
+from ..patch import vit as vit_patch
 from ..presets import LoadedModel
 from .onnx import GraphSpec
 
@@ -49,19 +49,10 @@ class VitSpec:
     family = "vit"
 
     def supported(self) -> list[str]:
-        return supported_classes()
-
-    def config(self, loaded: LoadedModel) -> Any:
-        return loaded.model.config
+        return sorted(vit_patch.ADAPTERS)
 
     def protected(self, loaded: LoadedModel) -> int:
-        adapter = adapter_for(loaded.model)
-        if adapter is None:
-            raise TurboExportError(
-                f"model class {type(loaded.model).__name__} is not supported; supported classes: "
-                + ", ".join(self.supported())
-            )
-        return adapter.protected
+        return adapter_for(loaded.model).protected
 
     def num_layers(self, loaded: LoadedModel) -> int:
         return int(loaded.model.config.num_hidden_layers)
@@ -104,21 +95,27 @@ class VitSpec:
     def flops(self, loaded: LoadedModel, image_size: int, layers: list[tuple[int, int]]) -> int:
         """Analytic FLOPs (2 per multiply-add) of one image through the model, merge cost included."""
         cfg = loaded.model.config
-        width = int(cfg.hidden_size)
         heads = int(cfg.num_attention_heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or width // heads)
-        inner = heads * head_dim
-        mlp = int(getattr(cfg, "intermediate_size", 0) or width * getattr(cfg, "mlp_ratio", 4))
-        patch = int(cfg.patch_size)
-        patches = (image_size // patch) ** 2
-        total = 2 * patches * width * loaded.num_channels * patch * patch
-        for tokens, r in layers:
-            total += 2 * tokens * width * inner * 3 + 2 * 2 * tokens * tokens * inner + 2 * tokens * inner * width
-            if r:
-                total += 2 * ((tokens + 1) // 2) * (tokens // 2) * head_dim
-            total += 2 * 2 * (tokens - r) * width * mlp
-        num_labels = int(getattr(cfg, "num_labels", 0)) if "ForImageClassification" in type(loaded.model).__name__ else 0
-        return total + 2 * width * num_labels
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        mlp = int(getattr(cfg, "intermediate_size", 0) or cfg.hidden_size * getattr(cfg, "mlp_ratio", 4))
+        is_classifier = "ForImageClassification" in type(loaded.model).__name__
+        head = int(cfg.hidden_size) * int(getattr(cfg, "num_labels", 0)) * 2 if is_classifier else 0
+        return vision_encoder_flops(int(cfg.hidden_size), heads, head_dim, mlp, int(cfg.patch_size),
+                                    loaded.num_channels, image_size, layers) + head
+
+
+def vision_encoder_flops(width: int, heads: int, head_dim: int, mlp: int, patch: int, channels: int,
+                         image_size: int, layers: list[tuple[int, int]]) -> int:
+    """FLOPs of a patch embedding + pre-norm transformer blocks; ``layers`` = (tokens in, tokens merged)."""
+    inner = heads * head_dim
+    patches = (image_size // patch) ** 2
+    total = 2 * patches * width * channels * patch * patch
+    for tokens, r in layers:
+        total += 2 * tokens * width * inner * 3 + 2 * 2 * tokens * tokens * inner + 2 * tokens * inner * width
+        if r:
+            total += 2 * ((tokens + 1) // 2) * (tokens // 2) * head_dim  # the matching's similarity matrix
+        total += 2 * 2 * (tokens - r) * width * mlp
+    return total
 
 
 SPECS = {"vit": VitSpec()}

@@ -6,15 +6,17 @@ from torch import nn
 
 from .. import merge
 from ..errors import TurboExportError
-from . import vit
+from . import blip, blocks, vit
+
+ADAPTERS: dict[str, blocks.FamilyAdapter] = {**vit.ADAPTERS, **blip.ADAPTERS}
 
 
 def supported_classes() -> list[str]:
-    return sorted(vit.ADAPTERS)
+    return sorted(ADAPTERS)
 
 
-def _adapter(model: nn.Module) -> vit.FamilyAdapter:
-    adapter = vit.adapter_for(model)
+def adapter_for(model: nn.Module) -> blocks.FamilyAdapter:
+    adapter = blocks.find_adapter(model, ADAPTERS)
     if adapter is None:
         raise TurboExportError(
             f"model class {type(model).__name__} is not supported; supported classes: "
@@ -37,13 +39,13 @@ def apply_turbo(
     (``alpha = 0`` is ToMe). Blocks whose input is shorter than ``min_tokens`` do not merge.
     Calling it again on a patched model replaces the settings.
     """
-    return vit.patch(model, _adapter(model), ratio, alpha, min_tokens, prop_attn)
+    return blocks.patch(model, adapter_for(model), ratio, alpha, min_tokens, prop_attn)
 
 
 def remove_turbo(model: nn.Module) -> nn.Module:
     """Undo ``apply_turbo``: the model computes exactly what it computed before."""
-    return vit.unpatch(model, _adapter(model))
+    return blocks.unpatch(model, adapter_for(model))
 
 
-def turbo_settings(model: nn.Module) -> "vit.TurboSettings | None":
-    return getattr(model, vit.TURBO_ATTR, None)
+def turbo_settings(model: nn.Module) -> "blocks.TurboSettings | None":
+    return getattr(model, blocks.TURBO_ATTR, None)

@@ -1,0 +1,53 @@
+"""Turbo for BLIP: merging in the ViT image encoder of captioning, retrieval and VQA models.
+
+The text side needs no patch: it cross-attends to whatever image sequence it is given, so it consumes the
+shortened sequence as is. The patched vision model also returns ``token_sizes`` (how many patches each
+output token stands for) so exported text graphs can offer size-aware cross-attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .blocks import TURBO_ATTR, BlockLayout, FamilyAdapter, TurboSettings, fused_qkv, run_blocks
+
+BLIP_VISION_BLOCK = BlockLayout(
+    attention="self_attn", norm1="layer_norm1", norm2="layer_norm2", qkv=fused_qkv, out_proj="projection",
+    scaling="scale",
+)
+
+
+@dataclass
+class TurboVisionOutput(BaseModelOutputWithPooling):
+    token_sizes: torch.Tensor | None = None
+
+
+class TurboBlipVisionModel:
+    """Forward for BlipVisionModel (mixed into a subclass of the original class)."""
+
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
+        settings: TurboSettings = getattr(self, TURBO_ATTR)
+        x = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        x, sizes = run_blocks(self.encoder.layers, BLIP_VISION_BLOCK, x, settings)
+        last = self.post_layernorm(x)
+        pooled = self.post_layernorm(last[:, 0, :])
+        return TurboVisionOutput(last_hidden_state=last, pooler_output=pooled, token_sizes=sizes)
+
+
+def _blip_blocks(vision_model: nn.Module) -> nn.ModuleList:
+    return vision_model.encoder.layers
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {
+    a.class_name: a
+    for a in (
+        FamilyAdapter("BlipVisionModel", None, TurboBlipVisionModel, 1, _blip_blocks),
+        FamilyAdapter("BlipForConditionalGeneration", "vision_model", TurboBlipVisionModel, 1, _blip_blocks),
+        FamilyAdapter("BlipForImageTextRetrieval", "vision_model", TurboBlipVisionModel, 1, _blip_blocks),
+        FamilyAdapter("BlipForQuestionAnswering", "vision_model", TurboBlipVisionModel, 1, _blip_blocks),
+    )
+}

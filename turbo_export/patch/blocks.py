@@ -1,0 +1,205 @@
+"""Merge-aware transformer blocks shared by every understanding-model adapter (ViT family, BLIP vision).
+
+An adapter swaps the backbone module's class for a subclass whose forward runs the blocks itself, so
+token sizes flow between blocks as plain forward values (``torch.export`` snapshots module attributes
+mutated during tracing, which would break state shared across layers). ``unpatch`` swaps the original
+class back: the model is then bit-for-bit the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import merge
+from ..errors import TurboExportError
+
+TURBO_ATTR = "_turbo"
+ORIGINAL_CLASS_ATTR = "_turbo_original_class"
+
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class TurboSettings:
+    """How one model merges; stored on the patched backbone (read-only during forward)."""
+
+    schedule: list[int]
+    alpha: float
+    min_tokens: int
+    prop_attn: bool
+    protected: int
+    merge_fn: Callable[..., Any] = field(default=merge.turbo_merge, repr=False)
+    # Filled by the forward when `record_plans` is set (visualisation, debugging); never during export.
+    record_plans: bool = False
+    plans: list = field(default_factory=list, repr=False)
+
+
+def separate_qkv(attn: nn.Module, x: torch.Tensor) -> QKV:
+    """q_proj / k_proj / v_proj (ViT, DeiT, DINOv2) -> [B, H, N, D] each."""
+    shape = (x.shape[0], x.shape[1], attn.num_attention_heads, attn.head_dim)
+    return tuple(proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
+def fused_qkv(attn: nn.Module, x: torch.Tensor) -> QKV:
+    """One qkv Linear (BLIP vision) -> [B, H, N, D] each."""
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a block keeps its parts; the only thing that differs between families."""
+
+    attention: str
+    norm1: str
+    norm2: str
+    qkv: Callable[[nn.Module, torch.Tensor], QKV]
+    out_proj: str
+    scaling: str
+    post_attn: tuple[str, ...] = ()  # modules applied to the attention output before the residual
+    post_mlp: tuple[str, ...] = ()
+
+
+def turbo_attention(
+    attn: nn.Module, layout: BlockLayout, x: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager self-attention with an additive key bias, also returning Turbo's two inputs.
+
+    Returns (output [B, N, C], metric = keys averaged over heads [B, N, D],
+    semantic value = CLS row of the attention probabilities averaged over heads [B, N]).
+    """
+    q, k, v = layout.qkv(attn, x)
+    logits = torch.matmul(q, k.transpose(2, 3)) * getattr(attn, layout.scaling)
+    if bias is not None:
+        logits = logits + bias
+    probs = logits.softmax(dim=-1)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    return getattr(attn, layout.out_proj)(out), k.mean(dim=1), probs[:, :, 0, :].mean(dim=1)
+
+
+def _apply_chain(block: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    for name in names:
+        x = getattr(block, name)(x)
+    return x
+
+
+def turbo_block(
+    block: nn.Module,
+    layout: BlockLayout,
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    r: int,
+    settings: TurboSettings,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One transformer block: attention, residual, merge (if r > 0), MLP, residual."""
+    bias = merge.proportional_attention_bias(size) if (settings.prop_attn and size is not None) else None
+    h, metric, semantic = turbo_attention(getattr(block, layout.attention), layout, getattr(block, layout.norm1)(x),
+                                          bias)
+    x = x + _apply_chain(block, layout.post_attn, h)
+
+    if r > 0:
+        if size is None:
+            size = x.new_ones(x.shape[0], x.shape[1], 1)
+        x, size, plan = settings.merge_fn(x, size, metric, semantic, r, settings.alpha, settings.protected)
+        if settings.record_plans:
+            settings.plans.append(plan)
+
+    h = block.mlp(getattr(block, layout.norm2)(x))
+    return x + _apply_chain(block, layout.post_mlp, h), size
+
+
+def run_blocks(
+    blocks: nn.ModuleList, layout: BlockLayout, x: torch.Tensor, settings: TurboSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All blocks; returns the final tokens and their sizes (ones where nothing merged)."""
+    size = None
+    if settings.record_plans:
+        settings.plans.clear()
+    for block, r in zip(blocks, settings.schedule):
+        r_l = merge.layer_r(r, x.shape[1], settings.protected, settings.min_tokens)
+        x, size = turbo_block(block, layout, x, size, r_l, settings)
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    return x, size
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What apply_turbo needs to know about one supported model class."""
+
+    class_name: str
+    backbone_attr: str | None  # dotted path to the module whose class is swapped; None: the model itself
+    mixin: type
+    protected: int
+    blocks: Callable[[nn.Module], nn.ModuleList]
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        module = model
+        for name in (self.backbone_attr.split(".") if self.backbone_attr else []):
+            module = getattr(module, name)
+        return module
+
+
+_SUBCLASS_CACHE: dict[type, type] = {}
+
+
+def _turbo_subclass(original: type, mixin: type) -> type:
+    if original not in _SUBCLASS_CACHE:
+        _SUBCLASS_CACHE[original] = type(f"Turbo{original.__name__}", (mixin, original), {})
+    return _SUBCLASS_CACHE[original]
+
+
+def patch(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    ratio: merge.RSchedule,
+    alpha: float,
+    min_tokens: int,
+    prop_attn: bool,
+    **extra: Any,
+) -> nn.Module:
+    backbone = adapter.backbone(model)
+    blocks = adapter.blocks(backbone)
+    try:
+        schedule = merge.r_schedule(ratio, len(blocks))
+    except (TypeError, ValueError) as exc:
+        raise TurboExportError(f"ratio: {exc}") from None
+    if any(r < 0 for r in schedule):
+        raise TurboExportError(f"ratio must be >= 0 in every layer, got {schedule}")
+    settings = TurboSettings(
+        schedule=schedule, alpha=float(alpha), min_tokens=int(min_tokens), prop_attn=bool(prop_attn),
+        protected=adapter.protected,
+    )
+    for key, value in extra.items():
+        setattr(settings, key, value)
+    if not hasattr(backbone, ORIGINAL_CLASS_ATTR):
+        original = type(backbone)
+        backbone.__class__ = _turbo_subclass(original, adapter.mixin)
+        setattr(backbone, ORIGINAL_CLASS_ATTR, original)
+    setattr(backbone, TURBO_ATTR, settings)
+    setattr(model, TURBO_ATTR, settings)
+    return model
+
+
+def unpatch(model: nn.Module, adapter: FamilyAdapter) -> nn.Module:
+    backbone = adapter.backbone(model)
+    original = getattr(backbone, ORIGINAL_CLASS_ATTR, None)
+    if original is not None:
+        backbone.__class__ = original
+        delattr(backbone, ORIGINAL_CLASS_ATTR)
+    for module in (backbone, model):
+        if TURBO_ATTR in module.__dict__:
+            delattr(module, TURBO_ATTR)
+    return model
+
+
+def find_adapter(model: nn.Module, adapters: dict[str, FamilyAdapter]) -> FamilyAdapter | None:
+    for cls in type(model).__mro__:
+        if cls.__name__ in adapters and cls.__module__.startswith("transformers."):
+            return adapters[cls.__name__]
+    return None
