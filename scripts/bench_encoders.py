@@ -45,7 +45,8 @@ def _encoders(model_source: str, family: str, ratios: list[int], alpha: float, b
             model = loaded.model if r == 0 else apply_turbo(copy.deepcopy(loaded.model), r, alpha=alpha,
                                                             min_tokens=min_tokens)
             layers = merge.tokens_per_layer(num_tokens, [r] * cfg.num_hidden_layers, 1, min_tokens)
-            graph = GraphSpec(f"r{r}", VisionGraph(model.vision_model), pixels, ["image_embeds", "image_sizes"])
+            graph = GraphSpec(f"r{r}", VisionGraph(model.vision_model), pixels, ["image_embeds", "image_sizes"],
+                              merge_model=model if r else None)
             yield f"r{r}", graph, _vision_flops(loaded, size, layers), [n for n, _ in layers]
         return
     spec = SPECS["vit"]

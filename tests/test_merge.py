@@ -148,3 +148,13 @@ def test_static_shapes_independent_of_data():
         out, s, _ = merge.turbo_merge(x, size, metric, semantic, 5, 6.0, 1)
         shapes.add((tuple(out.shape), tuple(s.shape)))
     assert len(shapes) == 1
+
+
+def test_decision_margin_detects_ties():
+    _, _, metric, semantic = _inputs(tokens=17, batch=2)
+    clear = merge.decision_margin(metric, 4, semantic, 6.0)
+    assert clear.shape == (2,) and (clear > 0).all()
+    tied = metric.clone()
+    tied[1, 3] = tied[1, 5]  # two B tokens identical: every A token's best and second-best destination tie
+    margin = merge.decision_margin(tied, 4, semantic, 6.0)
+    assert margin[1] == 0 and margin[0] == clear[0]

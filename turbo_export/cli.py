@@ -147,8 +147,15 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
 @click.option("--max-new-tokens", type=int, default=20, show_default=True)
 @click.option("--num-beams", type=int, default=1, show_default=True)
+@click.option("--text-len", type=int, default=32, show_default=True,
+              help="Static token length of retrieval texts and VQA questions (padded to it).")
 @click.option("--size-aware", is_flag=True,
               help="Add log(size) of each merged image token to the text side's cross-attention logits.")
+@click.option("--image", "images", multiple=True, type=str,
+              help="An image to run both exported pipelines on (repeatable).")
+@click.option("--question", default=None, help="With --task vqa: the question to ask about each --image.")
+@click.option("--text", "texts", multiple=True, help="With --task retrieval: a text to score against each --image "
+                                                      "(repeatable).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: engines/<name>-<task>-r<ratio>/).")
@@ -158,13 +165,15 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @click.option("--atol", type=float, default=1e-4, show_default=True)
 @user_errors
 def blip(task: str, model_source: str, ratio: str, alpha: float, min_tokens: int | None, batch: int,
-         image_size: int | None, max_new_tokens: int, num_beams: int, size_aware: bool, backend: str,
-         out_dir: str | None, no_bench: bool, no_validate: bool, runs: int, atol: float) -> None:
+         image_size: int | None, max_new_tokens: int, num_beams: int, text_len: int, size_aware: bool,
+         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, out_dir: str | None,
+         no_bench: bool, no_validate: bool, runs: int, atol: float) -> None:
     """Export BLIP (caption, retrieval, VQA) unaccelerated and with Turbo, check parity, compare throughput."""
-    from .export.blip import BlipOptions, run_blip_export
+    from .export.blip import BlipOptions, check_user_inputs, run_blip_export
     from .presets import BLIP_TASK_CLASSES, RANDOM_PREFIX, build_random_blip, load_pretrained
 
     r = parse_ratio(ratio)
+    check_user_inputs(task, images, question, texts)
     if backend == "tensorrt":
         from .runtime import make_runner
 
@@ -177,8 +186,9 @@ def blip(task: str, model_source: str, ratio: str, alpha: float, min_tokens: int
     out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio.replace(',', '_')}")
     options = BlipOptions(task=task, ratio=r, out_dir=out, alpha=alpha, min_tokens=min_tokens, batch=batch,
                           image_size=image_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                          size_aware=size_aware, backend=backend, validate=not no_validate, bench=not no_bench,
-                          bench_runs=runs, atol=atol)
+                          text_len=text_len, size_aware=size_aware, backend=backend, validate=not no_validate,
+                          bench=not no_bench, bench_runs=runs, atol=atol, images=images, question=question,
+                          texts=texts)
     report = run_blip_export(loaded, options)
     click.echo("")
     for line in blip_summary(report):
@@ -191,13 +201,41 @@ def blip_summary(report: dict[str, Any]) -> list[str]:
 
     lines = summary_lines(report)
     task = report["task"]
-    if "turbo_vs_baseline_token_agreement" in task:
-        lines.append(f"caption token agreement (Turbo vs baseline): {task['turbo_vs_baseline_token_agreement']:.3f}"
-                     f"  [{task['note']}]")
+    checks = [f"{name} {'✓' if task[f'{name}_onnx_equals_pytorch'] else 'x'}" for name in ("baseline", "turbo")
+              if f"{name}_onnx_equals_pytorch" in task]
+    if checks:
+        what = "scores (ITC, ITM)" if task["name"] == "retrieval" else "tokens"
+        lines.append(f"ONNX pipeline == transformers, {what}: {', '.join(checks)}")
+    if task.get("size_aware_cross_attention"):
+        lines.append("size-aware cross-attention (Turbo): no transformers counterpart, graphs validated only")
+    unit = {"caption": "caption", "vqa": "answer"}.get(task["name"])
+    if unit:
+        lines.append(f"{unit} agreement (Turbo vs baseline): tokens {task['turbo_vs_baseline_token_agreement']:.3f}, "
+                     f"whole {unit}s {task[f'turbo_vs_baseline_{unit}_agreement']:.3f}  [{task['note']}]")
+    if "agreement" in task:
+        a = task["agreement"]
+        lines.append(f"retrieval agreement (Turbo vs baseline, {a['images']} images x {a['texts']} texts): "
+                     f"ITC top-1 text->image {a['itc_text_to_image_top1']:.3f}, image->text "
+                     f"{a['itc_image_to_text_top1']:.3f}; ITM top-1 text->image {a['itm_text_to_image_top1']:.3f}, "
+                     f"image->text {a['itm_image_to_text_top1']:.3f}, rank correlation "
+                     f"{a['itm_rank_correlation']:.3f}  [{task['note']}]")
     pipeline = (report.get("bench") or {}).get("pipeline")
     if pipeline:
         lines.append(f"pipeline ({pipeline['what']}): {pipeline['baseline_per_s']:.2f} -> {pipeline['turbo_per_s']:.2f}"
                      f"  speedup {pipeline['speedup']:.2f}x")
+    user = task.get("user_inputs")
+    if user:
+        lines.append("")
+        if task["name"] == "vqa":
+            lines.append(f"question: {user['question']}")
+        for i, image in enumerate(user["images"]):
+            lines.append(f"{image}:")
+            if task["name"] == "retrieval":
+                base, tur = user["baseline"], user["turbo"]
+                lines += [f"  ITM {base['itm'][i][j]:.4f} -> {tur['itm'][i][j]:.4f}  ITC {base['itc'][i][j]:+.4f} -> "
+                          f"{tur['itc'][i][j]:+.4f}  \"{text}\"" for j, text in enumerate(user["texts"])]
+            else:
+                lines += [f"  baseline: {user['baseline'][i]}", f"  turbo:    {user['turbo'][i]}"]
     return lines
 
 

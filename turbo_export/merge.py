@@ -91,6 +91,37 @@ def bipartite_soft_matching(
     return MergePlan(unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx)
 
 
+def decision_margin(
+    metric: torch.Tensor,
+    r: int,
+    semantic: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    protected: int = 1,
+) -> torch.Tensor:
+    """How far each sample's merge decisions are from a tie: [B].
+
+    The smaller of (a) the gap between the r-th and (r+1)-th largest information degree (which tokens
+    are sources) and (b) each source's gap between its best and second-best destination. Two correct
+    float32 implementations (PyTorch, ONNX Runtime) may resolve a decision within ~1e-6 of a tie either way.
+    """
+    degree, _ = information_degree(metric, semantic, alpha, protected)
+    ranked = degree.sort(dim=-1, descending=True)[0]
+    gaps = [ranked[:, r - 1] - ranked[:, r]] if 0 < r < ranked.shape[1] else []
+    normed = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = split_alternate(normed)
+    scores = a @ b.transpose(-1, -2)
+    protected_b = protected // 2
+    if protected_b:
+        scores[..., :protected_b] = -math.inf
+    if scores.shape[-1] > 1 and r > 0:
+        top2 = scores.topk(2, dim=-1)[0]
+        order = degree.argsort(dim=-1, descending=True)[:, :r]
+        gaps.append((top2[..., 0] - top2[..., 1]).gather(-1, order).min(dim=-1)[0])
+    if not gaps:
+        return torch.full((metric.shape[0],), math.inf)
+    return torch.stack(gaps).min(dim=0)[0]
+
+
 def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge. x: [B, N, C], size: [B, N, 1] -> [B, N - r, C], [B, N - r, 1].
 

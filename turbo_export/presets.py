@@ -244,13 +244,18 @@ def _quiet_hub():
 
 def _default_image_size(config: Any, processor: Any) -> int:
     """The size the checkpoint's processor feeds the model (crop size, else resize size, else config)."""
-    for attr in ("crop_size", "size"):
-        value = getattr(processor, attr, None) if processor is not None else None
-        if isinstance(value, dict):
-            if "height" in value:
-                return int(value["height"])
-            if attr == "size" and "shortest_edge" in value and not getattr(processor, "do_center_crop", False):
-                return int(value["shortest_edge"])
+    def field(value: Any, key: str) -> Any:  # processors hold plain dicts or transformers' SizeDict
+        return value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+
+    if processor is not None:
+        crop = getattr(processor, "crop_size", None)
+        if crop is not None and getattr(processor, "do_center_crop", False) and field(crop, "height"):
+            return int(field(crop, "height"))
+        size = getattr(processor, "size", None)
+        if size is not None and field(size, "height"):
+            return int(field(size, "height"))
+        if size is not None and field(size, "shortest_edge") and not getattr(processor, "do_center_crop", False):
+            return int(field(size, "shortest_edge"))
     size = config.image_size
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 

@@ -86,7 +86,9 @@ class VitSpec:
     def graph(self, name: str, model: nn.Module, loaded: LoadedModel, options: TurboOptions) -> GraphSpec:
         size = self.image_size(loaded, options)
         module = ImageModelGraph(model, self.output_names(loaded), self.forward_kwargs(loaded, size))
-        return GraphSpec(name, module, self.example_inputs(loaded, options.batch, size), self.output_names(loaded))
+        merge_model = model if getattr(model, "_turbo", None) is not None else None
+        return GraphSpec(name, module, self.example_inputs(loaded, options.batch, size), self.output_names(loaded),
+                         merge_model=merge_model)
 
     def make_turbo(self, model: nn.Module, options: TurboOptions) -> nn.Module:
         return apply_turbo(model, options.ratio, alpha=options.alpha, min_tokens=options.min_tokens,

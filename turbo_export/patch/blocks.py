@@ -36,6 +36,7 @@ class TurboSettings:
     # Filled by the forward when `record_plans` is set (visualisation, debugging); never during export.
     record_plans: bool = False
     plans: list = field(default_factory=list, repr=False)
+    margins: list = field(default_factory=list, repr=False)  # per block: decision_margin, [B]
 
 
 def separate_qkv(attn: nn.Module, x: torch.Tensor) -> QKV:
@@ -108,6 +109,7 @@ def turbo_block(
         x, size, plan = settings.merge_fn(x, size, metric, semantic, r, settings.alpha, settings.protected)
         if settings.record_plans:
             settings.plans.append(plan)
+            settings.margins.append(merge.decision_margin(metric, r, semantic, settings.alpha, settings.protected))
 
     h = block.mlp(getattr(block, layout.norm2)(x))
     return x + _apply_chain(block, layout.post_mlp, h), size
@@ -120,6 +122,7 @@ def run_blocks(
     size = None
     if settings.record_plans:
         settings.plans.clear()
+        settings.margins.clear()
     for block, r in zip(blocks, settings.schedule):
         r_l = merge.layer_r(r, x.shape[1], settings.protected, settings.min_tokens)
         x, size = turbo_block(block, layout, x, size, r_l, settings)
@@ -196,6 +199,23 @@ def unpatch(model: nn.Module, adapter: FamilyAdapter) -> nn.Module:
         if TURBO_ATTR in module.__dict__:
             delattr(module, TURBO_ATTR)
     return model
+
+
+def sample_margins(model: nn.Module, run: Callable[[], Any]) -> torch.Tensor | None:
+    """Run ``run()`` with plan recording on and return each sample's smallest merge-decision margin."""
+    settings: TurboSettings | None = getattr(model, TURBO_ATTR, None)
+    if settings is None:
+        return None
+    settings.record_plans = True
+    try:
+        with torch.no_grad():
+            run()
+        margins = list(settings.margins)
+    finally:
+        settings.record_plans = False
+        settings.plans.clear()
+        settings.margins.clear()
+    return torch.stack(margins).min(dim=0)[0] if margins else None
 
 
 def find_adapter(model: nn.Module, adapters: dict[str, FamilyAdapter]) -> FamilyAdapter | None:

@@ -1,12 +1,13 @@
-"""BLIP pipelines over runners (ONNX Runtime or anything with the Runner interface): captioning with greedy
-and beam search over a static KV cache. Tokens follow transformers' `generate`: the output starts with
-the decoder's bos token, a finished row is padded with the pad token.
+"""BLIP pipelines over runners (ONNX Runtime or anything with the Runner interface): captioning and VQA
+(greedy and beam search over a static KV cache, shared by both) and image-text retrieval (ITC similarity,
+ITM scores). Tokens follow transformers' `generate`: the output starts with the decoder's bos token, a
+finished row is padded with the pad token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -60,32 +61,23 @@ def cross_bias(sizes: np.ndarray, size_aware: bool) -> np.ndarray:
     return bias[:, None, None, :].astype(np.float32)
 
 
-class CaptionPipeline:
-    """pixel_values -> caption token ids, through vision, cross-KV and decoder-step graphs."""
+class TokenGenerator:
+    """Greedy and beam decoding through a `KVDecoder`, given each row's cross-attention (keys, values, bias)."""
 
-    def __init__(self, vision: Runner, cross_kv: Runner, decoder: Runner, ids: TokenIds,
-                 size_aware: bool = False) -> None:
-        self.vision, self.cross_kv, self.decoder = vision, cross_kv, KVDecoder(decoder)
+    def __init__(self, decoder: KVDecoder, ids: TokenIds) -> None:
+        self.decoder = decoder
         self.ids = ids
-        self.size_aware = size_aware
 
-    def encode(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = self.vision.run({"pixel_values": pixel_values})
-        kv = self.cross_kv.run({"encoder_hidden_states": out["image_embeds"]})
-        return kv["cross_keys"], kv["cross_values"], cross_bias(out["image_sizes"], self.size_aware)
-
-    def generate(self, pixel_values: np.ndarray, max_new_tokens: int, num_beams: int = 1,
+    def generate(self, cross: tuple[np.ndarray, np.ndarray, np.ndarray], max_new_tokens: int, num_beams: int = 1,
                  prompt: Sequence[int] = (), stop_at_eos: bool = True) -> np.ndarray:
+        """``cross`` is per input (batch axis 1 / 0); it is repeated for the beams here."""
         prompt_ids = [self.ids.bos, *prompt]
         if len(prompt_ids) + max_new_tokens > self.decoder.cache_len + 1:
             raise ValueError(f"prompt + max_new_tokens ({len(prompt_ids)} + {max_new_tokens}) exceed the decoder's "
                              f"cache of {self.decoder.cache_len} positions; re-export with a larger --max-new-tokens")
-        cross = self.encode(pixel_values)
-        if num_beams > 1:
-            cross = repeat_for_beams(cross, num_beams)
         if num_beams == 1:
             return self._greedy(cross, prompt_ids, max_new_tokens, stop_at_eos)
-        return self._beam(cross, prompt_ids, max_new_tokens, num_beams)
+        return self._beam(repeat_for_beams(cross, num_beams), prompt_ids, max_new_tokens, num_beams)
 
     def _prefill(self, cross, prompt_ids: list[int], rows: int):
         cache = self.decoder.start()
@@ -155,6 +147,134 @@ class CaptionPipeline:
             best.append(max(finished[n], key=lambda item: item[0])[1])
         width = max(h.size for h in best)
         return np.stack([np.pad(h, (0, width - h.size), constant_values=self.ids.pad) for h in best])
+
+
+class CaptionPipeline:
+    """pixel_values -> caption token ids, through vision, cross-KV and decoder-step graphs."""
+
+    def __init__(self, vision: Runner, cross_kv: Runner, decoder: Runner, ids: TokenIds,
+                 size_aware: bool = False) -> None:
+        self.vision, self.cross_kv, self.decoder = vision, cross_kv, KVDecoder(decoder)
+        self.ids = ids
+        self.size_aware = size_aware
+        self.generator = TokenGenerator(self.decoder, ids)
+
+    def encode(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.vision.run({"pixel_values": pixel_values})
+        kv = self.cross_kv.run({"encoder_hidden_states": out["image_embeds"]})
+        return kv["cross_keys"], kv["cross_values"], cross_bias(out["image_sizes"], self.size_aware)
+
+    def generate(self, pixel_values: np.ndarray, max_new_tokens: int, num_beams: int = 1,
+                 prompt: Sequence[int] = (), stop_at_eos: bool = True) -> np.ndarray:
+        return self.generator.generate(self.encode(pixel_values), max_new_tokens, num_beams, prompt, stop_at_eos)
+
+
+class VqaPipeline:
+    """image + question -> answer token ids: vision, question encoder (cross-attending to the image), then the
+    answer decoder cross-attending to every question position, as transformers' VQA `generate` does."""
+
+    def __init__(self, vision: Runner, question: Runner, cross_kv: Runner, decoder: Runner, ids: TokenIds,
+                 size_aware: bool = False) -> None:
+        self.vision, self.question, self.cross_kv = vision, question, cross_kv
+        self.decoder = KVDecoder(decoder)
+        self.ids = ids
+        self.size_aware = size_aware
+        self.generator = TokenGenerator(self.decoder, ids)
+
+    def encode(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image = self.vision.run({"pixel_values": pixel_values})
+        question = self.question.run({
+            "input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+            "encoder_hidden_states": image["image_embeds"],
+            "cross_bias": cross_bias(image["image_sizes"], self.size_aware),
+        })["question_embeds"]
+        kv = self.cross_kv.run({"encoder_hidden_states": question})
+        # transformers attends to all question positions, padding included (its question mask is all ones)
+        bias = np.zeros((question.shape[0], 1, 1, question.shape[1]), np.float32)
+        return kv["cross_keys"], kv["cross_values"], bias
+
+    def generate(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray,
+                 max_new_tokens: int, num_beams: int = 1, stop_at_eos: bool = True) -> np.ndarray:
+        return self.generator.generate(self.encode(pixel_values, input_ids, attention_mask), max_new_tokens,
+                                       num_beams, stop_at_eos=stop_at_eos)
+
+
+@dataclass
+class RetrievalScores:
+    itc: np.ndarray  # [images, texts] cosine similarity of the projected features
+    itm: np.ndarray  # [images, texts] probability that the text matches the image
+
+
+class RetrievalPipeline:
+    """Image-text retrieval: ITC similarity (vision + text-only graphs) and ITM scores (vision + ITM graphs).
+
+    Every method takes any number of rows; the graphs' static batch is handled by `run_batched`.
+    """
+
+    def __init__(self, vision: Runner, text_itc: Runner, itm: Runner, size_aware: bool = False) -> None:
+        self.vision, self.text_itc, self.itm_graph = vision, text_itc, itm
+        self.size_aware = size_aware
+
+    def encode_images(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """image_embeds, image_sizes, image_feat."""
+        return run_batched(self.vision.run, static_batch(self.vision), pixel_values=pixel_values)
+
+    def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return run_batched(self.text_itc.run, static_batch(self.text_itc), input_ids=input_ids.astype(np.int64),
+                           attention_mask=attention_mask.astype(np.int64))["text_feat"]
+
+    def itm(self, image_embeds: np.ndarray, image_sizes: np.ndarray, input_ids: np.ndarray,
+            attention_mask: np.ndarray) -> np.ndarray:
+        """ITM match probability of aligned rows (image i with text i)."""
+        logits = run_batched(self.itm_graph.run, static_batch(self.itm_graph),
+                             input_ids=input_ids.astype(np.int64), attention_mask=attention_mask.astype(np.int64),
+                             encoder_hidden_states=image_embeds,
+                             cross_bias=cross_bias(image_sizes, self.size_aware))["itm_logits"]
+        return softmax(logits)[:, 1].astype(np.float32)
+
+    def score_pairs(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """ITM probability of aligned image-text pairs (the benchmark's unit of work)."""
+        images = self.encode_images(pixel_values)
+        return self.itm(images["image_embeds"], images["image_sizes"], input_ids, attention_mask)
+
+    def scores(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> RetrievalScores:
+        """Every image against every text."""
+        images = self.encode_images(pixel_values)
+        itc = images["image_feat"] @ self.encode_texts(input_ids, attention_mask).T
+        texts = len(input_ids)
+        itm = np.stack([
+            self.itm(np.repeat(images["image_embeds"][i:i + 1], texts, 0),
+                     np.repeat(images["image_sizes"][i:i + 1], texts, 0), input_ids, attention_mask)
+            for i in range(len(pixel_values))
+        ])
+        return RetrievalScores(itc=itc, itm=itm)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(x))
+
+
+def static_batch(runner: Runner) -> int:
+    return int(runner.inputs[0].shape[0])
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Pad axis 0 to ``rows`` by repeating the last row (a static-batch graph needs full batches)."""
+    return x if len(x) >= rows else np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
+
+
+def run_batched(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], batch: int,
+                **arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """Run a static-batch ``fn`` over any number of rows (axis 0 of every input and output)."""
+    total = len(next(iter(arrays.values())))
+    chunks: list[dict[str, np.ndarray]] = []
+    for start in range(0, total, batch):
+        feed = {k: v[start:start + batch] for k, v in arrays.items()}
+        real = len(next(iter(feed.values())))
+        out = fn({k: pad_rows(v, batch) for k, v in feed.items()})
+        chunks.append({k: v[:real] for k, v in out.items()})
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def repeat_for_beams(cross: tuple[np.ndarray, np.ndarray, np.ndarray], num_beams: int):

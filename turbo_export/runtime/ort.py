@@ -42,6 +42,9 @@ class OnnxRuntimeRunner:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3
+        # Idle ORT worker threads spin for a while after each run; with several sessions on few cores (baseline
+        # and Turbo interleaved, pipelines of several graphs) the spinning steals the next session's cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.name = os.path.splitext(os.path.basename(path))[0]
         try:
