@@ -137,8 +137,9 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 
 @main.command()
 @click.option("--task", type=click.Choice(["caption", "retrieval", "vqa"]), default="caption", show_default=True)
-@click.option("--model", "model_source", required=True,
-              help="random:<preset> (blip-base, blip-large, tiny), a local BLIP folder, or a hub id.")
+@click.option("--model", "model_source", default=None,
+              help="random:<preset> (blip-base, blip-large, tiny), a local BLIP folder, or a hub id "
+                   "[default: random:blip-base, seeded random weights].")
 @click.option("--ratio", required=True, help="Tokens merged per image-encoder block (r): an int or a per-layer list.")
 @click.option("--alpha", type=float, default=6.0, show_default=True, help="Weight of the semantic value I (0 = ToMe).")
 @click.option("--min-tokens", type=int, default=None,
@@ -164,7 +165,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True)
 @user_errors
-def blip(task: str, model_source: str, ratio: str, alpha: float, min_tokens: int | None, batch: int,
+def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_tokens: int | None, batch: int,
          image_size: int | None, max_new_tokens: int, num_beams: int, text_len: int, size_aware: bool,
          images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, out_dir: str | None,
          no_bench: bool, no_validate: bool, runs: int, atol: float) -> None:
@@ -178,6 +179,10 @@ def blip(task: str, model_source: str, ratio: str, alpha: float, min_tokens: int
         from .runtime import make_runner
 
         make_runner("", "tensorrt")
+    if model_source is None:
+        model_source = RANDOM_PREFIX + "blip-base"
+        click.echo("no --model given: using random:blip-base (BLIP base configs, seeded random weights; "
+                   "pass --model for a real checkpoint)", err=True)
     click.echo(f"loading {model_source} ...", err=True)
     if model_source.startswith(RANDOM_PREFIX):
         loaded = build_random_blip(model_source[len(RANDOM_PREFIX):], task)
@@ -211,7 +216,8 @@ def blip_summary(report: dict[str, Any]) -> list[str]:
     unit = {"caption": "caption", "vqa": "answer"}.get(task["name"])
     if unit:
         lines.append(f"{unit} agreement (Turbo vs baseline): tokens {task['turbo_vs_baseline_token_agreement']:.3f}, "
-                     f"whole {unit}s {task[f'turbo_vs_baseline_{unit}_agreement']:.3f}  [{task['note']}]")
+                     f"whole {unit}s {task[f'turbo_vs_baseline_{unit}_agreement']:.3f}, "
+                     f"BLEU-4 {task['turbo_bleu4_vs_baseline']:.3f}  [{task['note']}]")
     if "agreement" in task:
         a = task["agreement"]
         lines.append(f"retrieval agreement (Turbo vs baseline, {a['images']} images x {a['texts']} texts): "
@@ -242,11 +248,13 @@ def blip_summary(report: dict[str, Any]) -> list[str]:
 @main.command("presets")
 def list_presets() -> None:
     """List the random:<preset> models (seeded random weights, built offline)."""
-    from .presets import VIT_PRESETS
+    from .presets import BLIP_PRESET_NOTES, VIT_PRESETS
 
     width = max(len(n) for n in VIT_PRESETS) + len("random:")
     for name, preset in VIT_PRESETS.items():
-        click.echo(f"{'random:' + name:{width}}  {preset.family:5}  {preset.model_class:38}  {preset.description}")
+        click.echo(f"{'random:' + name:{width}}  vit   {preset.model_class:38}  {preset.description}")
+    for name, note in BLIP_PRESET_NOTES.items():
+        click.echo(f"{'random:' + name:{width}}  blip  {'(one model class per --task)':38}  {note}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import bench, merge
 from ..errors import ParityError, TurboExportError
+from ..metrics import corpus_bleu, strip_special
 from ..files import staged_output, write_json_atomic
 from ..patch import apply_turbo
 from ..presets import BLIP_TASK_CLASSES, LoadedModel
@@ -384,6 +385,10 @@ def _generation_parity(task: str, unit: str, models: dict[str, nn.Module], run: 
     pad = pipelines["baseline"].ids.pad
     result["turbo_vs_baseline_token_agreement"] = token_agreement(tokens["turbo"], tokens["baseline"])
     result[f"turbo_vs_baseline_{unit}_agreement"] = sequence_agreement(tokens["turbo"], tokens["baseline"], pad)
+    ids = pipelines["baseline"].ids
+    special = {ids.bos, ids.eos, ids.pad}
+    result["turbo_bleu4_vs_baseline"] = corpus_bleu([strip_special(t, special) for t in tokens["turbo"]],
+                                                    [strip_special(t, special) for t in tokens["baseline"]])
     result["tokens"] = {k: v.tolist() for k, v in tokens.items()}
     result["note"] = f"agreement between Turbo and unaccelerated {unit}s; {RANDOM_WEIGHTS_NOTE}"
     return result
