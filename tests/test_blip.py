@@ -110,9 +110,26 @@ def test_blip_caption_cli_end_to_end(tmp_path):
     assert 0.0 <= report["task"]["turbo_vs_baseline_token_agreement"] <= 1.0
     assert report["tokens_per_layer"]["turbo"] == [65, 57]
     assert report["bench"]["scope"] == "image encoder" and report["bench"]["pipeline"]["turbo_per_s"] > 0
+    pipeline_flops = report["bench"]["pipeline"]["flops"]
+    assert pipeline_flops["baseline"] > report["flops"]["baseline"]  # the text side adds to the encoder
+    assert pipeline_flops["ratio"] == pytest.approx(pipeline_flops["baseline"] / pipeline_flops["turbo"])
     for name, parity in report["parity"]["graphs"].items():
         assert parity["max_abs_diff"] < 1e-4, name
     assert sorted(p.name for p in out.iterdir()) == sorted([*(f + ".onnx" for f in report["files"]), "report.json"])
+
+
+def test_caption_text_flops_hand_count():
+    from transformers import BlipConfig
+
+    from turbo_export.export.blip import PROMPT_ALLOWANCE, caption_text_flops
+
+    cfg = BlipConfig()  # BERT-base text side: width 768, MLP 3072, 12 layers, vocab 30524
+    w, m, v, n, t = 768, 3072, 30524, 100, 2
+    cache = t + PROMPT_ALLOWANCE
+    layer = 8 * w * w + 4 * cache * w + 4 * w * w + 4 * n * w + 4 * w * m
+    expected = 12 * 4 * n * w * w + t * (12 * layer + 2 * w * w + 2 * w * v)
+    assert caption_text_flops(cfg, n, t) == expected
+    assert caption_text_flops(cfg, 247, 20) < caption_text_flops(cfg, 577, 20)
 
 
 def test_blip_checkpoint_folder_and_task_mismatch(tmp_path):

@@ -41,6 +41,17 @@ def split_alternate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, ::2], x[:, 1::2]
 
 
+def similarity(metric: torch.Tensor, protected: int = 1) -> torch.Tensor:
+    """Cosine similarity of every A token to every B token [B, Na, Nb]; protected B tokens get -inf."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = split_alternate(metric)
+    scores = a @ b.transpose(-1, -2)
+    protected_b = protected // 2  # B holds the odd indices below `protected`
+    if protected_b:
+        scores[..., :protected_b] = -math.inf
+    return scores
+
+
 def information_degree(
     metric: torch.Tensor,
     semantic: torch.Tensor | None,
@@ -52,14 +63,8 @@ def information_degree(
     metric: [B, N, C] (need not be normalised); semantic: [B, N] or None (treated as 0).
     Returns (E [B, Na], dst [B, Na]); protected A tokens get E = -inf.
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = split_alternate(metric)
-    scores = a @ b.transpose(-1, -2)  # cosine similarity [B, Na, Nb]
-
-    protected_b = protected // 2  # B holds the odd indices below `protected`
+    scores = similarity(metric, protected)
     protected_a = (protected + 1) // 2
-    if protected_b:
-        scores[..., :protected_b] = -math.inf
     redundancy, dst = scores.max(dim=-1)
 
     if semantic is not None and alpha != 0.0:
@@ -107,12 +112,7 @@ def decision_margin(
     degree, _ = information_degree(metric, semantic, alpha, protected)
     ranked = degree.sort(dim=-1, descending=True)[0]
     gaps = [ranked[:, r - 1] - ranked[:, r]] if 0 < r < ranked.shape[1] else []
-    normed = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = split_alternate(normed)
-    scores = a @ b.transpose(-1, -2)
-    protected_b = protected // 2
-    if protected_b:
-        scores[..., :protected_b] = -math.inf
+    scores = similarity(metric, protected)
     if scores.shape[-1] > 1 and r > 0:
         top2 = scores.topk(2, dim=-1)[0]
         order = degree.argsort(dim=-1, descending=True)[:, :r]

@@ -38,7 +38,8 @@ def offline_vocab(vocab_size: int, bos_token_id: int) -> list[str]:
 
 def offline_blip_processor(vocab_size: int, bos_token_id: int, image_size: int):
     """A `BlipProcessor` (image processor + BERT WordPiece tokenizer) built without any download."""
-    from transformers import BertTokenizer, BlipImageProcessor, BlipProcessor
+    from transformers import BertTokenizer, BlipProcessor
+    from transformers import BlipImageProcessorPil as BlipImageProcessor  # the default needs torchvision
 
     vocab = offline_vocab(vocab_size, bos_token_id)
     tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
