@@ -32,8 +32,8 @@ from ..runtime.blip import (CaptionPipeline, RetrievalPipeline, RetrievalScores,
                             softmax)
 from .blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
 from .onnx import DEFAULT_ATOL, GraphSpec
-from .pipeline import _environment, _stderr, check_ratio, export_graphs, validate_graphs
-from .specs import vision_encoder_flops
+from .pipeline import check_ratio, environment, export_graphs, log_to_stderr, validate_graphs
+from .specs import check_image_size, vision_encoder_flops
 
 Log = Callable[[str], None]
 NAMES = ("baseline", "turbo")
@@ -582,15 +582,11 @@ def _check_options(loaded: LoadedModel, options: BlipOptions) -> int:
     if not 2 <= options.text_len <= max_positions:
         raise TurboExportError(f"text-len: must be between 2 and the text model's {max_positions} positions, "
                                f"got {options.text_len}")
-    vision_cfg = loaded.model.config.vision_config
-    image_size = options.image_size or loaded.image_size
-    if image_size <= 0 or image_size % int(vision_cfg.patch_size):
-        raise TurboExportError(f"image-size: {image_size} must be a positive multiple of the patch size "
-                               f"{vision_cfg.patch_size}")
-    return image_size
+    patch_size = int(loaded.model.config.vision_config.patch_size)
+    return check_image_size(options.image_size or loaded.image_size, patch_size)
 
 
-def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = _stderr) -> dict[str, Any]:
+def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to_stderr) -> dict[str, Any]:
     check_task(loaded, options.task)
     check_user_inputs(options.task, options.images, options.question, options.texts)
     task = TASKS[options.task]
@@ -675,7 +671,7 @@ def blip_report(loaded, options, schedule, image_size, layers_base, layers_turbo
         "files": {name: f"{name}.onnx" for name in graphs},
         "parity": None,
         "bench": None,
-        "environment": _environment({}),
+        "environment": environment(),
     }
     if parity:
         report["parity"] = {"compared": "turbo_vision.onnx (ONNX Runtime) vs Turbo vision model (PyTorch)",

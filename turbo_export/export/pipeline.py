@@ -21,7 +21,7 @@ from .specs import TurboOptions, VitSpec
 Log = Callable[[str], None]
 
 
-def _stderr(message: str) -> None:
+def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -57,7 +57,7 @@ def check_ratio(schedule: list[int], num_tokens: int, protected: int) -> None:
         )
 
 
-def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log = _stderr) -> JobResult:
+def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log = log_to_stderr) -> JobResult:
     turbo = options.turbo
     if options.backend != "onnxruntime":
         make_runner("", options.backend)  # raises the one-line reason
@@ -156,7 +156,7 @@ def build_report(spec, loaded, options, schedule, image_size, layers_base, layer
         "files": {"baseline": "baseline.onnx", "turbo": "turbo.onnx"},
         "parity": None,
         "bench": None,
-        "environment": _environment(runners),
+        "environment": environment(),
     }
     if parity:
         report["parity"] = {"compared": "turbo.onnx (ONNX Runtime) vs Turbo model (PyTorch)",
@@ -181,7 +181,7 @@ def build_report(spec, loaded, options, schedule, image_size, layers_base, layer
     return report
 
 
-def _environment(runners: dict[str, Any]) -> dict[str, Any]:
+def environment() -> dict[str, Any]:
     import onnxruntime
     import torch
     import transformers

@@ -19,6 +19,12 @@ from ..presets import LoadedModel
 from .onnx import GraphSpec
 
 
+def check_image_size(image_size: int, patch_size: int) -> int:
+    if image_size <= 0 or image_size % patch_size:
+        raise TurboExportError(f"image-size: {image_size} must be a positive multiple of the patch size {patch_size}")
+    return image_size
+
+
 class ImageModelGraph(nn.Module):
     """pixel_values -> the named outputs of a transformers image model, as a tuple."""
 
@@ -58,11 +64,7 @@ class VitSpec:
         return int(loaded.model.config.num_hidden_layers)
 
     def image_size(self, loaded: LoadedModel, options: TurboOptions) -> int:
-        size = options.image_size or loaded.image_size
-        patch = int(loaded.model.config.patch_size)
-        if size <= 0 or size % patch:
-            raise TurboExportError(f"image-size: {size} must be a positive multiple of the patch size {patch}")
-        return size
+        return check_image_size(options.image_size or loaded.image_size, int(loaded.model.config.patch_size))
 
     def num_tokens(self, loaded: LoadedModel, image_size: int) -> int:
         patch = int(loaded.model.config.patch_size)
