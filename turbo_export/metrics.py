@@ -1,10 +1,13 @@
-"""Agreement metrics between accelerated and unaccelerated outputs (pure Python / numpy)."""
+"""Agreement metrics between accelerated and unaccelerated outputs (pure Python / numpy): BLEU, CIDEr-D,
+top-1 and prediction agreement, cosine statistics, recall@k."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 
 def _ngrams(tokens: Sequence[int], n: int) -> Counter:
@@ -41,3 +44,110 @@ def corpus_bleu(hypotheses: Sequence[Sequence[int]], references: Sequence[Sequen
 
 def strip_special(row: Sequence[int], special: set[int]) -> list[int]:
     return [int(t) for t in row if int(t) not in special]
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification, embedding and retrieval parity (numpy)
+# --------------------------------------------------------------------------------------------------
+
+
+def top1(logits_or_pred: "np.ndarray", labels: "np.ndarray") -> float:
+    """Fraction of rows whose argmax (or given class, for a 1-D array) equals the label, in [0, 1]."""
+    pred = _predictions(logits_or_pred)
+    labels = np.asarray(labels)
+    if pred.shape != labels.shape:
+        raise ValueError(f"top1: {pred.shape[0]} predictions for {labels.shape[0]} labels")
+    return float((pred == labels).mean()) if len(labels) else 0.0
+
+
+def agreement(a: "np.ndarray", b: "np.ndarray") -> float:
+    """Fraction of rows where two models predict the same class (argmax of logits, or class ids)."""
+    return top1(a, _predictions(b))
+
+
+def _predictions(x: "np.ndarray") -> "np.ndarray":
+    x = np.asarray(x)
+    return x.argmax(-1) if x.ndim > 1 else x
+
+
+def rowwise_cosine(a: "np.ndarray", b: "np.ndarray") -> "np.ndarray":
+    """Cosine of each row of ``a`` [N, ...] with the same row of ``b``, in float64 (a zero row gives 0)."""
+    a64 = np.asarray(a, np.float64).reshape(len(a), -1)
+    b64 = np.asarray(b, np.float64).reshape(len(b), -1)
+    norms = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    dots = (a64 * b64).sum(-1)
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def cosine_stats(a: "np.ndarray", b: "np.ndarray") -> dict[str, float]:
+    """Mean, min, 5th percentile and median of the row-wise cosine of ``a`` to ``b``."""
+    cos = rowwise_cosine(a, b)
+    return {"mean": float(cos.mean()), "min": float(cos.min()), "p05": float(np.percentile(cos, 5)),
+            "median": float(np.median(cos)), "count": int(len(cos))}
+
+
+def recall_at_k(scores: "np.ndarray", targets: "np.ndarray", k: int) -> float:
+    """Fraction of queries (rows of ``scores`` [Q, G]) whose target gallery index is among the k best scores.
+
+    Ties are broken by the lower gallery index (a stable sort), so the answer is deterministic.
+    """
+    scores = np.asarray(scores)
+    order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    return float((order == np.asarray(targets)[:, None]).any(-1).mean())
+
+
+def recall_agreement(turbo_scores: "np.ndarray", baseline_scores: "np.ndarray", k: int) -> float:
+    """Recall@k of Turbo's ranking when the unaccelerated model's top-1 is taken as the right answer."""
+    targets = np.argsort(-np.asarray(baseline_scores), axis=-1, kind="stable")[:, 0]
+    return recall_at_k(turbo_scores, targets, k)
+
+
+# --------------------------------------------------------------------------------------------------
+# CIDEr-D (Vedantam et al., CVPR 2015, as in the coco-caption toolkit)
+# --------------------------------------------------------------------------------------------------
+
+
+def _tfidf(counts: Counter, doc_freq: Counter, log_docs: float) -> tuple[dict, float]:
+    vec = {g: c * (log_docs - math.log(max(1.0, doc_freq[g]))) for g, c in counts.items()}
+    return vec, math.sqrt(sum(v * v for v in vec.values()))
+
+
+def cider_d(
+    hypotheses: Sequence[Sequence[Any]],
+    references: Sequence[Sequence[Sequence[Any]]],
+    max_n: int = 4,
+    sigma: float = 6.0,
+) -> float:
+    """Corpus CIDEr-D of tokenised captions: one hypothesis and a list of references per image.
+
+    Per n-gram order n: tf-idf vectors (term count x (log #images - log document frequency), document
+    frequency counted over the images' reference sets), the candidate's counts clipped by the reference's,
+    cosine-normalised, times the length penalty exp(-(len_h - len_r)^2 / (2 sigma^2)); averaged over the
+    references, over n = 1..max_n, scaled by 10, and averaged over images. A one-image corpus scores 0
+    (every idf is log 1 = 0), as in the reference implementation.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"cider_d: {len(hypotheses)} hypotheses for {len(references)} reference sets")
+    if not hypotheses:
+        return 0.0
+    doc_freq: list[Counter] = [Counter() for _ in range(max_n)]
+    for refs in references:
+        for n in range(1, max_n + 1):
+            doc_freq[n - 1].update(set().union(*(_ngrams(list(r), n).keys() for r in refs)) if refs else set())
+    log_docs = math.log(float(len(references)))
+    total = 0.0
+    for hyp, refs in zip(hypotheses, references):
+        hyp = list(hyp)
+        per_n = []
+        for n in range(1, max_n + 1):
+            h_vec, h_norm = _tfidf(_ngrams(hyp, n), doc_freq[n - 1], log_docs)
+            scores = []
+            for ref in refs:
+                ref = list(ref)
+                r_vec, r_norm = _tfidf(_ngrams(ref, n), doc_freq[n - 1], log_docs)
+                dot = sum(min(v, r_vec.get(g, 0.0)) * r_vec.get(g, 0.0) for g, v in h_vec.items())
+                value = dot / (h_norm * r_norm) if h_norm and r_norm else 0.0
+                scores.append(value * math.exp(-((len(hyp) - len(ref)) ** 2) / (2 * sigma ** 2)))
+            per_n.append(sum(scores) / len(scores) if scores else 0.0)
+        total += 10.0 * sum(per_n) / max_n
+    return total / len(hypotheses)

@@ -1,0 +1,319 @@
+"""Accuracy parity of Turbo against the unaccelerated model on real inputs, through the exported graphs.
+
+``validate_export`` reads an export folder made by ``turbo-export vit`` (its ``report.json`` says the family, the
+checkpoint, the Turbo settings, the static batch and the files), runs ``baseline.onnx`` and ``turbo.onnx`` on a
+data set (static batches, the last one zero-padded and its padding dropped: Turbo merges within each image, so
+padding cannot change the real rows), optionally runs the PyTorch Turbo model on the same data for reference,
+and measures parity:
+
+* a classifier (``logits``): top-1 of both against the labels (when labelled), top-1 agreement between them,
+  and the cosine of the logits;
+* a backbone (``pooler_output``, CLS after the final norm): CLS cosine, and, when labelled, the accuracy of a
+  linear probe trained on the unaccelerated features and evaluated on Turbo's (``linear_probe``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import datasets, metrics
+from .errors import TurboExportError
+from .presets import LoadedModel, load_model
+from .runtime import Runner, make_runner
+
+INPUT = "pixel_values"
+PROBE_SEED = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched inference
+# --------------------------------------------------------------------------------------------------
+
+
+def pad_batch(chunk: np.ndarray, batch: int) -> np.ndarray:
+    """Zero-pad ``chunk`` along dim 0 up to the static ``batch``."""
+    if len(chunk) == batch:
+        return chunk
+    return np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+
+
+def run_batched(forward: Callable[[np.ndarray], dict[str, np.ndarray]], inputs: np.ndarray, batch: int,
+                desc: str = "", progress: bool = True) -> dict[str, np.ndarray]:
+    """Apply a static-batch ``forward`` (array -> named outputs) to ``inputs`` batch by batch."""
+    outputs: dict[str, list[np.ndarray]] = {}
+    for start in tqdm(range(0, len(inputs), batch), desc=desc, unit="batch", leave=False, disable=not progress,
+                      file=sys.stderr):
+        chunk = inputs[start:start + batch]
+        for name, value in forward(pad_batch(chunk, batch)).items():
+            outputs.setdefault(name, []).append(np.asarray(value)[:len(chunk)])
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def onnx_forward(runner: Runner) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    return lambda x: runner.run({INPUT: x})
+
+
+def torch_forward(model: torch.nn.Module, output_names: list[str], forward_kwargs: dict[str, Any]
+                  ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    def forward(x: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = model(pixel_values=torch.from_numpy(x), **forward_kwargs)
+        return {name: out[name].float().numpy() for name in output_names}
+    return forward
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear probe (softmax regression in torch: no sklearn needed)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearProbe:
+    mean: np.ndarray
+    std: np.ndarray
+    weight: np.ndarray  # [D, K]
+    bias: np.ndarray  # [K]
+    classes: np.ndarray  # the label value of each column
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        z = (features.astype(np.float64) - self.mean) / self.std
+        return self.classes[(z @ self.weight + self.bias).argmax(-1)]
+
+
+def fit_linear_probe(features: np.ndarray, labels: np.ndarray, weight_decay: float = 1e-3,
+                     steps: int = 200) -> LinearProbe:
+    """Multinomial logistic regression on standardised features (full-batch L-BFGS, float64, deterministic)."""
+    classes, targets = np.unique(labels, return_inverse=True)
+    mean = features.mean(0, dtype=np.float64)
+    std = features.std(0, dtype=np.float64) + 1e-6
+    x = torch.from_numpy((features.astype(np.float64) - mean) / std)
+    y = torch.from_numpy(targets.astype(np.int64))
+    weight = torch.zeros(x.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + weight_decay * (weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return LinearProbe(mean, std, weight.detach().numpy(), bias.detach().numpy(), classes)
+
+
+def split_indices(count: int, seed: int = PROBE_SEED, train_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random train/test split of ``count`` items."""
+    order = np.random.default_rng(seed).permutation(count)
+    cut = int(round(count * train_fraction))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def probe_parity(base: np.ndarray, turbo: np.ndarray, labels: np.ndarray, seed: int = PROBE_SEED) -> dict[str, Any]:
+    """Probe trained on unaccelerated train features; accuracy on unaccelerated and on Turbo test features."""
+    train, test = split_indices(len(labels), seed)
+    if len(np.unique(labels[train])) < 2 or len(test) == 0:
+        raise TurboExportError("data: a linear probe needs at least two classes in the training half and a "
+                               "non-empty test half; use more images (--limit)")
+    probe = fit_linear_probe(base[train], labels[train])
+    base_pred, turbo_pred = probe.predict(base[test]), probe.predict(turbo[test])
+    return {"train": int(len(train)), "test": int(len(test)), "seed": seed,
+            "baseline_accuracy": metrics.top1(base_pred, labels[test]),
+            "turbo_accuracy": metrics.top1(turbo_pred, labels[test]),
+            "agreement": metrics.agreement(turbo_pred, base_pred)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity metrics of one configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def classification_parity(base_logits: np.ndarray, turbo_logits: np.ndarray, labels: np.ndarray | None
+                          ) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": "classification", "images": int(len(base_logits)),
+                           "agreement": metrics.agreement(turbo_logits, base_logits),
+                           "logits_cosine": metrics.cosine_stats(turbo_logits, base_logits)}
+    if labels is not None:
+        out["baseline_top1"] = metrics.top1(base_logits, labels)
+        out["turbo_top1"] = metrics.top1(turbo_logits, labels)
+        out["top1_drop_points"] = 100.0 * (out["baseline_top1"] - out["turbo_top1"])
+    return out
+
+
+def embedding_parity(base: np.ndarray, turbo: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": "embedding", "images": int(len(base)),
+                           "cls_cosine": metrics.cosine_stats(turbo, base)}
+    if labels is not None and len(np.unique(labels)) > 1:
+        out["linear_probe"] = probe_parity(base, turbo, labels)
+    return out
+
+
+def parity(outputs_base: dict[str, np.ndarray], outputs_turbo: dict[str, np.ndarray], labels: np.ndarray | None
+           ) -> dict[str, Any]:
+    if "logits" in outputs_base:
+        return classification_parity(outputs_base["logits"], outputs_turbo["logits"], labels)
+    if "pooler_output" in outputs_base:
+        return embedding_parity(outputs_base["pooler_output"], outputs_turbo["pooler_output"], labels)
+    raise TurboExportError(f"validate: no 'logits' or 'pooler_output' among the outputs {sorted(outputs_base)}")
+
+
+def torch_check(onnx_out: dict[str, np.ndarray], torch_out: dict[str, np.ndarray], atol: float
+                ) -> dict[str, Any]:
+    """How far ONNX Runtime is from PyTorch on the whole data set (per-image max abs diff, predictions)."""
+    name = "logits" if "logits" in onnx_out else "pooler_output"
+    diff = np.abs(onnx_out[name].astype(np.float64) - torch_out[name]).reshape(len(onnx_out[name]), -1).max(-1)
+    out = {"output": name, "max_abs_diff": float(diff.max()), "images_beyond_atol": int((diff > atol).sum()),
+           "images": int(len(diff)), "min_cosine": float(metrics.rowwise_cosine(onnx_out[name], torch_out[name]).min())}
+    if name == "logits":
+        out["prediction_agreement"] = metrics.agreement(onnx_out[name], torch_out[name])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# An export folder
+# --------------------------------------------------------------------------------------------------
+
+
+def read_report(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "report.json")
+    if not os.path.isfile(path):
+        raise TurboExportError(f"validate: {folder} has no report.json; pass a folder written by 'turbo-export vit'")
+    with open(path) as f:
+        report = json.load(f)
+    if report.get("family") != "vit":
+        raise TurboExportError(f"validate: family '{report.get('family')}' is not supported yet (only exports of "
+                               "'turbo-export vit'; BLIP caption/retrieval validation is a follow-up)")
+    for name in ("baseline", "turbo"):
+        if not os.path.isfile(os.path.join(folder, report["files"][name])):
+            raise TurboExportError(f"validate: {folder} has no {report['files'][name]}")
+    return report
+
+
+def fallback_pixels(images: datasets.ImageSet, channels: int, image_size: int) -> np.ndarray:
+    """Resize to ``image_size`` and scale to [-1, 1]: for random: presets, which have no image processor."""
+    from PIL import Image
+
+    out = []
+    for image in images.images:
+        array = datasets.to_channels(image, channels)
+        mode = "L" if channels == 1 else "RGB"
+        resized = Image.fromarray(array[..., 0] if channels == 1 else array, mode).resize(
+            (image_size, image_size), Image.BILINEAR)
+        pixels = np.asarray(resized, np.float32).reshape(image_size, image_size, channels) / 127.5 - 1.0
+        out.append(pixels.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def model_inputs(loaded: LoadedModel, images: datasets.ImageSet, image_size: int) -> np.ndarray:
+    if loaded.image_processor is None:
+        return fallback_pixels(images, loaded.num_channels, image_size)
+    override = None if image_size == loaded.image_size else image_size
+    return datasets.pixel_values(images, loaded.image_processor, loaded.num_channels, override)
+
+
+def turbo_model(loaded: LoadedModel, report: dict[str, Any]) -> torch.nn.Module:
+    """The PyTorch Turbo model with the export's settings (for the reference run)."""
+    from .export.specs import SPECS, TurboOptions
+
+    options = TurboOptions(ratio=report["r_schedule"], alpha=report["alpha"], min_tokens=report["min_tokens"],
+                           prop_attn=report["prop_attn"], batch=report["batch"], image_size=report["image_size"])
+    return SPECS["vit"].make_turbo(copy.deepcopy(loaded.model), options)
+
+
+def validate_export(
+    folder: str,
+    source: str,
+    limit: int | None = None,
+    model: str | None = None,
+    torch_reference: bool = True,
+    backend: str = "onnxruntime",
+    progress: bool = True,
+    loaded: LoadedModel | None = None,
+    baseline_outputs: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Parity of an export folder's turbo.onnx against its baseline.onnx on ``source`` (see module doc).
+
+    ``loaded`` / ``baseline_outputs`` let a sweep reuse the model and the unaccelerated outputs across folders.
+    """
+    from .export.specs import SPECS
+
+    report = read_report(folder)
+    images = datasets.load_images(source, limit)
+    if loaded is None:
+        loaded = load_model(model or report["model"], "vit", SPECS["vit"].supported())
+    image_size, batch = int(report["image_size"]), int(report["batch"])
+    pixels = model_inputs(loaded, images, image_size)
+    if pixels.shape[1:] != (loaded.num_channels, image_size, image_size):
+        raise TurboExportError(f"data: images became {pixels.shape[1:]}, the export expects "
+                               f"{(loaded.num_channels, image_size, image_size)}")
+
+    runners = {name: make_runner(os.path.join(folder, report["files"][name]), backend)
+               for name in ("baseline", "turbo")}
+    base = baseline_outputs if baseline_outputs is not None else run_batched(
+        onnx_forward(runners["baseline"]), pixels, batch, "baseline.onnx", progress)
+    turbo = run_batched(onnx_forward(runners["turbo"]), pixels, batch, "turbo.onnx", progress)
+    result: dict[str, Any] = {
+        "export": os.path.abspath(folder), "model": report["model"], "data": source, "images": len(images),
+        "labelled": images.labels is not None, "ratio": report["ratio"], "alpha": report["alpha"],
+        "min_tokens": report["min_tokens"], "batch": batch, "image_size": image_size, "backend": backend,
+        "tokens_per_layer": report["tokens_per_layer"]["turbo"], "flops_ratio": report["flops"]["ratio"],
+        "onnx": parity(base, turbo, images.labels),
+    }
+    # The headline figures (ONNX Runtime) also at the top level of the JSON.
+    result.update({k: result["onnx"][k] for k in ("baseline_top1", "turbo_top1", "agreement")
+                   if k in result["onnx"]})
+    if torch_reference:
+        spec = SPECS["vit"]
+        names, kwargs = spec.output_names(loaded), spec.forward_kwargs(loaded, image_size)
+        torch_turbo = run_batched(torch_forward(turbo_model(loaded, report), names, kwargs), pixels, batch,
+                                  "turbo (PyTorch)", progress)
+        result["pytorch"] = parity(base, torch_turbo, images.labels)
+        result["onnx_vs_pytorch"] = torch_check(turbo, torch_turbo, float((report.get("parity") or {}).get(
+            "atol", 1e-4)))
+    result["_baseline_outputs"] = base
+    return result
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without the private arrays (what goes into JSON)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    p = result["onnx"]
+    head = (f"{result['model']}: r={result['ratio']} alpha={result['alpha']:g}, {result['images']} images of "
+            f"{result['data']} ({result['backend']}, batch {result['batch']}, {result['flops_ratio']:.2f}x fewer FLOPs)")
+    lines = [head]
+    if p["kind"] == "classification":
+        if "baseline_top1" in p:
+            lines.append(f"top-1: baseline {p['baseline_top1']:.4f}, turbo {p['turbo_top1']:.4f} "
+                         f"(drop {p['top1_drop_points']:+.2f} points)")
+        lines.append(f"top-1 agreement turbo vs baseline: {p['agreement']:.4f}; "
+                     f"logits cosine mean {p['logits_cosine']['mean']:.5f}, min {p['logits_cosine']['min']:.5f}")
+    else:
+        c = p["cls_cosine"]
+        lines.append(f"CLS cosine turbo vs baseline: mean {c['mean']:.5f}, p05 {c['p05']:.5f}, min {c['min']:.5f}")
+        if "linear_probe" in p:
+            lp = p["linear_probe"]
+            lines.append(f"linear probe (trained on baseline features, {lp['train']} train / {lp['test']} test): "
+                         f"baseline {lp['baseline_accuracy']:.4f}, turbo {lp['turbo_accuracy']:.4f}, "
+                         f"agreement {lp['agreement']:.4f}")
+    if "onnx_vs_pytorch" in result:
+        t = result["onnx_vs_pytorch"]
+        extra = (f", same prediction {t['prediction_agreement']:.4f}" if "prediction_agreement" in t else "")
+        lines.append(f"turbo.onnx vs PyTorch Turbo on this data: max abs diff {t['max_abs_diff']:.2e}, "
+                     f"{t['images_beyond_atol']}/{t['images']} images beyond atol{extra}")
+    return lines
+
+
+__all__ = ["validate_export", "parity", "probe_parity", "fit_linear_probe", "run_batched", "public",
+           "summary_lines"]
