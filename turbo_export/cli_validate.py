@@ -53,3 +53,43 @@ def validate_cmd(export_dir: str, source: str, limit: int | None, model_source: 
     if json_path:
         write_json_atomic(json_path, public(result))
         click.echo(f"wrote {json_path}")
+
+
+@main.command("sweep")
+@click.option("--model", "model_source", required=True, help="A checkpoint folder, hub id or random:<preset>.")
+@click.option("--ratios", default="0,2,4,6,8", show_default=True, help="Tokens merged per block (0 = unaccelerated).")
+@click.option("--alphas", default="0,6,30,150", show_default=True, help="Turbo's alpha values (0 = ToMe).")
+@click.option("--data", "source", required=True, help=DATA_HELP)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Static batch of the exported graphs (also the timed batch).")
+@click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
+@click.option("--min-tokens", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per graph.")
+@click.option("--lock", default=None, help="Hold an flock on this file while timing (e.g. /tmp/turbo-bench.lock).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of throughput against accuracy here (needs matplotlib).")
+@user_errors
+def sweep_cmd(model_source: str, ratios: str, alphas: str, source: str, limit: int | None, batch: int,
+              image_size: int | None, min_tokens: int, runs: int, lock: str | None, json_path: str | None,
+              plot_path: str | None) -> None:
+    """Throughput and accuracy parity for every (ratio, alpha): a table, JSON and a plot (Turbo vs ToMe)."""
+    from .sweep import no_arrays, plot, run_sweep, table
+
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise TurboExportError("plot: needs matplotlib; pip install matplotlib (or 'turbo-export[viz]')"
+                                   ) from None
+    result = run_sweep(model_source, _int_list(ratios, "ratios"), _float_list(alphas, "alphas"), source, limit,
+                       batch=batch, image_size=image_size, min_tokens=min_tokens, runs=runs, lock=lock)
+    click.echo(f"{result['model']} on {result['data']} ({result['images']} images), batch {batch}:")
+    click.echo(table(result))
+    if json_path:
+        write_json_atomic(json_path, no_arrays(result))
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        plot(result, plot_path)
+        click.echo(f"wrote {plot_path}")
