@@ -59,8 +59,9 @@ def validate_cmd(export_dir: str, source: str, limit: int | None, model_source: 
 @click.option("--model", "model_source", required=True, help="A checkpoint folder, hub id or random:<preset>.")
 @click.option("--ratios", default="0,2,4,6,8", show_default=True, help="Tokens merged per block (0 = unaccelerated).")
 @click.option("--alphas", default="0,6,30,150", show_default=True, help="Turbo's alpha values (0 = ToMe).")
-@click.option("--data", "source", required=True, help=DATA_HELP)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
+@click.option("--data", "sources", required=True, multiple=True,
+              help=DATA_HELP + " Repeatable: the first is plotted, every one gets a table.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of each.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Static batch of the exported graphs (also the timed batch).")
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
@@ -71,11 +72,11 @@ def validate_cmd(export_dir: str, source: str, limit: int | None, model_source: 
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of throughput against accuracy here (needs matplotlib).")
 @user_errors
-def sweep_cmd(model_source: str, ratios: str, alphas: str, source: str, limit: int | None, batch: int,
+def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, ...], limit: int | None, batch: int,
               image_size: int | None, min_tokens: int, runs: int, lock: str | None, json_path: str | None,
               plot_path: str | None) -> None:
     """Throughput and accuracy parity for every (ratio, alpha): a table, JSON and a plot (Turbo vs ToMe)."""
-    from .sweep import no_arrays, plot, run_sweep, table
+    from .sweep import no_arrays, plot, run_sweep, tables
 
     if plot_path:
         try:
@@ -83,10 +84,11 @@ def sweep_cmd(model_source: str, ratios: str, alphas: str, source: str, limit: i
         except ImportError:
             raise TurboExportError("plot: needs matplotlib; pip install matplotlib (or 'turbo-export[viz]')"
                                    ) from None
-    result = run_sweep(model_source, _int_list(ratios, "ratios"), _float_list(alphas, "alphas"), source, limit,
+    result = run_sweep(model_source, _int_list(ratios, "ratios"), _float_list(alphas, "alphas"), sources, limit,
                        batch=batch, image_size=image_size, min_tokens=min_tokens, runs=runs, lock=lock)
-    click.echo(f"{result['model']} on {result['data']} ({result['images']} images), batch {batch}:")
-    click.echo(table(result))
+    click.echo(f"{result['model']}, batch {batch}, image size {result['image_size']}; speedup: ONNX Runtime, "
+               f"interleaved with the unaccelerated graph on a real batch")
+    click.echo(tables(result))
     if json_path:
         write_json_atomic(json_path, no_arrays(result))
         click.echo(f"wrote {json_path}")

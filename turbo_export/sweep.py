@@ -70,7 +70,7 @@ def run_sweep(
     model_source: str,
     ratios: Sequence[int],
     alphas: Sequence[float],
-    source: str,
+    source: str | Sequence[str],
     limit: int | None = None,
     batch: int = 32,
     image_size: int | None = None,
@@ -92,8 +92,12 @@ def run_sweep(
     tokens = spec.num_tokens(loaded, size)
     for r in ratios:
         check_ratio([r], tokens, spec.protected(loaded))
-    images = datasets.load_images(source, limit)
-    pixels = model_inputs(loaded, images, size)
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise TurboExportError("data: give at least one data source")
+    sets = {src: datasets.load_images(src, limit) for src in sources}
+    inputs = {src: model_inputs(loaded, images, size) for src, images in sets.items()}
+    images, pixels = sets[sources[0]], inputs[sources[0]]
     real_batch = {INPUT: torch.from_numpy(pad_batch(pixels[:batch], batch))}
 
     own_dir = work_dir is None
@@ -106,10 +110,11 @@ def run_sweep(
         base_path = export_onnx(base_graph, os.path.join(work, "baseline.onnx"))
         base_runner = make_runner(base_path)
         require_parity(validate(base_graph, base_path, base_runner))
-        base_out = run_batched(onnx_forward(base_runner), pixels, batch, "baseline.onnx", progress)
+        base_out = {src: run_batched(onnx_forward(base_runner), x, batch, f"baseline.onnx {src}", progress)
+                    for src, x in inputs.items()}
         base_row = {"r": 0, "alpha": None, "tokens_per_layer": [tokens] * spec.num_layers(loaded),
-                    "final_tokens": tokens,
-                    "flops_ratio": 1.0, "parity": parity(base_out, base_out, images.labels), "bench": None}
+                    "final_tokens": tokens, "flops_ratio": 1.0, "bench": None,
+                    "parity_by_data": {src: parity(base_out[src], base_out[src], sets[src].labels) for src in sources}}
         rows.append(base_row)
 
         combos = [(r, a) for r in ratios if r > 0 for a in alphas]
@@ -123,7 +128,9 @@ def run_sweep(
                                                                                                real_batch)}
             for report in checks.values():
                 require_parity(report)
-            out = run_batched(onnx_forward(runner), pixels, batch, f"r={r} alpha={alpha:g}", progress)
+            by_data = {src: parity(base_out[src], run_batched(onnx_forward(runner), x, batch,
+                                                                f"r={r} alpha={alpha:g} {src}", progress),
+                                   sets[src].labels) for src, x in inputs.items()}
             with bench_lock(lock):
                 timings = bench.interleaved({"baseline": base_runner, "turbo": runner},
                                             {"baseline": {INPUT: real_batch[INPUT]}, "turbo": {INPUT: real_batch[INPUT]}},
@@ -133,7 +140,7 @@ def run_sweep(
                 "r": r, "alpha": alpha, "tokens_per_layer": layers, "final_tokens": final, "flops_ratio": flops_ratio,
                 "export_parity": {k: {"max_abs_diff": v.max_abs_diff, "tie_samples": len(v.tie_samples),
                                       "samples": v.samples} for k, v in checks.items()},
-                "parity": parity(base_out, out, images.labels),
+                "parity_by_data": by_data,
                 "bench": {"baseline_ips": timings["baseline"].items_per_s, "turbo_ips": timings["turbo"].items_per_s,
                           "speedup": bench.speedup(timings), "runs": runs, "warmup": warmup},
             })
@@ -143,8 +150,11 @@ def run_sweep(
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
     for row in rows:
+        row["parity"] = row["parity_by_data"][sources[0]]  # the first source is the one plotted
         row["accuracy"], metric = accuracy_of(row)
-    return {"model": model_source, "data": source, "images": len(images), "labelled": images.labels is not None,
+    return {"model": model_source, "data": sources[0], "images": len(images), "labelled": images.labels is not None,
+            "datasets": [{"data": src, "images": len(sets[src]), "labelled": sets[src].labels is not None}
+                         for src in sources],
             "batch": batch, "image_size": size, "min_tokens": min_tokens, "backend": "onnxruntime",
             "providers": getattr(base_runner, "providers", None), "metric": metric, "ratios": list(ratios),
             "alphas": list(alphas), "rows": rows}
@@ -154,23 +164,37 @@ def _fmt_alpha(alpha: float | None) -> str:
     return "–" if alpha is None else f"{alpha:g}"
 
 
-def table(result: dict[str, Any]) -> str:
-    """A markdown table: one row per configuration."""
-    classification = result["rows"][0]["parity"]["kind"] == "classification"
+def tables(result: dict[str, Any]) -> str:
+    """One markdown table per data source."""
+    parts = []
+    for entry in result.get("datasets") or [{"data": result["data"], "images": result["images"],
+                                             "labelled": result["labelled"]}]:
+        parts.append(f"{entry['data']} ({entry['images']} images):\n\n" + table(result, entry["data"]))
+    return "\n\n".join(parts)
+
+
+def table(result: dict[str, Any], source: str | None = None) -> str:
+    """A markdown table: one row per configuration (parity on ``source``, default the first data source)."""
+    def parity_of(row: dict[str, Any]) -> dict[str, Any]:
+        return row["parity_by_data"][source] if source and "parity_by_data" in row else row["parity"]
+
+    first = parity_of(result["rows"][0])
+    classification = first["kind"] == "classification"
+    labelled = "turbo_top1" in first
     header = ["r", "alpha", "tokens out", "FLOPs ratio", "speedup (ORT)"]
     if classification:
-        header += ["top-1", "agreement"] if result["labelled"] else ["agreement"]
+        header += ["top-1", "agreement"] if labelled else ["agreement"]
     else:
         header += ["CLS cos mean", "CLS cos min"]
-        if "linear_probe" in result["rows"][0]["parity"]:
+        if "linear_probe" in first:
             header += ["probe acc (base feats)", "probe acc (turbo feats)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in result["rows"]:
-        p = row["parity"]
+        p = parity_of(row)
         speed = "1.00x" if row["bench"] is None else f"{row['bench']['speedup']:.2f}x"
         cells = [str(row["r"]), _fmt_alpha(row["alpha"]), str(row["final_tokens"]), f"{row['flops_ratio']:.2f}x", speed]
         if classification:
-            if result["labelled"]:
+            if labelled:
                 cells.append(f"{100 * p['turbo_top1']:.2f}%")
             cells.append(f"{100 * p['agreement']:.2f}%")
         else:
