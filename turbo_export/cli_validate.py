@@ -95,3 +95,31 @@ def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, .
     if plot_path:
         plot(result, plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+@main.command("visualize")
+@click.option("--model", "model_source", required=True, help="A checkpoint folder, hub id or random:<preset>.")
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False),
+              help="The image to draw (png, jpg, ...).")
+@click.option("--ratio", required=True, help="Tokens merged per block (r): an int or a per-layer list.")
+@click.option("--alpha", type=float, default=None, help="Turbo's alpha [default: the family's default].")
+@click.option("--min-tokens", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@user_errors
+def visualize_cmd(model_source: str, image_path: str, ratio: str, alpha: float | None, min_tokens: int,
+                  image_size: int | None, out_path: str) -> None:
+    """Draw which patches merged (the paper's Figure 6): ToMe beside Turbo on one image."""
+    import os
+
+    from .cli import parse_ratio
+    from .visualize import visualize
+
+    if not os.path.isfile(image_path):
+        raise TurboExportError(f"image: '{image_path}' does not exist")
+    result = visualize(model_source, image_path, parse_ratio(ratio), out_path,
+                       alpha=6.0 if alpha is None else alpha, min_tokens=min_tokens, image_size=image_size)
+    groups = ", ".join(f"{k}: {v}" for k, v in result["groups"].items())
+    click.echo(f"{result['tokens']} tokens in ({result['image_size']} px, patch {result['patch']}); patch groups "
+               f"after the last block: {groups}")
+    click.echo(f"wrote {out_path}")
