@@ -67,13 +67,14 @@ def validate_cmd(export_dir: str, source: str, limit: int | None, model_source: 
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
 @click.option("--min-tokens", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per graph.")
+@click.option("--no-bench", is_flag=True, help="Skip the timing (accuracy only; the plot uses the FLOPs ratio).")
 @click.option("--lock", default=None, help="Hold an flock on this file while timing (e.g. /tmp/turbo-bench.lock).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of throughput against accuracy here (needs matplotlib).")
 @user_errors
 def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, ...], limit: int | None, batch: int,
-              image_size: int | None, min_tokens: int, runs: int, lock: str | None, json_path: str | None,
+              image_size: int | None, min_tokens: int, runs: int, no_bench: bool, lock: str | None, json_path: str | None,
               plot_path: str | None) -> None:
     """Throughput and accuracy parity for every (ratio, alpha): a table, JSON and a plot (Turbo vs ToMe)."""
     from .sweep import no_arrays, plot, run_sweep, tables
@@ -85,7 +86,8 @@ def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, .
             raise TurboExportError("plot: needs matplotlib; pip install matplotlib (or 'turbo-export[viz]')"
                                    ) from None
     result = run_sweep(model_source, _int_list(ratios, "ratios"), _float_list(alphas, "alphas"), sources, limit,
-                       batch=batch, image_size=image_size, min_tokens=min_tokens, runs=runs, lock=lock)
+                       batch=batch, image_size=image_size, min_tokens=min_tokens, runs=runs, lock=lock,
+                       timed=not no_bench)
     click.echo(f"{result['model']}, batch {batch}, image size {result['image_size']}; speedup: ONNX Runtime, "
                f"interleaved with the unaccelerated graph on a real batch")
     click.echo(tables(result))

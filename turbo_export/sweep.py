@@ -78,6 +78,7 @@ def run_sweep(
     runs: int = 20,
     warmup: int = 3,
     lock: str | None = None,
+    timed: bool = True,
     work_dir: str | None = None,
     progress: bool = True,
     loaded: LoadedModel | None = None,
@@ -131,18 +132,22 @@ def run_sweep(
             by_data = {src: parity(base_out[src], run_batched(onnx_forward(runner), x, batch,
                                                                 f"r={r} alpha={alpha:g} {src}", progress),
                                    sets[src].labels) for src, x in inputs.items()}
-            with bench_lock(lock):
-                timings = bench.interleaved({"baseline": base_runner, "turbo": runner},
-                                            {"baseline": {INPUT: real_batch[INPUT]}, "turbo": {INPUT: real_batch[INPUT]}},
-                                            batch, warmup=warmup, runs=runs, progress=False)
+            timings = None
+            if timed:
+                with bench_lock(lock):
+                    feed = {INPUT: real_batch[INPUT]}
+                    timings = bench.interleaved({"baseline": base_runner, "turbo": runner},
+                                                {"baseline": feed, "turbo": feed}, batch, warmup=warmup, runs=runs,
+                                                progress=False)
             layers, final, flops_ratio = token_budget(loaded, options)
             rows.append({
                 "r": r, "alpha": alpha, "tokens_per_layer": layers, "final_tokens": final, "flops_ratio": flops_ratio,
                 "export_parity": {k: {"max_abs_diff": v.max_abs_diff, "tie_samples": len(v.tie_samples),
                                       "samples": v.samples} for k, v in checks.items()},
                 "parity_by_data": by_data,
-                "bench": {"baseline_ips": timings["baseline"].items_per_s, "turbo_ips": timings["turbo"].items_per_s,
-                          "speedup": bench.speedup(timings), "runs": runs, "warmup": warmup},
+                "bench": None if timings is None else {
+                    "baseline_ips": timings["baseline"].items_per_s, "turbo_ips": timings["turbo"].items_per_s,
+                    "speedup": bench.speedup(timings), "runs": runs, "warmup": warmup},
             })
             del runner
             os.remove(path)
@@ -191,7 +196,7 @@ def table(result: dict[str, Any], source: str | None = None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in result["rows"]:
         p = parity_of(row)
-        speed = "1.00x" if row["bench"] is None else f"{row['bench']['speedup']:.2f}x"
+        speed = "–" if row["bench"] is None else f"{row['bench']['speedup']:.2f}x"
         cells = [str(row["r"]), _fmt_alpha(row["alpha"]), str(row["final_tokens"]), f"{row['flops_ratio']:.2f}x", speed]
         if classification:
             if labelled:
@@ -216,10 +221,11 @@ def plot(result: dict[str, Any], path: str, title: str | None = None) -> str:
         raise TurboExportError("plot: needs matplotlib; pip install matplotlib (or pip install "
                                "'turbo-export[viz]')") from None
     base = result["rows"][0]
+    timed = all(row["bench"] is not None for row in result["rows"][1:])
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for alpha in result["alphas"]:
         rows = [row for row in result["rows"] if row["alpha"] == alpha]
-        xs = [1.0] + [row["bench"]["speedup"] for row in rows]
+        xs = [1.0] + [row["bench"]["speedup"] if timed else row["flops_ratio"] for row in rows]
         ys = [base["accuracy"]] + [row["accuracy"] for row in rows]
         label = "ToMe (alpha = 0)" if alpha == 0 else f"Turbo alpha = {alpha:g}"
         style = dict(color="black", linestyle="--", marker="s") if alpha == 0 else dict(marker="o")
@@ -227,7 +233,8 @@ def plot(result: dict[str, Any], path: str, title: str | None = None) -> str:
         for row, x, y in zip(rows, xs[1:], ys[1:]):
             ax.annotate(f"r{row['r']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.scatter([1.0], [base["accuracy"]], color="red", zorder=5, label="unaccelerated")
-    ax.set_xlabel("speedup over the unaccelerated graph (ONNX Runtime CPU, interleaved)")
+    ax.set_xlabel("speedup over the unaccelerated graph (ONNX Runtime CPU, interleaved)" if timed
+                  else "FLOPs ratio (unaccelerated / Turbo); not timed")
     ax.set_ylabel(result["metric"])
     ax.set_title(title or f"{os.path.basename(str(result['model']).rstrip('/'))} on {result['data']} "
                           f"({result['images']} images)", fontsize=10)
