@@ -624,3 +624,36 @@ def test_tensorrt_runner_cuda_graph_replay_matches_plain_execution(tmp_path):
     a, b = plain.run(feed), graphed.run(feed)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert graphed.timed_run(feed) > 0
+
+
+# ---- fp16 graphs (exported here; TensorRT runs them, ONNX Runtime's CPU provider only the unmerged one) ----------
+
+
+def test_fp16_export_gives_half_graphs_checked_against_the_fp32_model(tmp_path):
+    import onnxruntime as ort
+
+    from turbo_export.export.onnx import compare_outputs, torch_outputs
+    from turbo_export.export.pipeline import FP16_ATOL, half_graph, set_tolerances
+    from turbo_export.export.specs import SPECS, TurboOptions
+    from turbo_export.presets import load_model
+
+    spec = SPECS["vit"]
+    loaded = load_model("random:tiny", "vit", spec.supported())
+    options = TurboOptions(ratio=8, batch=2)
+    graphs = {"baseline": spec.graph("baseline", loaded.model, loaded, options),
+              "turbo": spec.graph("turbo", spec.make_turbo(copy.deepcopy(loaded.model), options), loaded, options)}
+    set_tolerances(graphs, 1e-4, "fp16")
+    assert graphs["turbo"].atol == FP16_ATOL
+    paths = {n: export_onnx(half_graph(g), str(tmp_path / f"{n}.onnx")) for n, g in graphs.items()}
+    for n, path in paths.items():
+        model = onnx.load(path)
+        assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+        assert lint_file(path).ok
+    assert next(p for p in graphs["baseline"].module.parameters()).dtype.is_floating_point  # fp32 model untouched
+    assert next(p for p in graphs["baseline"].module.parameters()).dtype == __import__("torch").float32
+    session = ort.InferenceSession(paths["baseline"], providers=["CPUExecutionProvider"])
+    pixels = graphs["baseline"].example_inputs["pixel_values"]
+    got = session.run(None, {"pixel_values": pixels.half().numpy()})
+    check = compare_outputs(graphs["baseline"].output_names, [g.astype(np.float32) for g in got],
+                            torch_outputs(graphs["baseline"], graphs["baseline"].example_inputs), FP16_ATOL)
+    assert all(c.ok and c.max_abs_diff > 0 for c in check)

@@ -133,7 +133,8 @@ def half_graph(g: GraphSpec) -> GraphSpec:
     """The same graph in half precision: float weights and float inputs fp16, integer inputs unchanged."""
     module = copy.deepcopy(g.module).half()
     inputs = {k: v.half() if v.is_floating_point() else v for k, v in g.example_inputs.items()}
-    return GraphSpec(g.name, module, inputs, g.output_names, g.atol, None, g.tie_tolerance)
+    return GraphSpec(name=g.name, module=module, example_inputs=inputs, output_names=g.output_names, atol=g.atol,
+                     tie_tolerance=g.tie_tolerance)
 
 
 def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: Log, out_dir: str | None = None,

@@ -15,7 +15,11 @@ def tensorrt_unavailable_reason() -> str | None:
     """Exactly what is missing for TensorRT here (the package, its libraries, a CUDA GPU), or None when it can run."""
     import importlib.util
 
-    if importlib.util.find_spec("tensorrt") is None:
+    try:
+        installed = importlib.util.find_spec("tensorrt") is not None
+    except (ImportError, ValueError):  # a broken or half-imported package: the import below says why
+        installed = True
+    if not installed:
         return "the tensorrt Python package is not installed"
     try:
         import tensorrt  # noqa: F401
