@@ -459,7 +459,7 @@ class _Recorder:
         self.calls.append(("init_libnvinfer_plugins", namespace))
 
 
-@pytest.mark.parametrize("version, fp16_flag", [("10.9.0", True), ("11.4.0", False)])
+@pytest.mark.parametrize("version, fp16_flag", [("10.9.0", True), ("11.4.0", False), ("11.0.0", True)])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_builder_branches_for_tensorrt_10_and_11(version, fp16_flag, precision, tiny_onnx, tmp_path, monkeypatch):
     fake = _Recorder(version, fp16_flag)
@@ -473,9 +473,9 @@ def test_builder_branches_for_tensorrt_10_and_11(version, fp16_flag, precision, 
     assert ("init_libnvinfer_plugins", "") in calls
     assert calls.index(("init_libnvinfer_plugins", "")) < calls.index(("parse_from_file", True))
     assert ("workspace", "workspace", 1 << 30) in calls and ("optimization_level", 4) in calls
-    strongly_typed = 1 << 1
-    assert ("network_flags", 0 if fp16_flag else strongly_typed) in calls  # 11: strongly typed
-    assert (("flag", 0) in calls) == (fp16_flag and precision == "fp16")  # FP16 flag: TensorRT 10 only
+    ten = version.startswith("10.")
+    assert ("network_flags", 0 if ten else 1 << 1) in calls  # 11: strongly typed, whatever flags it still carries
+    assert (("flag", 0) in calls) == (ten and precision == "fp16")  # FP16 flag: TensorRT 10 only
     assert open(timing, "rb").read() == b"timings"
 
 

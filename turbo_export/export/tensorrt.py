@@ -241,16 +241,16 @@ def major_version(trt: Any) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
-def strongly_typed(trt: Any, options: BuildOptions) -> bool:
-    """TensorRT 11 networks are always strongly typed (no FP16 builder flag exists); on 10 we use the weakly
-    typed network with BuilderFlag.FP16 for fp16 graphs, as TensorRT 10's own fp16 path."""
-    return not hasattr(trt.BuilderFlag, "FP16")
+def strongly_typed(trt: Any) -> bool:
+    """TensorRT 11 networks are always strongly typed (its FP16 builder flag is gone, or deprecated in builds that
+    still carry it); on 10 fp16 graphs are built weakly typed with BuilderFlag.FP16, TensorRT 10's own fp16 path."""
+    return major_version(trt) >= 11 or not hasattr(trt.BuilderFlag, "FP16")
 
 
-def network_flags(trt: Any, options: BuildOptions) -> int:
+def network_flags(trt: Any) -> int:
     flags = 0
     creation = trt.NetworkDefinitionCreationFlag
-    if strongly_typed(trt, options) and hasattr(creation, "STRONGLY_TYPED"):
+    if strongly_typed(trt) and hasattr(creation, "STRONGLY_TYPED"):
         flags |= 1 << int(creation.STRONGLY_TYPED)  # the default on 11; explicit where the flag still exists
     return flags
 
@@ -282,7 +282,7 @@ def build_serialized(onnx_path: str, options: BuildOptions) -> bytes:
     logger = trt_logger(trt)
     _import_plugins(options.plugin_modules)
     builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt, options))
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.path.abspath(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -297,7 +297,7 @@ def build_serialized(onnx_path: str, options: BuildOptions) -> bytes:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
-    if options.precision == "fp16" and hasattr(trt.BuilderFlag, "FP16"):
+    if options.precision == "fp16" and not strongly_typed(trt):
         config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10; on 11 the fp16 graph alone decides
     cache = _load_timing_cache(config, options.timing_cache)
     serialized = builder.build_serialized_network(network, config)

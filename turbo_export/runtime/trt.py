@@ -53,7 +53,7 @@ class TensorRTRunner:
             if any(d < 0 for d in shape):
                 raise TurboExportError(f"engine '{plan_path}': tensor '{tensor}' has dynamic shape {shape}; "
                                        "only static-shape engines are supported")
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(tensor)))
+            dtype = _numpy_dtype(trt, self.engine.get_tensor_dtype(tensor))
             info = TensorInfo(tensor, shape, dtype)
             is_input = self.engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
             (self._inputs if is_input else self._outputs).append(info)
@@ -134,6 +134,21 @@ class TensorRTRunner:
         end.record(self.stream)
         end.synchronize()
         return start.elapsed_time(end) / 1e3
+
+
+_TRT_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "INT8": np.int8,
+              "UINT8": np.uint8, "BOOL": np.bool_}
+
+
+def _numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
+    name = getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1])
+    if name in _TRT_TYPES:
+        return np.dtype(_TRT_TYPES[name])
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except (AttributeError, TypeError):
+        raise TurboExportError(f"engine tensor type {name} has no numpy type; export float32/float16 graphs"
+                               ) from None
 
 
 def _torch_dtype(dtype: np.dtype) -> Any:
