@@ -338,14 +338,19 @@ def test_stale_or_foreign_engine_is_rebuilt_never_used(tiny_onnx, tmp_path):
     foreign = trt_export.Target("11.4.0", "NVIDIA L4", "8.9")
     new = trt_export.get_engine(tiny_onnx, trt_export.BuildOptions(), cache, logs.append, foreign, build)
     assert new.built and build.calls == 2 and new.path != old.path
-    stale_line = next(line for line in logs if "stale or foreign" in line)
-    assert "tensorrt_version" in stale_line and "gpu_name" in stale_line
-    assert not os.path.exists(old.path)  # removed from the cache, never used
+    foreign_line = next(line for line in logs if "foreign" in line)
+    assert "tensorrt_version" in foreign_line and "gpu_name" in foreign_line and "not used" in foreign_line
+    # a new version of the ONNX file: the old engine is stale, rebuilt, and removed from the cache
+    onnx.save(_topk(7, length=64), tiny_onnx)
+    fresh = trt_export.get_engine(tiny_onnx, trt_export.BuildOptions(), cache, logs.append, foreign, build)
+    assert fresh.built and build.calls == 3 and not os.path.exists(new.path)
+    assert any("stale" in line and "onnx_sha256" in line for line in logs)
+    new = fresh
     # a plan whose bytes changed after it was written is rebuilt
     with open(new.path, "ab") as f:
         f.write(b"garbage")
     again = trt_export.get_engine(tiny_onnx, trt_export.BuildOptions(), cache, logs.append, foreign, build)
-    assert again.built and build.calls == 3 and "does not match" in logs[-2]
+    assert again.built and build.calls == 4 and "does not match" in logs[-2]
 
 
 def test_engine_from_a_previous_output_folder_is_reused_and_failed_builds_leave_nothing(tiny_onnx, tmp_path):

@@ -114,12 +114,19 @@ def seeded_inputs(runner: Runner, seed: int, iterations: int) -> list[OrderedDic
     return feeds
 
 
+def _report(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "report.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        raise TurboExportError(f"compare: '{path}' is not valid JSON") from None
+
+
 def graphs_in(folder: str) -> list[str]:
-    report = os.path.join(folder, "report.json")
-    names: list[str] = []
-    if os.path.isfile(report):
-        with open(report) as f:
-            names = list((json.load(f).get("files") or {}).values())
+    names = list((_report(folder).get("files") or {}).values())
     names = names or sorted(n for n in os.listdir(folder) if n.endswith(".onnx"))
     if not names:
         raise TurboExportError(f"compare: no ONNX graphs in '{folder}' (expected an export folder with report.json)")
@@ -158,6 +165,11 @@ def _compare(folder: str, atol: float, rtol: float, seed: int, iterations: int, 
     from polygraphy.comparator import Comparator, CompareFunc
 
     names = graphs_in(folder)
+    if engine_options is None:
+        from .export.tensorrt import BuildOptions
+
+        # the engines the export built (and cached) for this folder: same precision, same key
+        engine_options = BuildOptions(precision=_report(folder).get("precision", "fp32"))
     reason = tensorrt_unavailable_reason()
     results = CompareResults(os.path.abspath(folder), atol, rtol, [], "used" if reason is None else
                              f"not available here ({reason}); compared ONNX Runtime only")

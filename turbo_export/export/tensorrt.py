@@ -153,7 +153,8 @@ def get_engine(
     """The engine for ``onnx_path`` from ``cache_dir`` (or one of ``reuse_dirs``), else a fresh build.
 
     ``target`` and ``build`` default to the local TensorRT and GPU and :func:`build_serialized`; tests pass fakes.
-    Entries of the same graph with another key are reported (which fields differ) and removed from ``cache_dir``.
+    Entries of the same graph with another key are reported (which fields differ) and never used; those built from
+    another version of the ONNX file are removed from ``cache_dir``.
     """
     options.check()
     target = target or local_target()
@@ -195,10 +196,15 @@ def get_engine(
                 old_fields = {}
             if old_fields.get("onnx_sha256") is None:
                 continue
-            diff = ", ".join(_differences(old_fields, fields)) or "nothing recorded"
-            log(f"      engine {os.path.basename(other)[:-5]}.plan is stale or foreign (differs in: {diff}); "
-                "not used")
-            if folder == cache_dir:
+            diff = _differences(old_fields, fields)
+            if "onnx_sha256" in diff:
+                kind = "stale (built from another version of this ONNX file)"
+            elif set(diff) & {"tensorrt_version", "gpu_name", "compute_capability"}:
+                kind = "foreign (built for another TensorRT or GPU)"
+            else:
+                kind = "built with other options"
+            log(f"      engine {os.path.basename(other)[:-5]}.plan is {kind}, differs in: {', '.join(diff)}; not used")
+            if folder == cache_dir and "onnx_sha256" in diff:  # can never be right for this file again
                 for stale in (other, other[:-5] + ".plan"):
                     with contextlib.suppress(OSError):
                         os.unlink(stale)
