@@ -605,7 +605,7 @@ def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to
                         min_tokens=options.resolved_min_tokens())
     models = {"baseline": baseline, "turbo": turbo}
     graphs = task.graphs(baseline, turbo, options, image_size, final)
-    set_tolerances(graphs, options.atol, options.precision)
+    set_tolerances(graphs, options.atol, options.precision, options.backend)
     text_cfg = baseline.config.text_config
     ids, mask = example_text(options.batch, options.text_len, text_cfg, torch.Generator().manual_seed(2))
     inputs = TaskInputs(graphs["baseline_vision"].example_inputs["pixel_values"], ids, mask,

@@ -35,12 +35,13 @@ class BuildOptions:
     precision: str = "fp32"  # the graph's precision; "fp16" graphs also get BuilderFlag.FP16 on TensorRT 10
     workspace_bytes: int = 4 << 30
     optimization_level: int = 3  # IBuilderConfig.builder_optimization_level (0..5)
+    tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default; off keeps fp32 engines fp32-accurate
     timing_cache: str | None = None  # a file shared across builds; loaded if present, saved after each build
     plugin_modules: tuple[str, ...] = ()  # Python modules that register TensorRT plugins (imported before parsing)
 
     def key_fields(self) -> dict[str, Any]:
         # the timing cache speeds builds up but does not change what is built: not part of the key
-        return {"precision": self.precision, "workspace_bytes": self.workspace_bytes,
+        return {"precision": self.precision, "tf32": self.tf32, "workspace_bytes": self.workspace_bytes,
                 "optimization_level": self.optimization_level, "plugin_modules": list(self.plugin_modules)}
 
     def check(self) -> None:
@@ -303,6 +304,8 @@ def build_serialized(onnx_path: str, options: BuildOptions) -> bytes:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
+    if not options.tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     if options.precision == "fp16" and not strongly_typed(trt):
         config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10; on 11 the fp16 graph alone decides
     cache = _load_timing_cache(config, options.timing_cache)
