@@ -669,3 +669,20 @@ def test_fp16_export_gives_half_graphs_checked_against_the_fp32_model(tmp_path):
     check = compare_outputs(graphs["baseline"].output_names, [g.astype(np.float32) for g in got],
                             torch_outputs(graphs["baseline"], graphs["baseline"].example_inputs), FP16_ATOL)
     assert all(c.ok and c.max_abs_diff > 0 for c in check)
+
+
+def test_engine_tensor_types_map_to_numpy_without_tensorrt():
+    from turbo_export.runtime.trt import _numpy_dtype
+
+    enum = lambda name: types.SimpleNamespace(name=name)  # noqa: E731
+    assert _numpy_dtype(None, enum("HALF")) == np.float16 and _numpy_dtype(None, enum("INT64")) == np.int64
+    with pytest.raises(TurboExportError, match="BF16"):
+        _numpy_dtype(types.SimpleNamespace(), enum("BF16"))
+
+
+@pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT and a GPU are present")
+def test_make_runner_on_an_engine_says_what_is_missing(tmp_path):
+    from turbo_export.runtime import make_runner
+
+    with pytest.raises(TurboExportError, match="backend tensorrt: .*--backend onnxruntime works"):
+        make_runner(str(tmp_path / "model.plan"), "tensorrt")
