@@ -90,6 +90,8 @@ def main() -> None:
 @click.option("--batch", type=int, default=8, show_default=True, help="Static batch size of the exported graphs.")
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: engines/<name>-r<ratio>/).")
 @click.option("--no-bench", is_flag=True, help="Skip the throughput comparison.")
@@ -98,10 +100,10 @@ def main() -> None:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff).")
 @user_errors
 def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: int, no_prop_attn: bool,
-        batch: int, image_size: int | None, backend: str, out_dir: str | None, no_bench: bool,
+        batch: int, image_size: int | None, backend: str, precision: str, out_dir: str | None, no_bench: bool,
         no_validate: bool, runs: int, atol: float) -> None:
     """Export a ViT / DeiT / DINOv2 model unaccelerated and with Turbo, check parity, compare throughput."""
-    from .export.pipeline import JobOptions, run_export, summary_lines
+    from .export.pipeline import JobOptions, check_backend, run_export, summary_lines
     from .export.specs import SPECS, TurboOptions
     from .presets import load_model
 
@@ -114,10 +116,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
         raise TurboExportError(f"batch: must be >= 1, got {batch}")
     if image_size is not None and image_size < 1:
         raise TurboExportError(f"image-size: must be positive, got {image_size}")
-    if backend == "tensorrt":
-        from .runtime import make_runner
-
-        make_runner("", "tensorrt")
+    check_backend(backend, precision)
     spec = SPECS["vit"]
     click.echo(f"loading {model_source} ...", err=True)
     loaded = load_model(model_source, "vit", spec.supported())
@@ -126,13 +125,15 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
     options = JobOptions(
         turbo=TurboOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, prop_attn=not no_prop_attn, batch=batch,
                            image_size=image_size),
-        out_dir=out, backend=backend, validate=not no_validate, bench=not no_bench, bench_runs=runs, atol=atol,
+        out_dir=out, backend=backend, precision=precision, validate=not no_validate, bench=not no_bench,
+        bench_runs=runs, atol=atol,
     )
     result = run_export(spec, loaded, options)
     click.echo("")
     for line in summary_lines(result.report):
         click.echo(line)
-    click.echo(f"\nwrote {result.out_dir}/: baseline.onnx, turbo.onnx, report.json")
+    engines = list(result.report.get("engines", {}).values())
+    click.echo(f"\nwrote {result.out_dir}/: {', '.join(['baseline.onnx', 'turbo.onnx', *engines, 'report.json'])}")
 
 
 @main.command()
@@ -158,6 +159,8 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @click.option("--text", "texts", multiple=True, help="With --task retrieval: a text to score against each --image "
                                                       "(repeatable).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: engines/<name>-<task>-r<ratio>/).")
 @click.option("--no-bench", is_flag=True)
@@ -167,18 +170,17 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @user_errors
 def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_tokens: int | None, batch: int,
          image_size: int | None, max_new_tokens: int, num_beams: int, text_len: int, size_aware: bool,
-         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, out_dir: str | None,
+         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, precision: str,
+         out_dir: str | None,
          no_bench: bool, no_validate: bool, runs: int, atol: float) -> None:
     """Export BLIP (caption, retrieval, VQA) unaccelerated and with Turbo, check parity, compare throughput."""
     from .export.blip import BlipOptions, check_user_inputs, run_blip_export
+    from .export.pipeline import check_backend
     from .presets import BLIP_TASK_CLASSES, RANDOM_PREFIX, build_random_blip, load_pretrained
 
     r = parse_ratio(ratio)
     check_user_inputs(task, images, question, texts)
-    if backend == "tensorrt":
-        from .runtime import make_runner
-
-        make_runner("", "tensorrt")
+    check_backend(backend, precision)
     if model_source is None:
         model_source = RANDOM_PREFIX + "blip-base"
         click.echo("no --model given: using random:blip-base (BLIP base configs, seeded random weights; "
@@ -191,7 +193,8 @@ def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_toke
     out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio.replace(',', '_')}")
     options = BlipOptions(task=task, ratio=r, out_dir=out, alpha=alpha, min_tokens=min_tokens, batch=batch,
                           image_size=image_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                          text_len=text_len, size_aware=size_aware, backend=backend, validate=not no_validate,
+                          text_len=text_len, size_aware=size_aware, backend=backend, precision=precision,
+                          validate=not no_validate,
                           bench=not no_bench, bench_runs=runs, atol=atol, images=images, question=question,
                           texts=texts)
     report = run_blip_export(loaded, options)
@@ -258,6 +261,7 @@ def list_presets() -> None:
 
 
 from . import cli_validate  # noqa: E402,F401
+from . import cli_trt  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

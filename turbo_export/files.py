@@ -39,6 +39,14 @@ def staged_output(out_dir: str) -> Iterator[str]:
         yield stage
         os.makedirs(out_dir, exist_ok=True)
         for name in sorted(os.listdir(stage)):
-            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+            target = os.path.join(out_dir, name)
+            if os.path.isdir(os.path.join(stage, name)) and os.path.isdir(target):
+                # a staged folder (the engine cache) replaces the old one whole; os.replace needs an empty target
+                old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
+                os.replace(target, os.path.join(old, name))
+                os.replace(os.path.join(stage, name), target)
+                shutil.rmtree(old, ignore_errors=True)
+                continue
+            os.replace(os.path.join(stage, name), target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -32,7 +32,8 @@ from ..runtime.blip import (CaptionPipeline, RetrievalPipeline, RetrievalScores,
                             softmax)
 from .blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
 from .onnx import DEFAULT_ATOL, GraphSpec
-from .pipeline import check_ratio, environment, export_graphs, log_to_stderr, validate_graphs
+from .pipeline import (check_backend, check_ratio, engine_files, environment, export_graphs, log_to_stderr,
+                       set_tolerances, validate_graphs)
 from .specs import check_image_size, vision_encoder_flops
 
 Log = Callable[[str], None]
@@ -587,6 +588,7 @@ def _check_options(loaded: LoadedModel, options: BlipOptions) -> int:
 
 
 def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to_stderr) -> dict[str, Any]:
+    check_backend(options.backend, options.precision)
     check_task(loaded, options.task)
     check_user_inputs(options.task, options.images, options.question, options.texts)
     task = TASKS[options.task]
@@ -603,15 +605,15 @@ def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to
                         min_tokens=options.resolved_min_tokens())
     models = {"baseline": baseline, "turbo": turbo}
     graphs = task.graphs(baseline, turbo, options, image_size, final)
-    for g in graphs.values():
-        g.atol = options.atol
+    set_tolerances(graphs, options.atol, options.precision, options.backend)
     text_cfg = baseline.config.text_config
     ids, mask = example_text(options.batch, options.text_len, text_cfg, torch.Generator().manual_seed(2))
     inputs = TaskInputs(graphs["baseline_vision"].example_inputs["pixel_values"], ids, mask,
                         image_size != int(baseline.config.vision_config.image_size))
 
     with staged_output(options.out_dir) as stage:
-        runners = export_graphs(graphs, stage, options.backend, log)
+        runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
+                                precision=options.precision)
         parity = validate_graphs(graphs, runners, options.out_dir, log) if options.validate else {}
         pipelines = task.pipelines(runners, TokenIds.from_text_config(text_cfg), options)
         task_result = task.parity(models, pipelines, inputs, options, log)
@@ -631,7 +633,7 @@ def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to
         flops = {"baseline": _vision_flops(loaded, image_size, layers_base),
                  "turbo": _vision_flops(loaded, image_size, layers_turbo)}
         report = blip_report(loaded, options, schedule, image_size, layers_base, layers_turbo, flops, parity,
-                             timings, pipeline_timings, task_result, graphs)
+                             timings, pipeline_timings, task_result, graphs, runners)
         write_json_atomic(os.path.join(stage, "report.json"), report)
     return report
 
@@ -652,7 +654,7 @@ def caption_text_flops(config: Any, image_tokens: int, new_tokens: int) -> int:
 
 
 def blip_report(loaded, options, schedule, image_size, layers_base, layers_turbo, flops, parity, timings,
-                pipeline_timings, task, graphs) -> dict[str, Any]:
+                pipeline_timings, task, graphs, runners=None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "family": "blip",
         "task": task,
@@ -669,21 +671,25 @@ def blip_report(loaded, options, schedule, image_size, layers_base, layers_turbo
         "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
                   "ratio": flops["baseline"] / flops["turbo"], "scope": "image encoder"},
         "files": {name: f"{name}.onnx" for name in graphs},
+        "precision": options.precision,
         "parity": None,
         "bench": None,
         "environment": environment(),
     }
+    if engine_files(runners or {}):
+        report["engines"] = engine_files(runners)
+    runtime = "TensorRT" if options.backend == "tensorrt" else "ONNX Runtime"
     if parity:
-        report["parity"] = {"compared": "turbo_vision.onnx (ONNX Runtime) vs Turbo vision model (PyTorch)",
+        report["parity"] = {"compared": f"turbo_vision.onnx ({runtime}) vs Turbo vision model (PyTorch)",
                             **parity["turbo_vision"].as_dict(),
                             "graphs": {name: p.as_dict() for name, p in parity.items()}}
-        report["parity_baseline"] = {"compared": "baseline_vision.onnx (ONNX Runtime) vs vision model (PyTorch)",
+        report["parity_baseline"] = {"compared": f"baseline_vision.onnx ({runtime}) vs vision model (PyTorch)",
                                      **parity["baseline_vision"].as_dict()}
     if timings:
         speed = bench.speedup(timings)
         report["bench"] = {
             "backend": options.backend, "batch": options.batch, "runs": options.bench_runs,
-            "scope": "image encoder",
+            "scope": "image encoder", "timer": timings["turbo"].timer,
             "baseline_ips": timings["baseline"].items_per_s, "turbo_ips": timings["turbo"].items_per_s,
             "baseline_median_ms": timings["baseline"].median_s * 1e3,
             "turbo_median_ms": timings["turbo"].median_s * 1e3,

@@ -14,11 +14,18 @@ from .. import __version__, bench, merge
 from ..errors import TurboExportError
 from ..files import staged_output, write_json_atomic
 from ..presets import LoadedModel
-from ..runtime import make_runner
+from ..runtime import make_runner, require_backend
 from .onnx import DEFAULT_ATOL, GraphSpec, ParityReport, export_onnx, file_size, require_parity, validate
 from .specs import TurboOptions, VitSpec
 
 Log = Callable[[str], None]
+PRECISIONS = ("fp32", "fp16")
+# fp16 graphs are checked against the fp32 PyTorch model: half-precision rounding (about 1e-3 relative) sets the
+# tolerance, and can flip a merge decision whose fp32 margin is below FP16_TIE_TOLERANCE
+FP16_ATOL = 5e-2
+FP16_TIE_TOLERANCE = 1e-2
+# TensorRT fp32 engines (TF32 off) pick their own kernels and accumulation orders: a looser floor than ONNX Runtime
+TENSORRT_FP32_ATOL = 1e-3
 
 
 def log_to_stderr(message: str) -> None:
@@ -30,6 +37,7 @@ class JobOptions:
     turbo: TurboOptions
     out_dir: str
     backend: str = "onnxruntime"
+    precision: str = "fp32"  # "fp16": the exported graphs (weights and float inputs) are half precision
     validate: bool = True
     bench: bool = True
     bench_runs: int = 20
@@ -59,8 +67,7 @@ def check_ratio(schedule: list[int], num_tokens: int, protected: int) -> None:
 
 def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log = log_to_stderr) -> JobResult:
     turbo = options.turbo
-    if options.backend != "onnxruntime":
-        make_runner("", options.backend)  # raises the one-line reason
+    check_backend(options.backend, options.precision)
     if turbo.batch < 1:
         raise TurboExportError(f"batch: must be >= 1, got {turbo.batch}")
     if turbo.min_tokens < 0:
@@ -83,13 +90,13 @@ def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log
         "baseline": spec.graph("baseline", baseline_model, loaded, turbo),
         "turbo": spec.graph("turbo", turbo_model, loaded, turbo),
     }
-    for g in graphs.values():
-        g.atol = options.atol
+    set_tolerances(graphs, options.atol, options.precision, options.backend)
 
     parity: dict[str, ParityReport] = {}
     timings = None
     with staged_output(options.out_dir) as stage:
-        runners = export_graphs(graphs, stage, options.backend, log)
+        runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
+                                precision=options.precision)
         if options.validate:
             parity = validate_graphs(graphs, runners, options.out_dir, log)
 
@@ -107,15 +114,62 @@ def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log
     return JobResult(report, parity, os.path.abspath(options.out_dir))
 
 
-def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: Log) -> dict[str, Any]:
-    """Export every graph to ``stage/<name>.onnx`` and open a runner on each."""
+def check_backend(backend: str, precision: str = "fp32") -> None:
+    """The one-line reason a backend / precision cannot run here, before any export work starts."""
+    require_backend(backend)
+    if precision not in PRECISIONS:
+        raise TurboExportError(f"precision: unknown '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and backend != "tensorrt":
+        raise TurboExportError("precision: fp16 needs --backend tensorrt (ONNX Runtime's CPU provider has no fp16 "
+                               "ScatterElements(reduction='add') kernel, which Turbo's merge uses)")
+
+
+def set_tolerances(graphs: dict[str, GraphSpec], atol: float, precision: str = "fp32", backend: str = "onnxruntime"
+                   ) -> None:
+    floor = FP16_ATOL if precision == "fp16" else TENSORRT_FP32_ATOL if backend == "tensorrt" else 0.0
+    for g in graphs.values():
+        g.atol = max(atol, floor)
+        if precision == "fp16":
+            g.tie_tolerance = max(g.tie_tolerance, FP16_TIE_TOLERANCE)
+
+
+def half_graph(g: GraphSpec) -> GraphSpec:
+    """The same graph in half precision: float weights and float inputs fp16, integer inputs unchanged."""
+    module = copy.deepcopy(g.module).half()
+    inputs = {k: v.half() if v.is_floating_point() else v for k, v in g.example_inputs.items()}
+    return GraphSpec(name=g.name, module=module, example_inputs=inputs, output_names=g.output_names, atol=g.atol,
+                     tie_tolerance=g.tie_tolerance)
+
+
+def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: Log, out_dir: str | None = None,
+                  precision: str = "fp32", engine_options: Any = None) -> dict[str, Any]:
+    """Export every graph to ``stage/<name>.onnx`` and open a runner on each.
+
+    With backend tensorrt each graph is linted for TensorRT's parser first, then built (or taken from the engine
+    cache: ``stage/engines``, reusing valid engines from ``out_dir/engines``) into a serialized engine.
+    """
     paths = {}
     for i, (name, g) in enumerate(graphs.items(), 1):
-        log(f"[{i}/{len(graphs)}] exporting {name}.onnx ...")
+        log(f"[{i}/{len(graphs)}] exporting {name}.onnx{' (fp16)' if precision == 'fp16' else ''} ...")
         start = time.perf_counter()
-        paths[name] = export_onnx(g, os.path.join(stage, f"{name}.onnx"))
+        paths[name] = export_onnx(half_graph(g) if precision == "fp16" else g, os.path.join(stage, f"{name}.onnx"))
         log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
-    return {name: make_runner(p, backend) for name, p in paths.items()}
+    if backend != "tensorrt":
+        return {name: make_runner(p, backend) for name, p in paths.items()}
+    from .tensorrt import BuildOptions
+    from .trt_lint import lint_file
+
+    engine_options = engine_options or BuildOptions(precision=precision)
+    runners = {}
+    for name, p in paths.items():
+        lint = lint_file(p)
+        if not lint.ok:
+            raise TurboExportError(f"{name}.onnx: TensorRT's ONNX parser would reject it: {lint.rejected[0].line()} "
+                                   f"(see 'turbo-export check-trt')")
+        reuse = (os.path.join(out_dir, "engines"),) if out_dir else ()
+        runners[name] = make_runner(p, "tensorrt", log=log, engine_options=engine_options,
+                                    cache_dir=os.path.join(stage, "engines"), reuse_dirs=reuse)
+    return runners
 
 
 def validate_graphs(graphs: dict[str, GraphSpec], runners: dict[str, Any], out_dir: str, log: Log
@@ -154,20 +208,28 @@ def build_report(spec, loaded, options, schedule, image_size, layers_base, layer
         "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
                   "ratio": flops["baseline"] / flops["turbo"]},
         "files": {"baseline": "baseline.onnx", "turbo": "turbo.onnx"},
+        "precision": options.precision,
         "parity": None,
         "bench": None,
         "environment": environment(),
     }
+    engines = engine_files(runners)
+    if engines:
+        report["engines"] = engines
+    runtime = "TensorRT engine of " if options.backend == "tensorrt" else ""
+    runtime_end = "" if options.backend == "tensorrt" else " (ONNX Runtime)"
+    precision = ", fp16 graph vs fp32 model" if options.precision == "fp16" else ""
     if parity:
-        report["parity"] = {"compared": "turbo.onnx (ONNX Runtime) vs Turbo model (PyTorch)",
+        report["parity"] = {"compared": f"{runtime}turbo.onnx{runtime_end} vs Turbo model (PyTorch){precision}",
                             **parity["turbo"].as_dict()}
-        report["parity_baseline"] = {"compared": "baseline.onnx (ONNX Runtime) vs model (PyTorch)",
-                                     **parity["baseline"].as_dict()}
+        report["parity_baseline"] = {"compared": f"{runtime}baseline.onnx{runtime_end} vs model (PyTorch)"
+                                                 f"{precision}", **parity["baseline"].as_dict()}
     if timings:
         ratio = bench.speedup(timings)
         report["bench"] = {
             "backend": options.backend,
             "providers": getattr(runners["turbo"], "providers", None),
+            "timer": timings["turbo"].timer,
             "batch": turbo.batch,
             "runs": options.bench_runs,
             "warmup": options.bench_warmup,
@@ -179,6 +241,12 @@ def build_report(spec, loaded, options, schedule, image_size, layers_base, layer
             "speedup_over_flops_ratio": ratio / report["flops"]["ratio"],
         }
     return report
+
+
+def engine_files(runners: dict[str, Any]) -> dict[str, str]:
+    """Engine plan files (relative to the output folder) of TensorRT runners."""
+    return {name: os.path.join("engines", os.path.basename(r.path)) for name, r in runners.items()
+            if getattr(r, "backend", None) == "tensorrt"}
 
 
 def environment() -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any, Callable
+
 from ..errors import TurboExportError
 from .base import Runner, TensorInfo
 
@@ -9,11 +12,20 @@ BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def tensorrt_unavailable_reason() -> str | None:
-    """Why TensorRT cannot run here (no tensorrt package, no CUDA GPU), or None when it can."""
+    """Exactly what is missing for TensorRT here (the package, its libraries, a CUDA GPU), or None when it can run."""
+    import importlib.util
+
+    try:
+        installed = importlib.util.find_spec("tensorrt") is not None
+    except (ImportError, ValueError):  # a broken or half-imported package: the import below says why
+        installed = True
+    if not installed:
+        return "the tensorrt Python package is not installed"
     try:
         import tensorrt  # noqa: F401
     except Exception as exc:  # ImportError, or OSError from missing shared libraries
-        return f"the tensorrt Python package cannot be imported ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"the tensorrt Python package cannot be imported ({type(exc).__name__}: {first})"
     import torch
 
     if not torch.cuda.is_available():
@@ -21,17 +33,38 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
-def make_runner(path: str, backend: str = "onnxruntime", **kwargs) -> Runner:
-    if backend == "onnxruntime":
-        from .ort import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(path, **kwargs)
+def require_backend(backend: str) -> None:
+    """Raise the one-line reason when ``backend`` cannot run here; call it before any export work starts."""
+    if backend not in BACKENDS:
+        raise TurboExportError(f"backend: unknown '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "tensorrt":
         reason = tensorrt_unavailable_reason()
         if reason:
             raise TurboExportError(f"backend tensorrt: {reason}; --backend onnxruntime works on this machine")
-        raise TurboExportError("backend tensorrt: the TensorRT runner is not implemented yet; use --backend onnxruntime")
-    raise TurboExportError(f"backend: unknown '{backend}'; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["Runner", "TensorInfo", "make_runner", "BACKENDS"]
+def make_runner(path: str, backend: str = "onnxruntime", log: Callable[[str], None] | None = None,
+                engine_options: Any = None, cache_dir: str | None = None, reuse_dirs: tuple[str, ...] = (),
+                cuda_graph: bool = False, **kwargs) -> Runner:
+    """A runner on ``path``: an ONNX file (onnxruntime; tensorrt builds or reuses a cached engine of it under
+    ``cache_dir``, default ``<folder of path>/engines``) or, for tensorrt, a ``.plan`` file."""
+    require_backend(backend)
+    if backend == "onnxruntime":
+        from .ort import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(path, **kwargs)
+    from .trt import TensorRTRunner
+
+    if path.endswith(".plan"):
+        return TensorRTRunner(path, cuda_graph=cuda_graph)
+    from ..export.tensorrt import BuildOptions, get_engine
+
+    if not os.path.isfile(path):
+        raise TurboExportError(f"ONNX file '{path}' does not exist")
+    engine = get_engine(path, engine_options or BuildOptions(), cache_dir or os.path.join(os.path.dirname(path),
+                                                                                           "engines"),
+                        log or (lambda message: None), reuse_dirs=reuse_dirs)
+    return TensorRTRunner(engine.path, cuda_graph=cuda_graph, name=os.path.splitext(os.path.basename(path))[0])
+
+
+__all__ = ["Runner", "TensorInfo", "make_runner", "require_backend", "tensorrt_unavailable_reason", "BACKENDS"]
