@@ -90,6 +90,8 @@ def main() -> None:
 @click.option("--batch", type=int, default=8, show_default=True, help="Static batch size of the exported graphs.")
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
+              help="onnx: the merge as standard ops; plugin: one turbo.TurboMerge node per block (TensorRT plugin).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: engines/<name>-r<ratio>/).")
 @click.option("--no-bench", is_flag=True, help="Skip the throughput comparison.")
@@ -98,7 +100,7 @@ def main() -> None:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff).")
 @user_errors
 def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: int, no_prop_attn: bool,
-        batch: int, image_size: int | None, backend: str, out_dir: str | None, no_bench: bool,
+        batch: int, image_size: int | None, backend: str, merge_impl: str, out_dir: str | None, no_bench: bool,
         no_validate: bool, runs: int, atol: float) -> None:
     """Export a ViT / DeiT / DINOv2 model unaccelerated and with Turbo, check parity, compare throughput."""
     from .export.pipeline import JobOptions, run_export, summary_lines
@@ -125,7 +127,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
     out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio_tag}")
     options = JobOptions(
         turbo=TurboOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, prop_attn=not no_prop_attn, batch=batch,
-                           image_size=image_size),
+                           image_size=image_size, merge_impl=merge_impl),
         out_dir=out, backend=backend, validate=not no_validate, bench=not no_bench, bench_runs=runs, atol=atol,
     )
     result = run_export(spec, loaded, options)
@@ -158,6 +160,8 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @click.option("--text", "texts", multiple=True, help="With --task retrieval: a text to score against each --image "
                                                       "(repeatable).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
+              help="onnx: the merge as standard ops; plugin: one turbo.TurboMerge node per block (TensorRT plugin).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: engines/<name>-<task>-r<ratio>/).")
 @click.option("--no-bench", is_flag=True)
@@ -167,7 +171,8 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @user_errors
 def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_tokens: int | None, batch: int,
          image_size: int | None, max_new_tokens: int, num_beams: int, text_len: int, size_aware: bool,
-         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, out_dir: str | None,
+         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, merge_impl: str,
+         out_dir: str | None,
          no_bench: bool, no_validate: bool, runs: int, atol: float) -> None:
     """Export BLIP (caption, retrieval, VQA) unaccelerated and with Turbo, check parity, compare throughput."""
     from .export.blip import BlipOptions, check_user_inputs, run_blip_export
@@ -193,7 +198,7 @@ def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_toke
                           image_size=image_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
                           text_len=text_len, size_aware=size_aware, backend=backend, validate=not no_validate,
                           bench=not no_bench, bench_runs=runs, atol=atol, images=images, question=question,
-                          texts=texts)
+                          texts=texts, merge_impl=merge_impl)
     report = run_blip_export(loaded, options)
     click.echo("")
     for line in blip_summary(report):

@@ -32,7 +32,8 @@ from ..runtime.blip import (CaptionPipeline, RetrievalPipeline, RetrievalScores,
                             softmax)
 from .blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
 from .onnx import DEFAULT_ATOL, GraphSpec
-from .pipeline import check_ratio, environment, export_graphs, log_to_stderr, validate_graphs
+from .pipeline import (check_ratio, environment, export_graphs, log_to_stderr, plugin_graph_benchmarkable,
+                       validate_graphs)
 from .specs import check_image_size, vision_encoder_flops
 
 Log = Callable[[str], None]
@@ -56,6 +57,7 @@ class BlipOptions:
     num_beams: int = 1
     text_len: int = 32  # static token length of retrieval texts and VQA questions
     size_aware: bool = False
+    merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge node per image-encoder block
     backend: str = "onnxruntime"
     validate: bool = True
     bench: bool = True
@@ -600,7 +602,7 @@ def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to
 
     baseline = loaded.model
     turbo = apply_turbo(copy.deepcopy(baseline), options.ratio, alpha=options.alpha,
-                        min_tokens=options.resolved_min_tokens())
+                        min_tokens=options.resolved_min_tokens(), merge_impl=options.merge_impl)
     models = {"baseline": baseline, "turbo": turbo}
     graphs = task.graphs(baseline, turbo, options, image_size, final)
     for g in graphs.values():
@@ -611,12 +613,12 @@ def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to
                         image_size != int(baseline.config.vision_config.image_size))
 
     with staged_output(options.out_dir) as stage:
-        runners = export_graphs(graphs, stage, options.backend, log)
+        runners = export_graphs(graphs, stage, options.backend, log, custom_ops=options.merge_impl == "plugin")
         parity = validate_graphs(graphs, runners, options.out_dir, log) if options.validate else {}
         pipelines = task.pipelines(runners, TokenIds.from_text_config(text_cfg), options)
         task_result = task.parity(models, pipelines, inputs, options, log)
         timings, pipeline_timings = None, None
-        if options.bench:
+        if options.bench and plugin_graph_benchmarkable(options.merge_impl, options.backend, log):
             vision_runners = {n: runners[f"{n}_vision"] for n in NAMES}
             feeds = {n: {"pixel_values": inputs.pixel_values} for n in NAMES}
             timings = bench.interleaved(vision_runners, feeds, options.batch, warmup=options.bench_warmup,
@@ -661,6 +663,7 @@ def blip_report(loaded, options, schedule, image_size, layers_base, layers_turbo
         "ratio": options.ratio if isinstance(options.ratio, int) else list(schedule),
         "r_schedule": schedule,
         "alpha": options.alpha,
+        "merge_impl": options.merge_impl,
         "min_tokens": options.resolved_min_tokens(),
         "image_size": image_size,
         "batch": options.batch,
