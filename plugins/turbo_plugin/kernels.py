@@ -223,11 +223,12 @@ def alternate_split(n_tokens: int) -> tuple["np.ndarray", "np.ndarray"]:
     return np.arange(0, n_tokens, 2, dtype=np.int32), np.arange(1, n_tokens, 2, dtype=np.int32)
 
 
-def launch_merge(x, size, metric, semantic, a_idx, b_idx, r: int, alpha: float, protected: int):
+def launch_merge(x, size, metric, semantic, a_idx, b_idx, r: int, alpha: float, protected: int, out=None):
     """Run the merge kernel on torch tensors (CUDA: compiled; CPU: interpreted).
 
     x [B, N, C], size [B, N, 1], metric [B, N, D], semantic [B, N], a_idx / b_idx int32 [Na] / [Nb].
-    Returns x [B, N-r, C], size [B, N-r, 1], unm [B, Na-r], src [B, r], dst [B, r] (int32).
+    Returns x [B, N-r, C], size [B, N-r, 1], unm [B, Na-r], src [B, r], dst [B, r] (int32), written into
+    ``out`` (five contiguous tensors, e.g. TensorRT's output buffers) when given.
     """
     import torch
 
@@ -237,11 +238,11 @@ def launch_merge(x, size, metric, semantic, a_idx, b_idx, r: int, alpha: float, 
     x, size, metric, semantic = (t.contiguous() for t in (x, size, metric, semantic))
     a_idx = a_idx.to(device=x.device, dtype=torch.int32).contiguous()
     b_idx = b_idx.to(device=x.device, dtype=torch.int32).contiguous()
-    x_out = x.new_empty(batch, n_tokens - r, channels)
-    s_out = size.new_empty(batch, n_tokens - r, 1)
-    unm = torch.empty(batch, num_a - r, dtype=torch.int32, device=x.device)
-    src = torch.empty(batch, r, dtype=torch.int32, device=x.device)
-    dst = torch.empty(batch, r, dtype=torch.int32, device=x.device)
+    if out is None:
+        index = dict(dtype=torch.int32, device=x.device)
+        out = (x.new_empty(batch, n_tokens - r, channels), size.new_empty(batch, n_tokens - r, 1),
+               torch.empty(batch, num_a - r, **index), torch.empty(batch, r, **index), torch.empty(batch, r, **index))
+    x_out, s_out, unm, src, dst = out
     blocks = merge_blocks(num_a, num_b, dim, channels)
     grid = (batch, triton.cdiv(channels, blocks["BLOCK_C"]))
     kernel = kernel_for(turbo_merge_kernel, x.device.type)
@@ -251,7 +252,7 @@ def launch_merge(x, size, metric, semantic, a_idx, b_idx, r: int, alpha: float, 
     return x_out, s_out, unm, src, dst
 
 
-def launch_unmerge(x_merged, unm, src, dst, a_idx, b_idx):
+def launch_unmerge(x_merged, unm, src, dst, a_idx, b_idx, out=None):
     """Run the unmerge kernel: [B, N-r, C] -> [B, N, C] with N = |a_idx| + |b_idx|."""
     import torch
 
@@ -261,7 +262,8 @@ def launch_unmerge(x_merged, unm, src, dst, a_idx, b_idx):
     r = n_tokens - n_merged
     x_merged = x_merged.contiguous()
     args = [t.to(device=x_merged.device, dtype=torch.int32).contiguous() for t in (unm, src, dst, a_idx, b_idx)]
-    out = x_merged.new_empty(batch, n_tokens, channels)
+    if out is None:
+        out = x_merged.new_empty(batch, n_tokens, channels)
     blocks = unmerge_blocks(channels)
     grid = (batch, triton.cdiv(n_tokens, blocks["BLOCK_T"]), triton.cdiv(channels, blocks["BLOCK_C"]))
     kernel = kernel_for(turbo_unmerge_kernel, x_merged.device.type)
