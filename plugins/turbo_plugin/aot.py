@@ -41,7 +41,7 @@ def _compile(fn, signature: dict[str, str], constexprs: dict[str, Any], num_warp
                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
     if isinstance(target, int):
         target = GPUTarget("cuda", target, 32)
-    options = {"num_warps": num_warps}
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}  # no FMA contraction: rounding as on CPU
     compiled = triton.compile(src, target=target, options=options) if target is not None else \
         triton.compile(src, options=options)
     meta = compiled.metadata

@@ -58,7 +58,10 @@ class OnnxRuntimeRunner:
         try:
             self.session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-            raise TurboExportError(f"cannot load ONNX file '{path}': {str(exc).splitlines()[0]}") from None
+            hint = ("; it holds turbo.TurboMerge nodes (--merge-impl plugin): open it with custom_ops=True "
+                    "(onnxruntime-extensions) or build a TensorRT engine"
+                    if not custom_ops and "Turbo" in str(exc) else "")
+            raise TurboExportError(f"cannot load ONNX file '{path}': {str(exc).splitlines()[0]}{hint}") from None
         self.providers = self.session.get_providers()
 
     @staticmethod
