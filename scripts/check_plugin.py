@@ -4,7 +4,7 @@
       Triton kernels (Triton's CPU interpreter) vs the PyTorch merge (turbo_export.merge) on random inputs:
       max abs error of merged tokens / sizes / restored tokens, plan equality; fp32, and fp16 against the
       float32 merge of the same fp16-rounded inputs. Also a non-alternate A/B split and exact ties vs the
-      numpy reference.
+      numpy reference. --large adds ViT-B/16 sizes (197 tokens, width 768, metric 64, r = 16).
   python scripts/check_plugin.py graph --model random:tiny --ratio 8
       A ViT exported with --merge-impl onnx and plugin: ONNX Runtime outputs of the plugin-node graph (Python
       reference nodes) vs the standard-op graph and vs PyTorch.
@@ -32,6 +32,7 @@ KERNEL_CASES = [  # (batch, tokens, channels, metric width, r, alpha, protected)
     (2, 20, 70, 5, 5, 0.0, 2),  # even length, two channel blocks with a ragged tail, ToMe (alpha 0)
     (3, 17, 16, 16, 8, 3.0, 0),  # nothing protected, the largest r
 ]
+LARGE_CASES = [(2, 197, 768, 64, 16, 6.0, 1)]  # ViT-B/16 at 224 px, first block
 
 
 def _inputs(case, seed):
@@ -94,6 +95,7 @@ def kernel_errors(cases=KERNEL_CASES) -> dict:
                    "src": got[3].tolist()}
     fp32 = [c for c in out["cases"] if c["dtype"] == "float32"]
     fp16 = [c for c in out["cases"] if c["dtype"] == "float16"]
+    assert fp32 and fp16
     out["summary"] = {
         "fp32_x_max_abs_err": max(c["x_max_abs_err"] for c in fp32),
         "fp16_x_max_abs_err": max(c["x_max_abs_err"] for c in fp16),
@@ -153,10 +155,11 @@ def main() -> None:
     parser.add_argument("--ratio", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=6.0)
+    parser.add_argument("--large", action="store_true", help="kernels: also ViT-B/16 sizes")
     parser.add_argument("--out", default=os.path.join("/tmp", "turbo-check-plugin"))
     args = parser.parse_args()
     if args.what == "kernels":
-        result = kernel_errors()
+        result = kernel_errors(KERNEL_CASES + (LARGE_CASES if args.large else []))
     else:
         result = graph_errors(args.model, args.ratio, args.batch, args.out, args.alpha)
     print(json.dumps(result, indent=1))
