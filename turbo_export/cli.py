@@ -92,6 +92,8 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt.")
+@click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
+              help="onnx: the merge as standard ops; plugin: one turbo.TurboMerge node per block (TensorRT plugin).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: engines/<name>-r<ratio>/).")
 @click.option("--no-bench", is_flag=True, help="Skip the throughput comparison.")
@@ -100,7 +102,7 @@ def main() -> None:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff).")
 @user_errors
 def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: int, no_prop_attn: bool,
-        batch: int, image_size: int | None, backend: str, precision: str, out_dir: str | None, no_bench: bool,
+        batch: int, image_size: int | None, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
         no_validate: bool, runs: int, atol: float) -> None:
     """Export a ViT / DeiT / DINOv2 model unaccelerated and with Turbo, check parity, compare throughput."""
     from .export.pipeline import JobOptions, check_backend, run_export, summary_lines
@@ -124,7 +126,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
     out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio_tag}")
     options = JobOptions(
         turbo=TurboOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, prop_attn=not no_prop_attn, batch=batch,
-                           image_size=image_size),
+                           image_size=image_size, merge_impl=merge_impl),
         out_dir=out, backend=backend, precision=precision, validate=not no_validate, bench=not no_bench,
         bench_runs=runs, atol=atol,
     )
@@ -161,6 +163,8 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt.")
+@click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
+              help="onnx: the merge as standard ops; plugin: one turbo.TurboMerge node per block (TensorRT plugin).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: engines/<name>-<task>-r<ratio>/).")
 @click.option("--no-bench", is_flag=True)
@@ -170,7 +174,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
 @user_errors
 def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_tokens: int | None, batch: int,
          image_size: int | None, max_new_tokens: int, num_beams: int, text_len: int, size_aware: bool,
-         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, precision: str,
+         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, precision: str, merge_impl: str,
          out_dir: str | None,
          no_bench: bool, no_validate: bool, runs: int, atol: float) -> None:
     """Export BLIP (caption, retrieval, VQA) unaccelerated and with Turbo, check parity, compare throughput."""
@@ -196,7 +200,7 @@ def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_toke
                           text_len=text_len, size_aware=size_aware, backend=backend, precision=precision,
                           validate=not no_validate,
                           bench=not no_bench, bench_runs=runs, atol=atol, images=images, question=question,
-                          texts=texts)
+                          texts=texts, merge_impl=merge_impl)
     report = run_blip_export(loaded, options)
     click.echo("")
     for line in blip_summary(report):

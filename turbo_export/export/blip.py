@@ -33,7 +33,7 @@ from ..runtime.blip import (CaptionPipeline, RetrievalPipeline, RetrievalScores,
 from .blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
 from .onnx import DEFAULT_ATOL, GraphSpec
 from .pipeline import (check_backend, check_ratio, engine_files, environment, export_graphs, log_to_stderr,
-                       set_tolerances, validate_graphs)
+                       plugin_graph_benchmarkable, set_tolerances, validate_graphs)
 from .specs import check_image_size, vision_encoder_flops
 
 Log = Callable[[str], None]
@@ -57,6 +57,7 @@ class BlipOptions:
     num_beams: int = 1
     text_len: int = 32  # static token length of retrieval texts and VQA questions
     size_aware: bool = False
+    merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge node per image-encoder block
     backend: str = "onnxruntime"
     validate: bool = True
     bench: bool = True
@@ -602,7 +603,7 @@ def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to
 
     baseline = loaded.model
     turbo = apply_turbo(copy.deepcopy(baseline), options.ratio, alpha=options.alpha,
-                        min_tokens=options.resolved_min_tokens())
+                        min_tokens=options.resolved_min_tokens(), merge_impl=options.merge_impl)
     models = {"baseline": baseline, "turbo": turbo}
     graphs = task.graphs(baseline, turbo, options, image_size, final)
     set_tolerances(graphs, options.atol, options.precision, options.backend)
@@ -613,12 +614,12 @@ def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to
 
     with staged_output(options.out_dir) as stage:
         runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
-                                precision=options.precision)
+                                precision=options.precision, custom_ops=options.merge_impl == "plugin")
         parity = validate_graphs(graphs, runners, options.out_dir, log) if options.validate else {}
         pipelines = task.pipelines(runners, TokenIds.from_text_config(text_cfg), options)
         task_result = task.parity(models, pipelines, inputs, options, log)
         timings, pipeline_timings = None, None
-        if options.bench:
+        if options.bench and plugin_graph_benchmarkable(options.merge_impl, options.backend, log):
             vision_runners = {n: runners[f"{n}_vision"] for n in NAMES}
             feeds = {n: {"pixel_values": inputs.pixel_values} for n in NAMES}
             timings = bench.interleaved(vision_runners, feeds, options.batch, warmup=options.bench_warmup,
@@ -663,6 +664,7 @@ def blip_report(loaded, options, schedule, image_size, layers_base, layers_turbo
         "ratio": options.ratio if isinstance(options.ratio, int) else list(schedule),
         "r_schedule": schedule,
         "alpha": options.alpha,
+        "merge_impl": options.merge_impl,
         "min_tokens": options.resolved_min_tokens(),
         "image_size": image_size,
         "batch": options.batch,

@@ -57,12 +57,14 @@ def export_onnx(spec: GraphSpec, path: str) -> str:
     """Export ``spec`` to ``path`` with static shapes; weights go to external data above 2 GB."""
     import onnx
 
+    from ..plugin_ops import custom_translation_table
+
     module = spec.module.eval()
     args = tuple(spec.example_inputs.values())
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             module, args, None, dynamo=True, input_names=list(spec.example_inputs),
-            output_names=spec.output_names, optimize=True,
+            output_names=spec.output_names, optimize=True, custom_translation_table=custom_translation_table(),
         )
         param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         program.save(path, external_data=param_bytes >= TWO_GB)

@@ -96,11 +96,11 @@ def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log
     timings = None
     with staged_output(options.out_dir) as stage:
         runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
-                                precision=options.precision)
+                                precision=options.precision, custom_ops=turbo.merge_impl == "plugin")
         if options.validate:
             parity = validate_graphs(graphs, runners, options.out_dir, log)
 
-        if options.bench:
+        if options.bench and plugin_graph_benchmarkable(turbo.merge_impl, options.backend, log):
             feeds = {name: g.example_inputs for name, g in graphs.items()}
             timings = bench.interleaved(runners, feeds, turbo.batch, warmup=options.bench_warmup,
                                         runs=options.bench_runs, progress=options.progress,
@@ -141,12 +141,22 @@ def half_graph(g: GraphSpec) -> GraphSpec:
                      tie_tolerance=g.tie_tolerance)
 
 
+def plugin_graph_benchmarkable(merge_impl: str, backend: str, log: Log) -> bool:
+    """A plugin-node graph runs in ONNX Runtime only through the Python reference nodes: timing it means nothing."""
+    if merge_impl == "plugin" and backend == "onnxruntime":
+        log("note: --merge-impl plugin graphs run in ONNX Runtime through Python reference nodes "
+            "(onnxruntime-extensions), for validation only; benchmark skipped (use a TensorRT engine)")
+        return False
+    return True
+
+
 def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: Log, out_dir: str | None = None,
-                  precision: str = "fp32", engine_options: Any = None) -> dict[str, Any]:
+                  precision: str = "fp32", engine_options: Any = None, custom_ops: bool = False) -> dict[str, Any]:
     """Export every graph to ``stage/<name>.onnx`` and open a runner on each.
 
     With backend tensorrt each graph is linted for TensorRT's parser first, then built (or taken from the engine
     cache: ``stage/engines``, reusing valid engines from ``out_dir/engines``) into a serialized engine.
+    ``custom_ops``: the graphs hold turbo.TurboMerge nodes; ONNX Runtime runs them with the Python reference.
     """
     paths = {}
     for i, (name, g) in enumerate(graphs.items(), 1):
@@ -155,7 +165,8 @@ def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: L
         paths[name] = export_onnx(half_graph(g) if precision == "fp16" else g, os.path.join(stage, f"{name}.onnx"))
         log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
     if backend != "tensorrt":
-        return {name: make_runner(p, backend) for name, p in paths.items()}
+        extra = {"custom_ops": True} if custom_ops and backend == "onnxruntime" else {}
+        return {name: make_runner(p, backend, **extra) for name, p in paths.items()}
     from .tensorrt import BuildOptions
     from .trt_lint import lint_file
 
@@ -198,6 +209,7 @@ def build_report(spec, loaded, options, schedule, image_size, layers_base, layer
         "alpha": turbo.alpha,
         "min_tokens": turbo.min_tokens,
         "prop_attn": turbo.prop_attn,
+        "merge_impl": turbo.merge_impl,
         "image_size": image_size,
         "batch": turbo.batch,
         "tokens_per_layer": {

@@ -47,6 +47,7 @@ class TurboOptions:
     prop_attn: bool = True
     batch: int = 1
     image_size: int | None = None
+    merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge node per block (TensorRT plugin)
 
 
 class VitSpec:
@@ -94,7 +95,7 @@ class VitSpec:
 
     def make_turbo(self, model: nn.Module, options: TurboOptions) -> nn.Module:
         return apply_turbo(model, options.ratio, alpha=options.alpha, min_tokens=options.min_tokens,
-                           prop_attn=options.prop_attn)
+                           prop_attn=options.prop_attn, merge_impl=options.merge_impl)
 
     def flops(self, loaded: LoadedModel, image_size: int, layers: list[tuple[int, int]]) -> int:
         """Analytic FLOPs (2 per multiply-add) of one image through the model, merge cost included."""

@@ -31,15 +31,20 @@ def apply_turbo(
     alpha: float = 6.0,
     min_tokens: int = 0,
     prop_attn: bool = True,
+    merge_impl: str = "onnx",
 ) -> nn.Module:
     """Patch ``model`` in place so every block merges tokens with Turbo; returns the model.
 
     ratio: tokens merged per block (r): an int, a per-layer list, or ToMe's ``(r, inflection)``
     tuple (``(r, -0.5)`` is the decreasing schedule). alpha weighs the semantic value I directly
     (``alpha = 0`` is ToMe). Blocks whose input is shorter than ``min_tokens`` do not merge.
-    Calling it again on a patched model replaces the settings.
+    Calling it again on a patched model replaces the settings. ``merge_impl="plugin"`` routes every merge
+    through the ``turbo::merge`` custom op (same values; one TurboMerge node per block when exported).
     """
-    return blocks.patch(model, adapter_for(model), ratio, alpha, min_tokens, prop_attn)
+    from ..plugin_ops import merge_fn
+
+    return blocks.patch(model, adapter_for(model), ratio, alpha, min_tokens, prop_attn,
+                        merge_fn=merge_fn(merge_impl))
 
 
 def remove_turbo(model: nn.Module) -> nn.Module:

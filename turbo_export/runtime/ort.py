@@ -33,6 +33,7 @@ class OnnxRuntimeRunner:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         session_options: Any = None,
+        custom_ops: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -45,12 +46,22 @@ class OnnxRuntimeRunner:
         # Idle ORT worker threads spin for a while after each run; with several sessions on few cores (baseline
         # and Turbo interleaved, pipelines of several graphs) the spinning steals the next session's cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if custom_ops:  # turbo.TurboMerge / TurboUnmerge nodes (--merge-impl plugin), Python reference
+            from ..plugin_ops import import_turbo_plugin
+
+            import_turbo_plugin()
+            from turbo_plugin import ort_ops
+
+            ort_ops.session_options(options)
         self.path = path
         self.name = os.path.splitext(os.path.basename(path))[0]
         try:
             self.session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-            raise TurboExportError(f"cannot load ONNX file '{path}': {str(exc).splitlines()[0]}") from None
+            hint = ("; it holds turbo.TurboMerge nodes (--merge-impl plugin): open it with custom_ops=True "
+                    "(onnxruntime-extensions) or build a TensorRT engine"
+                    if not custom_ops and "Turbo" in str(exc) else "")
+            raise TurboExportError(f"cannot load ONNX file '{path}': {str(exc).splitlines()[0]}{hint}") from None
         self.providers = self.session.get_providers()
 
     @staticmethod

@@ -1,0 +1,271 @@
+"""Triton kernels of the TurboMerge / TurboUnmerge nodes, written once as plain functions.
+
+The same function becomes a ``JITFunction`` (GPU, and ``triton.compile`` for the plugin's ahead-of-time PTX)
+or an ``InterpretedFunction`` (``TRITON_INTERPRET``-style CPU interpreter, used by the tests here), whatever
+``TRITON_INTERPRET`` says at import time: see ``jit_kernel`` / ``interpreted_kernel``.
+
+Argument order is TensorRT's AOT plugin calling convention: input pointers, then int32 scalars, then output
+pointers, then the compile-time constants (attributes and block sizes).
+
+Node semantics (``reference.py`` is the numpy statement of them, ``turbo_export.merge`` the PyTorch one):
+A tokens are the rows ``a_idx`` of the sequence, B tokens the rows ``b_idx`` (ViT: even / odd positions;
+the UNet: a fixed destination per 2x2 cell). A token is protected when its row is below ``PROTECTED``:
+never a source (A) and never a destination (B). Per A token: R = max cosine to the B tokens, dst = argmax,
+E = R - ALPHA * I (I read at the A token's row); the R_ A tokens with the largest E are the sources, ties
+broken by the lower A index (ONNX TopK's rule), listed in descending E. Output rows: the unmerged A tokens in
+A order, then every B token, each B the size-weighted average of itself and its sources.
+
+One program per (sample, channel block): every program recomputes the sample's matching (the metric is the
+small head-averaged key, [N, D]) so that no second kernel or global synchronisation is needed; channel
+block 0 also writes the sizes and the plan. The whole row is one tile (BLOCK_A >= |A|, BLOCK_B >= |B|), so
+register use grows with N^2: fine up to a few hundred tokens per side (ViT-B/16 at 224 px: 99 x 98).
+Everything accumulates in float32 (no TF32); fp16 inputs and outputs are cast.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import triton
+import triton.language as tl
+
+
+def turbo_merge_kernel(
+    X, S, K, SEM, A_IDX, B_IDX,
+    n_tokens, channels, dim, num_a, num_b,
+    X_OUT, S_OUT, UNM, SRC, DST,
+    R_: tl.constexpr, ALPHA: tl.constexpr, PROTECTED: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    sample = tl.program_id(0).to(tl.int64)
+    cblock = tl.program_id(1)
+    ia = tl.arange(0, BLOCK_A)
+    ib = tl.arange(0, BLOCK_B)
+    idim = tl.arange(0, BLOCK_D)
+    va = ia < num_a
+    vb = ib < num_b
+    vd = idim < dim
+    rows_a = tl.load(A_IDX + ia, mask=va, other=0)
+    rows_b = tl.load(B_IDX + ib, mask=vb, other=0)
+
+    # matching: cosine of every A token to every B token, one metric channel at a time (outer products in
+    # registers: no tl.dot, whose fp32 "ieee" lowering unrolls into megabytes of PTX and stages its operands
+    # in shared memory)
+    k_base = K + sample * n_tokens * dim
+    sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for d in range(0, dim):
+        col_a = tl.load(k_base + rows_a * dim + d, mask=va, other=0.0).to(tl.float32)
+        col_b = tl.load(k_base + rows_b * dim + d, mask=vb, other=0.0).to(tl.float32)
+        sq_a += col_a * col_a
+        sq_b += col_b * col_b
+    norm_a = tl.where(va, tl.sqrt(sq_a), 1.0)
+    norm_b = tl.where(vb, tl.sqrt(sq_b), 1.0)
+    scores = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    for d in range(0, dim):
+        col_a = tl.load(k_base + rows_a * dim + d, mask=va, other=0.0).to(tl.float32) / norm_a
+        col_b = tl.load(k_base + rows_b * dim + d, mask=vb, other=0.0).to(tl.float32) / norm_b
+        scores += col_a[:, None] * col_b[None, :]
+    allowed_b = vb & (rows_b >= PROTECTED)
+    scores = tl.where(allowed_b[None, :], scores, float("-inf"))
+    redundancy = tl.max(scores, axis=1)
+    dst = tl.argmax(scores, axis=1)
+
+    degree = redundancy
+    if ALPHA != 0.0:
+        sem = tl.load(SEM + sample * n_tokens + rows_a, mask=va, other=0.0).to(tl.float32)
+        degree = redundancy - ALPHA * sem
+    degree = tl.where(rows_a < PROTECTED, float("-inf"), degree)
+
+    # selection: rank of every A token by descending E (lower index first on ties); sources = rank < R_
+    e_other = degree[None, :]
+    e_self = degree[:, None]
+    before = ia[None, :] < ia[:, None]
+    beats = ((e_other > e_self) | ((e_other == e_self) & before)) & va[None, :]
+    rank = tl.sum(beats.to(tl.int32), axis=1)
+    is_src = (rank < R_) & va
+    is_unm = va & (rank >= R_)
+    src_before = tl.sum((before & is_src[None, :]).to(tl.int32), axis=1)
+    unm_pos = ia - src_before  # position among the unmerged A tokens
+
+    num_unm = num_a - R_
+    n_out = n_tokens - R_
+    if cblock == 0:
+        tl.store(SRC + sample * R_ + rank, ia, mask=is_src)
+        tl.store(DST + sample * R_ + rank, dst.to(tl.int32), mask=is_src)
+        tl.store(UNM + sample * num_unm + unm_pos, ia, mask=is_unm)
+
+    # merge: size-weighted sum of each B token and its sources (added one source at a time, in the sources'
+    # order, as PyTorch's scatter_reduce does), divided by the summed size
+    ic = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
+    vc = ic < channels
+    x_base = X + sample * n_tokens * channels
+    xa = tl.load(x_base + rows_a[:, None] * channels + ic[None, :], mask=va[:, None] & vc[None, :], other=0.0)
+    xb = tl.load(x_base + rows_b[:, None] * channels + ic[None, :], mask=vb[:, None] & vc[None, :], other=0.0)
+    sa = tl.load(S + sample * n_tokens + rows_a, mask=va, other=1.0).to(tl.float32)
+    sb = tl.load(S + sample * n_tokens + rows_b, mask=vb, other=1.0).to(tl.float32)
+    wa = xa.to(tl.float32) * sa[:, None]
+    b_sum = xb.to(tl.float32) * sb[:, None]
+    b_size = sb
+    for q in range(0, R_):
+        pick = is_src & (rank == q)
+        row = tl.sum(tl.where(pick, rows_a, 0), axis=0)
+        target = tl.sum(tl.where(pick, dst, 0), axis=0)
+        s_q = tl.load(S + sample * n_tokens + row).to(tl.float32)
+        x_q = tl.load(x_base + row * channels + ic, mask=vc, other=0.0).to(tl.float32) * s_q
+        hit = ib == target
+        b_sum += tl.where(hit[:, None], x_q[None, :], 0.0)
+        b_size += tl.where(hit, s_q, 0.0)
+
+    out_base = X_OUT + sample * n_out * channels
+    tl.store(out_base + unm_pos[:, None] * channels + ic[None, :], (wa / sa[:, None]).to(X_OUT.dtype.element_ty),
+             mask=is_unm[:, None] & vc[None, :])
+    tl.store(out_base + (num_unm + ib)[:, None] * channels + ic[None, :],
+             (b_sum / b_size[:, None]).to(X_OUT.dtype.element_ty), mask=vb[:, None] & vc[None, :])
+    if cblock == 0:
+        s_base = S_OUT + sample * n_out
+        tl.store(s_base + unm_pos, sa.to(S_OUT.dtype.element_ty), mask=is_unm)
+        tl.store(s_base + num_unm + ib, b_size.to(S_OUT.dtype.element_ty), mask=vb)
+
+
+def turbo_unmerge_kernel(
+    XM, UNM, SRC, DST, A_IDX, B_IDX,
+    n_tokens, channels, num_a, num_b, r,
+    X_OUT,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Restore [N - r, C] -> [N, C]: every output row gathers one merged row (sources: their destination's)."""
+    sample = tl.program_id(0).to(tl.int64)
+    it = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # task t: 0..N-1
+    ic = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    vc = ic < channels
+    num_unm = num_a - r
+    n_merged = n_tokens - r
+    is_unm = it < num_unm
+    is_src = (it >= num_unm) & (it < num_a)
+    is_b = (it >= num_a) & (it < n_tokens)
+
+    unm = tl.load(UNM + sample * num_unm + it, mask=is_unm, other=0)
+    q = it - num_unm
+    src = tl.load(SRC + sample * r + q, mask=is_src, other=0)
+    dst = tl.load(DST + sample * r + q, mask=is_src, other=0)
+    j = it - num_a
+    a_token = tl.where(is_unm, unm, src)
+    a_row = tl.load(A_IDX + a_token, mask=is_unm | is_src, other=0)
+    b_row = tl.load(B_IDX + j, mask=is_b, other=0)
+    target = tl.where(is_b, b_row, a_row)
+    source = tl.where(is_unm, it, tl.where(is_src, num_unm + dst, num_unm + j))
+
+    valid = (is_unm | is_src | is_b)[:, None] & vc[None, :]
+    values = tl.load(XM + sample * n_merged * channels + source[:, None] * channels + ic[None, :], mask=valid)
+    tl.store(X_OUT + sample * n_tokens * channels + target[:, None] * channels + ic[None, :], values, mask=valid)
+
+
+MERGE_WARPS = 8
+UNMERGE_WARPS = 4
+
+
+def block(n: int, minimum: int = 16) -> int:
+    """The power-of-two tile covering n (tl.dot needs >= 16)."""
+    return max(minimum, triton.next_power_of_2(int(n)))
+
+
+def merge_blocks(num_a: int, num_b: int, dim: int, channels: int) -> dict[str, int]:
+    return {"BLOCK_A": block(num_a), "BLOCK_B": block(num_b), "BLOCK_D": block(dim),
+            "BLOCK_C": min(64, block(channels))}
+
+
+def unmerge_blocks(channels: int) -> dict[str, int]:
+    return {"BLOCK_T": 32, "BLOCK_C": min(128, block(channels))}
+
+
+def interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_CACHE: dict[tuple[str, bool], Any] = {}
+
+
+def jit_kernel(fn) -> Any:
+    """A JITFunction, whatever TRITON_INTERPRET says (``triton.compile`` needs one for the AOT PTX)."""
+    key = (fn.__name__, False)
+    if key not in _CACHE:
+        from triton.runtime.jit import JITFunction
+
+        _CACHE[key] = JITFunction(fn)
+    return _CACHE[key]
+
+
+def interpreted_kernel(fn) -> Any:
+    """An InterpretedFunction: runs the kernel on CPU tensors with numpy (tests, machines without a GPU)."""
+    key = (fn.__name__, True)
+    if key not in _CACHE:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _CACHE[key] = InterpretedFunction(fn)
+    return _CACHE[key]
+
+
+def kernel_for(fn, device_type: str) -> Any:
+    if device_type != "cpu":
+        return jit_kernel(fn)
+    if not interpret_requested():
+        raise RuntimeError("the Turbo kernels run on CPU tensors only under Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is first imported")
+    return interpreted_kernel(fn)
+
+
+def alternate_split(n_tokens: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """ViT's split as index lists: A = rows 0, 2, 4, ..., B = rows 1, 3, 5, ... (int32)."""
+    import numpy as np
+
+    return np.arange(0, n_tokens, 2, dtype=np.int32), np.arange(1, n_tokens, 2, dtype=np.int32)
+
+
+def launch_merge(x, size, metric, semantic, a_idx, b_idx, r: int, alpha: float, protected: int, out=None):
+    """Run the merge kernel on torch tensors (CUDA: compiled; CPU: interpreted).
+
+    x [B, N, C], size [B, N, 1], metric [B, N, D], semantic [B, N], a_idx / b_idx int32 [Na] / [Nb].
+    Returns x [B, N-r, C], size [B, N-r, 1], unm [B, Na-r], src [B, r], dst [B, r] (int32), written into
+    ``out`` (five contiguous tensors, e.g. TensorRT's output buffers) when given.
+    """
+    import torch
+
+    batch, n_tokens, channels = x.shape
+    dim = metric.shape[-1]
+    num_a, num_b = int(a_idx.shape[0]), int(b_idx.shape[0])
+    x, size, metric, semantic = (t.contiguous() for t in (x, size, metric, semantic))
+    a_idx = a_idx.to(device=x.device, dtype=torch.int32).contiguous()
+    b_idx = b_idx.to(device=x.device, dtype=torch.int32).contiguous()
+    if out is None:
+        index = dict(dtype=torch.int32, device=x.device)
+        out = (x.new_empty(batch, n_tokens - r, channels), size.new_empty(batch, n_tokens - r, 1),
+               torch.empty(batch, num_a - r, **index), torch.empty(batch, r, **index), torch.empty(batch, r, **index))
+    x_out, s_out, unm, src, dst = out
+    blocks = merge_blocks(num_a, num_b, dim, channels)
+    grid = (batch, triton.cdiv(channels, blocks["BLOCK_C"]))
+    kernel = kernel_for(turbo_merge_kernel, x.device.type)
+    kernel[grid](x, size, metric, semantic, a_idx, b_idx, n_tokens, channels, dim, num_a, num_b,
+                 x_out, s_out, unm, src, dst, R_=int(r), ALPHA=float(alpha), PROTECTED=int(protected),
+                 num_warps=MERGE_WARPS, **blocks)
+    return x_out, s_out, unm, src, dst
+
+
+def launch_unmerge(x_merged, unm, src, dst, a_idx, b_idx, out=None):
+    """Run the unmerge kernel: [B, N-r, C] -> [B, N, C] with N = |a_idx| + |b_idx|."""
+    import torch
+
+    batch, n_merged, channels = x_merged.shape
+    num_a, num_b = int(a_idx.shape[0]), int(b_idx.shape[0])
+    n_tokens = num_a + num_b
+    r = n_tokens - n_merged
+    x_merged = x_merged.contiguous()
+    args = [t.to(device=x_merged.device, dtype=torch.int32).contiguous() for t in (unm, src, dst, a_idx, b_idx)]
+    if out is None:
+        out = x_merged.new_empty(batch, n_tokens, channels)
+    blocks = unmerge_blocks(channels)
+    grid = (batch, triton.cdiv(n_tokens, blocks["BLOCK_T"]), triton.cdiv(channels, blocks["BLOCK_C"]))
+    kernel = kernel_for(turbo_unmerge_kernel, x_merged.device.type)
+    kernel[grid](x_merged, *args, n_tokens, channels, num_a, num_b, r, out, num_warps=UNMERGE_WARPS, **blocks)
+    return out

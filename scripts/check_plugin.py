@@ -1,0 +1,169 @@
+"""Measure the Turbo plugin pieces that run without a GPU; print one JSON object.
+
+  python scripts/check_plugin.py kernels
+      Triton kernels (Triton's CPU interpreter) vs the PyTorch merge (turbo_export.merge) on random inputs:
+      max abs error of merged tokens / sizes / restored tokens, plan equality; fp32, and fp16 against the
+      float32 merge of the same fp16-rounded inputs. Also a non-alternate A/B split and exact ties vs the
+      numpy reference. --large adds ViT-B/16 sizes (197 tokens, width 768, metric 64, r = 16).
+  python scripts/check_plugin.py graph --model random:tiny --ratio 8
+      A ViT exported with --merge-impl onnx and plugin: ONNX Runtime outputs of the plugin-node graph (Python
+      reference nodes) vs the standard-op graph and vs PyTorch.
+
+Run from the repository root: PYTHONPATH=$PWD python scripts/check_plugin.py kernels
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if len(sys.argv) > 1 and sys.argv[1] == "kernels":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "plugins"))
+
+KERNEL_CASES = [  # (batch, tokens, channels, metric width, r, alpha, protected)
+    (2, 21, 24, 8, 6, 6.0, 1),
+    (2, 20, 70, 5, 5, 0.0, 2),  # even length, two channel blocks with a ragged tail, ToMe (alpha 0)
+    (3, 17, 16, 16, 8, 3.0, 0),  # nothing protected, the largest r
+]
+LARGE_CASES = [(2, 197, 768, 64, 16, 6.0, 1)]  # ViT-B/16 at 224 px, first block
+
+
+def _inputs(case, seed):
+    import torch
+
+    batch, tokens, channels, dim, r, alpha, protected = case
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, tokens, channels, generator=g), torch.rand(batch, tokens, 1, generator=g) * 3 + 0.5,
+            torch.randn(batch, tokens, dim, generator=g), torch.rand(batch, tokens, generator=g) * 0.05)
+
+
+def kernel_errors(cases=KERNEL_CASES) -> dict:
+    import numpy as np
+    import torch
+
+    from turbo_export import merge
+    from turbo_plugin import kernels, reference
+
+    out = {"cases": []}
+    for i, case in enumerate(cases):
+        _, tokens, _, _, r, alpha, protected = case
+        a_idx, b_idx = (torch.from_numpy(v) for v in kernels.alternate_split(tokens))
+        for dtype in (torch.float32, torch.float16):
+            x, size, metric, sem = (t.to(dtype) for t in _inputs(case, seed=i))
+            got = kernels.launch_merge(x, size, metric, sem, a_idx, b_idx, r, alpha, protected)
+            ref_x, ref_s, plan = merge.turbo_merge(x.float(), size.float(), metric.float(), sem.float(), r, alpha,
+                                                   protected)
+            restored = kernels.launch_unmerge(got[0], *got[2:], a_idx, b_idx)
+            ref_restored = merge.unmerge(plan, ref_x, tokens)
+            out["cases"].append({
+                "case": list(case), "dtype": str(dtype).replace("torch.", ""),
+                "x_max_abs_err": float((got[0].float() - ref_x).abs().max()),
+                "size_max_abs_err": float((got[1].float() - ref_s).abs().max()),
+                "unmerge_max_abs_err": float((restored.float() - ref_restored).abs().max()),
+                "plan_equal": bool(torch.equal(got[2].long(), plan.unm_idx) and torch.equal(got[3].long(), plan.src_idx)
+                                   and torch.equal(got[4].long(), plan.dst_idx)),
+            })
+    # a UNet-like split: B = one fixed token per 2x2 cell of a 4x6 grid, A = the rest; vs the numpy reference
+    x, size, metric, sem = _inputs((2, 24, 12, 6, 0, 0, 0), seed=9)
+    grid = np.arange(24).reshape(4, 6)
+    b_np = grid[::2, 1::2].ravel().astype(np.int32)
+    a_np = np.setdiff1d(np.arange(24), b_np).astype(np.int32)
+    got = kernels.launch_merge(x, size, metric, sem, torch.from_numpy(a_np), torch.from_numpy(b_np), 7, 0.0, 0)
+    ref = reference.turbo_merge(x.numpy(), size.numpy(), metric.numpy(), sem.numpy(), a_np, b_np, 7, 0.0, 0)
+    restored = kernels.launch_unmerge(got[0], *got[2:], torch.from_numpy(a_np), torch.from_numpy(b_np))
+    ref_restored = reference.turbo_unmerge(ref[0], *ref[2:], a_np, b_np)
+    out["custom_split"] = {
+        "x_max_abs_err": float(np.abs(got[0].numpy() - ref[0]).max()),
+        "plan_equal": all(np.array_equal(g.numpy(), e) for g, e in zip(got[2:], ref[2:])),
+        "unmerge_max_abs_err": float(np.abs(restored.numpy() - ref_restored).max()),
+    }
+    # exact ties in E (duplicated tokens): kernel and reference both take the lower A index first
+    x, size, metric, sem = _inputs((1, 13, 8, 4, 0, 0, 0), seed=3)
+    metric[:, 2::4] = metric[:, 0:1]
+    sem.zero_()
+    a_idx, b_idx = kernels.alternate_split(13)
+    got = kernels.launch_merge(x, size, metric, sem, torch.from_numpy(a_idx), torch.from_numpy(b_idx), 3, 0.0, 1)
+    ref = reference.turbo_merge(x.numpy(), size.numpy(), metric.numpy(), sem.numpy(), a_idx, b_idx, 3, 0.0, 1)
+    out["ties"] = {"plan_equal": all(np.array_equal(g.numpy(), e) for g, e in zip(got[2:], ref[2:])),
+                   "src": got[3].tolist()}
+    fp32 = [c for c in out["cases"] if c["dtype"] == "float32"]
+    fp16 = [c for c in out["cases"] if c["dtype"] == "float16"]
+    assert fp32 and fp16
+    out["summary"] = {
+        "fp32_x_max_abs_err": max(c["x_max_abs_err"] for c in fp32),
+        "fp16_x_max_abs_err": max(c["x_max_abs_err"] for c in fp16),
+        "fp32_unmerge_max_abs_err": max(c["unmerge_max_abs_err"] for c in fp32),
+        "fp16_unmerge_max_abs_err": max(c["unmerge_max_abs_err"] for c in fp16),
+        "all_plans_equal": all(c["plan_equal"] for c in out["cases"]),
+    }
+    return out
+
+
+def graph_errors(model_source: str, ratio: int, batch: int, out_dir: str, alpha: float = 6.0, seed: int = 7) -> dict:
+    import copy
+
+    import numpy as np
+    import onnx
+    import torch
+
+    from turbo_export.export.onnx import export_onnx, torch_outputs
+    from turbo_export.export.specs import SPECS, TurboOptions
+    from turbo_export.presets import load_model
+    from turbo_export.runtime import make_runner
+
+    spec = SPECS["vit"]
+    loaded = load_model(model_source, "vit", spec.supported())
+    os.makedirs(out_dir, exist_ok=True)
+    outputs, reference, nodes = {}, None, {}
+    for impl in ("onnx", "plugin"):
+        options = TurboOptions(ratio=ratio, alpha=alpha, batch=batch, merge_impl=impl)
+        graph = spec.graph(impl, spec.make_turbo(copy.deepcopy(loaded.model), options), loaded, options)
+        g = torch.Generator().manual_seed(seed)
+        inputs = {k: torch.randn(v.shape, generator=g) for k, v in graph.example_inputs.items()}
+        path = export_onnx(graph, os.path.join(out_dir, f"turbo-{impl}.onnx"))
+        runner = make_runner(path, "onnxruntime", **({"custom_ops": True} if impl == "plugin" else {}))
+        result = runner.run({k: v.numpy() for k, v in inputs.items()})
+        outputs[impl] = [result[n] for n in graph.output_names]
+        torch_out = torch_outputs(graph, inputs)
+        reference = torch_out if reference is None else reference
+        outputs[f"{impl}_torch"] = torch_out
+        proto = onnx.load(path, load_external_data=False)
+        nodes[impl] = sum(n.op_type == "TurboMerge" for n in proto.graph.node)
+
+    def diff(a, b):
+        return max(float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) for x, y in zip(a, b))
+
+    return {"model": model_source, "ratio": ratio, "alpha": alpha, "batch": batch,
+            "turbo_merge_nodes": nodes,
+            "plugin_vs_onnx_max_abs_diff": diff(outputs["plugin"], outputs["onnx"]),
+            "plugin_vs_pytorch_max_abs_diff": diff(outputs["plugin"], outputs["plugin_torch"]),
+            "onnx_vs_pytorch_max_abs_diff": diff(outputs["onnx"], outputs["onnx_torch"]),
+            "pytorch_plugin_vs_onnx_path_max_abs_diff": diff(outputs["plugin_torch"], outputs["onnx_torch"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["kernels", "graph"])
+    parser.add_argument("--model", default="random:tiny")
+    parser.add_argument("--ratio", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--alpha", type=float, default=6.0)
+    parser.add_argument("--large", action="store_true", help="kernels: also ViT-B/16 sizes")
+    parser.add_argument("--out", default=os.path.join("/tmp", "turbo-check-plugin"))
+    args = parser.parse_args()
+    if args.what == "kernels":
+        result = kernel_errors(KERNEL_CASES + (LARGE_CASES if args.large else []))
+    else:
+        result = graph_errors(args.model, args.ratio, args.batch, args.out, args.alpha)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
