@@ -350,11 +350,25 @@ def test_cli_serve_stops_cleanly_on_sigterm(vit_export):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
 
 
-def test_cli_serve_bad_folder_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "turbo_export", "serve", str(tmp_path / "missing")],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr
+def cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from turbo_export.cli import main
+
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["serve", "MISSING"], "does not exist"),
+    (["serve", "EMPTY"], "no report.json"),
+    (["serve", "EXPORT", "--max-batch", "0"], "max-batch: must be >= 1"),
+    (["serve", "EXPORT", "--backend", "tensorrt"], "backend tensorrt:"),
+])
+def test_cli_serve_bad_arguments_one_line_exit_2(vit_export, tmp_path, args, words):
+    paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path), "EXPORT": vit_export}
+    result = cli([paths.get(a, a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().count("\n") == 0 and words in result.stderr, result.stderr
 
 
 # ---- Triton model repository -----------------------------------------------------------------------------------
@@ -433,12 +447,11 @@ def test_triton_repo_dynamic_batch_and_plugin_note(tmp_path):
 
 
 def test_triton_repo_cli(vit_export, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
     out = tmp_path / "repo"
-    proc = subprocess.run([sys.executable, "-m", "turbo_export", "triton-repo", vit_export, "--out", str(out),
-                           "--model", "turbo"], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert os.listdir(out) == ["turbo"] and "static batch" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "turbo_export", "triton-repo", str(tmp_path), "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and "no report.json" in bad.stderr
+    result = cli(["triton-repo", vit_export, "--out", str(out), "--model", "turbo"])
+    assert result.exit_code == 0, result.stderr
+    assert os.listdir(out) == ["turbo"] and "static batch" in result.output
+    bad = cli(["triton-repo", str(tmp_path), "--out", str(out)])
+    assert bad.exit_code == 2 and "no report.json" in bad.stderr
+    bad = cli(["triton-repo", vit_export, "--out", str(tmp_path / "r2"), "--model", "nope"])
+    assert bad.exit_code == 2 and "nope not in" in bad.stderr

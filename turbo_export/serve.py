@@ -371,13 +371,13 @@ def serving(export_dir: str, options: ServeOptions, host: str = "127.0.0.1", htt
             grpc_port: int | None = 8001, metrics_port: int | None = None, ready_timeout: float = 300.0,
             log_path: str | None = None) -> Iterator[tuple[TritonServer, list[Binding]]]:
     """Write the serving repository, start tritonserver, yield once every model is ready, stop it on exit."""
-    reason = tritonserver_unavailable_reason()
-    if reason:
-        raise TurboExportError(f"serve: {reason}")
     work_dir = tempfile.mkdtemp(prefix="turbo-serve-")
     server = None
     try:
         bindings = bindings_for(export_dir, options, work_dir)
+        reason = tritonserver_unavailable_reason()
+        if reason:
+            raise TurboExportError(f"serve: {reason}")
         repo = os.path.join(work_dir, "models")
         write_serving_repo(bindings, repo, options)
         server = TritonServer(repo, work_dir, host, http_port, grpc_port, metrics_port, log_path=log_path)
