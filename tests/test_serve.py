@@ -1,0 +1,457 @@
+"""Serving: tritonserver (from nvidia-pytriton) on 127.0.0.1 with a tiny ViT classifier export, queried with
+tritonclient and plain HTTP; errors, a bounded load test, SIGTERM; Triton model repositories read back with
+Triton's own ModelConfig protobuf schema."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from turbo_export.errors import TurboExportError
+from turbo_export.triton_repo import onnx_signature, plan_repository, write_repository
+
+HAVE_TRITON = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="nvidia-pytriton / tritonclient not installed "
+                                                          "(pip install 'turbo-export[serve]')")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIMIT_MB = 0.06  # 3 rows of 3x32x32 float32 (37 KB) pass, 8 rows (98 KB) are over the limit
+
+
+@pytest.fixture(scope="module")
+def vit_export(tmp_path_factory):
+    from turbo_export.export.pipeline import JobOptions, run_export
+    from turbo_export.export.specs import SPECS, TurboOptions
+    from turbo_export.presets import build_random
+
+    out = str(tmp_path_factory.mktemp("serve") / "vit")
+    options = JobOptions(turbo=TurboOptions(ratio=4, batch=2), out_dir=out, validate=False, bench=False)
+    run_export(SPECS["vit"], build_random("tiny", "vit"), options, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(vit_export):
+    if not HAVE_TRITON:
+        pytest.skip("nvidia-pytriton / tritonclient not installed (pip install 'turbo-export[serve]')")
+    from turbo_export.serve import ServeOptions, free_port, serving
+
+    options = ServeOptions(max_batch=8, max_request_mb=LIMIT_MB, threads=1)
+    with serving(vit_export, options, http_port=free_port(), grpc_port=free_port()) as (srv, bindings):
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def runners(vit_export):
+    from turbo_export.runtime import make_runner
+
+    return {n: make_runner(os.path.join(vit_export, f"{n}.onnx")) for n in ("turbo", "baseline")}
+
+
+def reference(runner, x: np.ndarray) -> np.ndarray:
+    """The runner's logits for any number of rows (its static batch is 2)."""
+    rows = [runner.run({"pixel_values": np.concatenate([x[i:i + 1], x[i:i + 1]])})["logits"][:1] for i in range(len(x))]
+    return np.concatenate(rows)
+
+
+def http(server, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(server.url + path, data=body, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            text = r.read()
+            return r.status, json.loads(text) if text else {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def tensor_body(x: np.ndarray, name: str = "pixel_values", datatype: str = "FP32", shape=None) -> bytes:
+    return json.dumps({"inputs": [{"name": name, "shape": list(shape or x.shape), "datatype": datatype,
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+
+
+def png(seed: int = 0, size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def pixels(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 3, 32, 32)).astype(np.float32)
+
+
+# ---- health, metadata, correctness ----------------------------------------------------------------------------
+
+
+@needs_triton
+def test_health_and_metadata(server, vit_export):
+    assert http(server, "/v2/health/live")[0] == 200
+    assert http(server, "/v2/health/ready")[0] == 200
+    inputs, outputs, _ = onnx_signature(os.path.join(vit_export, "turbo.onnx"))
+    for name in ("turbo", "baseline"):
+        status, meta = http(server, f"/v2/models/{name}")
+        assert status == 200
+        assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == \
+            [(t.name, "FP32", [-1, *t.dims[1:]]) for t in inputs]
+        assert [(o["name"], o["shape"]) for o in meta["outputs"]] == [(t.name, [-1, *t.dims[1:]]) for t in outputs]
+    status, meta = http(server, "/v2/models/vit-classify-turbo")
+    assert status == 200 and [i["name"] for i in meta["inputs"]] == ["image"]
+    assert http(server, "/v2/models/vit-classify-baseline/ready")[0] == 200
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["turbo", "baseline"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_infer_equals_runner(server, runners, name, rows):
+    import tritonclient.http as httpclient
+
+    x = pixels(rows, seed=rows)
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    inp = httpclient.InferInput("pixel_values", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    got = client.infer(name, [inp]).as_numpy("logits")
+    np.testing.assert_allclose(got, reference(runners[name], x), atol=1e-5, rtol=0)
+
+
+@needs_triton
+def test_grpc_infer_equals_runner(server, runners):
+    import tritonclient.grpc as grpcclient
+
+    x = pixels(2, seed=7)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    assert client.is_server_ready()
+    inp = grpcclient.InferInput("pixel_values", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    got = client.infer("turbo", [inp]).as_numpy("logits")
+    np.testing.assert_allclose(got, reference(runners["turbo"], x), atol=1e-5, rtol=0)
+
+
+@needs_triton
+def test_turbo_and_baseline_differ(server):
+    """Turbo merges tokens: its logits are close to, but not the same as, the unaccelerated model's."""
+    x = pixels(1, seed=3)
+    outs = {n: np.array(http(server, f"/v2/models/{n}/infer", tensor_body(x))[1]["outputs"][0]["data"])
+            for n in ("turbo", "baseline")}
+    assert not np.array_equal(outs["turbo"], outs["baseline"])
+
+
+@needs_triton
+@pytest.mark.parametrize("flavour", ["turbo", "baseline"])
+def test_vit_classify_pipeline(server, runners, flavour):
+    import tritonclient.http as httpclient
+
+    from turbo_export.serve_handlers import decode_image
+
+    images = [png(1), png(2, size=(64, 20))]
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    inp = httpclient.InferInput("image", [2, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[b] for b in images], dtype=np.object_))
+    result = client.infer(f"vit-classify-{flavour}", [inp])
+    x = np.stack([decode_image(b, 32, [0.5] * 3, [0.5] * 3) for b in images])
+    logits = reference(runners[flavour], x).astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ids = np.argsort(-probs, -1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(result.as_numpy("class_ids"), ids)
+    np.testing.assert_allclose(result.as_numpy("scores"), np.take_along_axis(probs, ids, -1), atol=1e-5)
+    assert [[s.decode() for s in row] for row in result.as_numpy("labels")] == \
+        [[f"LABEL_{i}" for i in row] for row in ids]
+
+
+# ---- errors: 4xx with a clear body, and the server keeps serving ---------------------------------------------
+
+
+def post_image(server, model: str, data: bytes) -> tuple[int, dict]:
+    """Image bytes through the v2 binary tensor extension (JSON header + raw BYTES element: length + data)."""
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(data) + 4}}]}).encode()
+    payload = len(data).to_bytes(4, "little") + data
+    request = urllib.request.Request(f"{server.url}/v2/models/{model}/infer", data=header + payload, method="POST",
+                                     headers={"Inference-Header-Content-Length": str(len(header)),
+                                              "Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+ERRORS = {
+    # case: (path, body, expected status, words in the error)
+    "unknown model": ("/v2/models/nope/infer", tensor_body(pixels(1)), 404, ["unknown model", "nope"]),
+    "wrong input name": ("/v2/models/turbo/infer", tensor_body(pixels(1), name="image"), 400,
+                         ["unexpected inference input", "image"]),
+    "wrong shape": ("/v2/models/turbo/infer", tensor_body(np.zeros((1, 3, 16, 16), np.float32)), 400,
+                    ["unexpected shape", "pixel_values"]),
+    "wrong dtype": ("/v2/models/turbo/infer", tensor_body(pixels(1).astype(np.int64), datatype="INT64"), 400,
+                    ["data-type", "INT64", "FP32"]),
+    "batch over max": ("/v2/models/baseline/infer", tensor_body(np.zeros((9, 3, 32, 32), np.float32)), 400,
+                       ["batch-size must be <= 8"]),
+    "payload over limit": ("/v2/models/turbo/infer", tensor_body(pixels(8)), 400, ["payload", "limit"]),
+    "not finite": ("/v2/models/turbo/infer", tensor_body(np.full((1, 3, 32, 32), np.nan, np.float32)), 400,
+                   ["NaN"]),
+    "missing inputs": ("/v2/models/turbo/infer", b'{"inputs": []}', 400, ["expected 1 inputs"]),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_request_is_4xx_and_server_keeps_serving(server, runners, case):
+    path, body, status, words = ERRORS[case]
+    got, answer = http(server, path, body)
+    assert got == status, answer
+    assert all(w in answer["error"] for w in words), answer["error"]
+    x = pixels(1, seed=11)
+    ok, out = http(server, "/v2/models/turbo/infer", tensor_body(x))
+    assert ok == 200
+    np.testing.assert_allclose(np.array(out["outputs"][0]["data"]).reshape(1, -1), reference(runners["turbo"], x),
+                               atol=1e-5)
+
+
+MALFORMED = {
+    "not JSON": (b"{not json", "failed to parse the request JSON"),
+    "inputs not a list": (b'{"inputs": 5}', "Unable to parse 'inputs'"),
+    "data does not fill the shape": (tensor_body(np.zeros(5, np.float32), shape=[1, 3, 32, 32]),
+                                     "Unable to parse 'data'"),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_body(server, runners, case):
+    """Bodies tritonserver 2.51's HTTP front end cannot parse: it answers 500, not 4xx (it reports JSON parse
+    failures as INTERNAL; upstream triton-inference-server/server#8762), with a clear message, and keeps serving."""
+    body, words = MALFORMED[case]
+    status, answer = http(server, "/v2/models/turbo/infer", body)
+    assert status == 500 and words in answer["error"], answer
+    x = pixels(1, seed=12)
+    ok, out = http(server, "/v2/models/turbo/infer", tensor_body(x))
+    assert ok == 200
+    np.testing.assert_allclose(np.array(out["outputs"][0]["data"]).reshape(1, -1), reference(runners["turbo"], x),
+                               atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["garbage", "truncated png", "empty", "too large"])
+def test_bad_image_is_400(server, case):
+    data = {"garbage": b"definitely not an image", "truncated png": png(5)[:60], "empty": b"",
+            "too large": png(6, size=(200, 200))}[case]
+    status, answer = post_image(server, "vit-classify-turbo", data)
+    assert status == 400, answer
+    expected = {"garbage": "not an image", "truncated png": "image", "empty": "image",
+                "too large": "payload"}[case]
+    assert expected in answer["error"], answer["error"]
+    assert post_image(server, "vit-classify-turbo", png(1))[0] == 200
+
+
+@needs_triton
+def test_bad_request_does_not_fail_its_batch_neighbours(server, runners):
+    """Good and corrupt requests sent together (batched together by Triton): only the corrupt ones fail."""
+    results: dict[int, int] = {}
+
+    def send(i: int) -> None:
+        data = png(i) if i % 2 == 0 else b"corrupt"
+        results[i] = post_image(server, "vit-classify-baseline", data)[0]
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: 200 if i % 2 == 0 else 400 for i in range(12)}
+
+
+# ---- load ----------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_bounded_load_all_answers_correct(server, runners):
+    """8 clients for 3 s, alternating Turbo and baseline, 1-3 rows per request: every answer is right."""
+    inputs = [pixels(1 + i % 3, seed=100 + i) for i in range(6)]
+    expected = {(n, i): reference(runners[n], x) for n in ("turbo", "baseline") for i, x in enumerate(inputs)}
+    bodies = [tensor_body(x) for x in inputs]
+    counts = {"ok": 0, "wrong": 0, "failed": 0}
+    lock = threading.Lock()
+    deadline = time.monotonic() + 3.0
+
+    def client(k: int) -> None:
+        j = k
+        while time.monotonic() < deadline:
+            name, i = ("turbo", "baseline")[j % 2], j % len(inputs)
+            j += 1
+            try:
+                status, out = http(server, f"/v2/models/{name}/infer", bodies[i])
+            except Exception:
+                status, out = -1, {}
+            if status != 200:
+                verdict = "failed"
+            else:
+                got = np.array(out["outputs"][0]["data"]).reshape(expected[name, i].shape)
+                verdict = "ok" if np.allclose(got, expected[name, i], atol=1e-5) else "wrong"
+            with lock:
+                counts[verdict] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counts["wrong"] == 0 and counts["failed"] == 0, counts
+    assert counts["ok"] >= 8, counts
+
+
+# ---- the CLI process: start, serve, SIGTERM --------------------------------------------------------------------
+
+
+@needs_triton
+def test_cli_serve_stops_cleanly_on_sigterm(vit_export):
+    from turbo_export.serve import free_port
+
+    port, grpc = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "turbo_export", "serve", vit_export, "--port", str(port),
+                             "--grpc-port", str(grpc), "--no-pipelines"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        else:
+            pytest.fail("turbo-export serve not ready in 240 s")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "tritonserver stopped (exit code 0)" in err
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
+
+
+def cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from turbo_export.cli import main
+
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["serve", "MISSING"], "does not exist"),
+    (["serve", "EMPTY"], "no report.json"),
+    (["serve", "EXPORT", "--max-batch", "0"], "max-batch: must be >= 1"),
+    (["serve", "EXPORT", "--backend", "tensorrt"], "backend tensorrt:"),
+])
+def test_cli_serve_bad_arguments_one_line_exit_2(vit_export, tmp_path, args, words):
+    paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path), "EXPORT": vit_export}
+    result = cli([paths.get(a, a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().count("\n") == 0 and words in result.stderr, result.stderr
+
+
+# ---- Triton model repository -----------------------------------------------------------------------------------
+
+
+def model_config_pb2():
+    """tritonclient's ModelConfig protobuf module, loaded without tritonclient.grpc's grpc import."""
+    tritonclient = pytest.importorskip("tritonclient")
+    path = os.path.join(os.path.dirname(tritonclient.__file__), "grpc", "model_config_pb2.py")
+    spec = importlib.util.spec_from_file_location("_turbo_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_config(path: str):
+    from google.protobuf import text_format
+
+    pb2 = model_config_pb2()
+    with open(path) as f:
+        return text_format.Parse(f.read(), pb2.ModelConfig()), pb2
+
+
+def test_triton_repo_static_batch_export(vit_export, tmp_path):
+    out = str(tmp_path / "repo")
+    models = plan_repository(vit_export, "onnxruntime", max_batch=16, instances=2, kind="gpu", gpus=[0, 1])
+    write_repository(models, out)
+    assert sorted(os.listdir(out)) == ["baseline", "turbo"]
+    for name in ("baseline", "turbo"):
+        config, pb2 = read_config(os.path.join(out, name, "config.pbtxt"))
+        assert config.name == name and config.platform == "onnxruntime_onnx"
+        assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")  # static batch 2
+        assert [(i.name, pb2.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == \
+            [("pixel_values", "TYPE_FP32", [2, 3, 32, 32])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [2, 10])]
+        group = config.instance_group[0]
+        assert (group.count, pb2.ModelInstanceGroup.Kind.Name(group.kind), list(group.gpus)) == \
+            (2, "KIND_GPU", [0, 1])
+        with open(os.path.join(out, name, "1", "model.onnx"), "rb") as a, \
+                open(os.path.join(vit_export, f"{name}.onnx"), "rb") as b:
+            assert a.read() == b.read()
+        assert not os.path.exists(os.path.join(out, name, "PLUGINS.md"))
+    with pytest.raises(TurboExportError, match="already has model folder"):
+        write_repository(models, out)
+
+
+def _tiny_onnx(path: str, batch: int | str, custom: bool = False) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    nodes = [helper.make_node("TurboMerge", ["x"], ["y"], domain="turbo", r=1)] if custom else \
+        [helper.make_node("Relu", ["x"], ["y"])]
+    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("turbo", 1)] if custom else [])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=opsets, ir_version=10)
+    onnx.save(model, path)
+
+
+def test_triton_repo_dynamic_batch_and_plugin_note(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    _tiny_onnx(str(export / "baseline.onnx"), "batch")
+    _tiny_onnx(str(export / "turbo.onnx"), "batch", custom=True)
+    (export / "report.json").write_text(json.dumps({"family": "vit", "files": {"baseline": "baseline.onnx",
+                                                                               "turbo": "turbo.onnx"}}))
+    out = str(tmp_path / "repo")
+    write_repository(plan_repository(str(export), max_batch=32, kind="cpu"), out)
+    config, pb2 = read_config(os.path.join(out, "turbo", "config.pbtxt"))
+    assert config.max_batch_size == 32 and config.HasField("dynamic_batching")
+    assert [list(i.dims) for i in config.input] == [[4]]
+    assert pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
+    note = (tmp_path / "repo" / "turbo" / "PLUGINS.md").read_text()
+    assert "turbo::TurboMerge" in note and "plugins=" in note
+    assert "PLUGINS.md" in (tmp_path / "repo" / "turbo" / "config.pbtxt").read_text()
+    assert not (tmp_path / "repo" / "baseline" / "PLUGINS.md").exists()
+    with pytest.raises(TurboExportError, match="no TensorRT engine"):
+        plan_repository(str(export), "tensorrt")
+
+
+def test_triton_repo_cli(vit_export, tmp_path):
+    out = tmp_path / "repo"
+    result = cli(["triton-repo", vit_export, "--out", str(out), "--model", "turbo"])
+    assert result.exit_code == 0, result.stderr
+    assert os.listdir(out) == ["turbo"] and "static batch" in result.output
+    bad = cli(["triton-repo", str(tmp_path), "--out", str(out)])
+    assert bad.exit_code == 2 and "no report.json" in bad.stderr
+    bad = cli(["triton-repo", vit_export, "--out", str(tmp_path / "r2"), "--model", "nope"])
+    assert bad.exit_code == 2 and "nope not in" in bad.stderr
