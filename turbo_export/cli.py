@@ -257,5 +257,7 @@ def list_presets() -> None:
         click.echo(f"{'random:' + name:{width}}  blip  {'(one model class per --task)':38}  {note}")
 
 
+from . import cli_sd  # noqa: E402,F401
+
 if __name__ == "__main__":
     main()

@@ -205,6 +205,8 @@ def build_sd_report(components, options, resolution, latent_hw, turbo, flops, pa
             "batch": 2 * options.batch,
             "runs": options.bench_runs,
             "warmup": options.bench_warmup,
+            "baseline_ips": timings["baseline"].items_per_s,
+            "turbo_ips": timings["turbo"].items_per_s,
             "baseline_median_ms": timings["baseline"].median_s * 1e3,
             "turbo_median_ms": timings["turbo"].median_s * 1e3,
             "baseline_ms": [t * 1e3 for t in timings["baseline"].seconds],
