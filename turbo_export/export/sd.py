@@ -70,20 +70,20 @@ def check_resolution(resolution: int, components: SDComponents) -> tuple[int, in
     return latent, latent
 
 
+def largest_sort(turbo_unet: nn.Module, latent_hw: tuple[int, int]) -> int:
+    """The largest K of the sorts over A (ONNX TopK) in the merged blocks; 0 when nothing merges."""
+    return max((b["tokens"] - (b["height"] // 2) * (b["width"] // 2)
+                for b in unet_patch.tokens_per_block(turbo_unet, latent_hw, 1.0) if b["merged"]), default=0)
+
+
 def check_backend_sort_limit(turbo_unet: nn.Module, latent_hw: tuple[int, int], backend: str) -> None:
     """TensorRT's TopK needs K < 3840: the sort over A in the finest merged level must fit."""
-    if backend != "tensorrt":
-        return
-    from .. import merge
+    from ..merge import TENSORRT_TOPK_LIMIT
 
-    for entry in unet_patch.tokens_per_block(turbo_unet, latent_hw, 1.0):
-        if entry["merged"]:
-            scale = round((latent_hw[0] * latent_hw[1] / entry["tokens"]) ** 0.5)
-            split = merge.grid_split(-(-latent_hw[0] // scale), -(-latent_hw[1] // scale))
-            try:
-                merge.check_topk_limit(split)
-            except ValueError as exc:
-                raise TurboExportError(f"resolution: {exc}") from None
+    k = largest_sort(turbo_unet, latent_hw)
+    if backend == "tensorrt" and k >= TENSORRT_TOPK_LIMIT:
+        raise TurboExportError(f"resolution: the merge sorts {k} tokens, above TensorRT's TopK limit "
+                               f"(K < {TENSORRT_TOPK_LIMIT}); use a resolution up to 512 px or merge coarser blocks")
 
 
 def example_inputs(components: SDComponents, latent_hw: tuple[int, int], batch: int, seed: int = 0,
@@ -177,6 +177,8 @@ def build_sd_report(components, options, resolution, latent_hw, turbo, flops, pa
         "graph_batch": 2 * options.batch,
         "text_len": TEXT_LEN,
         "blocks_merged": [b["block"] for b in blocks if b["merged"]],
+        "sort": {"formulation": "argsort of E over A (ONNX TopK with K = |A|), no re-sort of unmerged tokens",
+                 "largest_k": largest_sort(turbo, latent_hw), "tensorrt_topk_limit": "K < 3840"},
         "tokens_per_block": blocks,
         "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
                   "ratio": flops["baseline"] / flops["turbo"],

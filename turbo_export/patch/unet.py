@@ -239,5 +239,6 @@ def tokens_per_block(unet: nn.Module, latent_hw: tuple[int, int], ratio: float |
         h, w = (math.ceil(s / 2 ** level) for s in latent_hw)
         merged = settings is not None and SETTINGS_ATTR in block.__dict__
         r = merge.grid_r(h * w, ratio, merge.grid_split(h, w, seed)) if merged and ratio else 0
-        out.append({"block": name, "tokens": h * w, "merged": r, "tokens_after_merge": h * w - r})
+        out.append({"block": name, "height": h, "width": w, "tokens": h * w, "merged": r,
+                    "tokens_after_merge": h * w - r})
     return out
