@@ -341,3 +341,26 @@ def test_sd_bad_model_folder_and_prompt(tmp_path):
     _assert_one_line_error(result, "prompt")
     result = _run(["sd-generate", str(tmp_path), "--prompt", "a cat"])
     _assert_one_line_error(result, "report.json")
+
+
+def test_local_diffusers_folder_loads(tiny, tmp_path):
+    """A diffusers-layout folder (here written from the tiny preset, with a byte-level CLIP tokenizer) loads."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from turbo_export.sd_presets import load_sd
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
+                                 eos_token_id=len(vocab) - 1)).save_pretrained(tmp_path / "text_encoder")
+    tiny.unet.save_pretrained(tmp_path / "unet")
+    tiny.vae.save_pretrained(tmp_path / "vae")
+    loaded = load_sd(str(tmp_path))
+    assert type(loaded.unet).__name__ == "UNet2DConditionModel" and loaded.resolution == 64
+    assert loaded.encode(["a cat", ""]).shape == (2, 77, 32)
+    for name, p in tiny.unet.state_dict().items():
+        assert torch.equal(p, loaded.unet.state_dict()[name])
