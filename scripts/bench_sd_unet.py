@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--work", default="/work/scratch/sd/bench")
     ap.add_argument("--out", default="/work/scratch/sd/bench_results.json")
     ap.add_argument("--lock", default="/tmp/turbo-bench.lock")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the configs already in --out and an existing baseline.onnx in --work")
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
@@ -67,9 +69,17 @@ def main() -> None:
     base_flops = count_flops(comp.unet, inputs)
     base_path = os.path.join(args.work, "baseline.onnx")
     log("exporting baseline ...")
-    t0 = time.perf_counter()
-    export_onnx(base_spec, base_path)
-    results["baseline_export_s"] = time.perf_counter() - t0
+    done = set()
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+        results["configs"] = previous["configs"]
+        results["baseline_export_s"] = previous.get("baseline_export_s")
+        done = {(c["selection"], c["ratio"]) for c in results["configs"]}
+    if not (args.resume and os.path.exists(base_path + ".data")):
+        t0 = time.perf_counter()
+        export_onnx(base_spec, base_path)
+        results["baseline_export_s"] = time.perf_counter() - t0
     base_runner = make_runner(base_path)
     base_out = base_runner.run(feed)["noise_pred"]
     check = compare_outputs(["noise_pred"], [base_out], [base_ref], 1e-3)[0]
@@ -79,18 +89,23 @@ def main() -> None:
 
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for selection in args.selections.split(","):
+            if (selection, ratio) in done:
+                continue
             log(f"--- {selection} blocks, ratio {ratio}")
             turbo = apply_turbo_unet(copy.deepcopy(comp.unet), ratio, alpha=args.alpha, blocks=selection)
             spec = GraphSpec("turbo", UNetGraph(turbo), inputs, OUTPUT_NAMES)
             ref = torch_outputs(spec, inputs)[0]
             flops = count_flops(turbo, inputs)
             path = os.path.join(args.work, f"turbo-{selection}-{ratio}.onnx")
+            del base_runner  # memory: the PyTorch UNet, its Turbo copy and the exporter are enough at once
+            gc.collect()
             t0 = time.perf_counter()
             export_onnx(spec, path)
             export_s = time.perf_counter() - t0
             blocks = merged_blocks(turbo)
             del spec, turbo
             gc.collect()
+            base_runner = make_runner(base_path)
             runner = make_runner(path)
             out = runner.run(feed)["noise_pred"]
             parity = compare_outputs(["noise_pred"], [out], [ref], 1e-3)[0]
