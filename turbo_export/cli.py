@@ -267,6 +267,7 @@ def list_presets() -> None:
 from . import cli_validate  # noqa: E402,F401
 from . import cli_trt  # noqa: E402,F401
 from . import cli_serve  # noqa: E402,F401
+from . import cli_sd  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ protected token in B is never a destination.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence, Union
 
@@ -233,3 +234,147 @@ def tokens_per_layer(
         out.append((num_tokens, merged))
         num_tokens -= merged
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation models (Stable Diffusion UNet): ToMe-for-SD style merge *and restore* on a 2x2 destination grid.
+#
+# Exact semantics (shared with any other implementation of this merge, e.g. a TensorRT plugin):
+# - Tokens are the h x w latent grid in raster order (token t = row * w + col), x: [B, N = h * w, C].
+# - B (destinations): one token per complete 2x2 cell, at a fixed position inside the cell ((0, 0) = top-left,
+#   ToMe for SD without randomness) or at a seeded random position per cell, chosen once when the model is
+#   patched and stored in the graph as a constant. B is listed by ascending token index. A (candidate
+#   sources): every other token (incomplete border cells included), by ascending token index. Na = N - Nb.
+# - metric: the transformer block's *input* hidden states (not keys, not normalised), L2-normalised here.
+# - R[a] = max over b of cos(metric_a, metric_b); dst[a] = the argmax (ties: the lowest B index).
+# - E[a] = R[a] - alpha * I[a] (I: a semantic value per token, [B, N]; None or alpha = 0: E = R exactly).
+# - sources: the r A tokens with the largest E: a descending sort of E over A (argsort -> ONNX TopK with
+#   K = Na; exact ties: lower A index first in ONNX, unspecified in PyTorch's CPU sort, which is why the
+#   exporter's stable sort is not used: it has no ONNX lowering); src_idx = order[:r], unm_idx = order[r:]
+#   (kept in that order, not re-sorted:
+#   attention and FFN are permutation-equivariant over queries and restore puts every token back).
+# - merge: plain mean, no size tracking (ToMe for SD): b <- (b + sum of its sources) / (1 + number of sources).
+#   Output: [unmerged A in unm_idx order, then all of B in B order], N - r tokens.
+# - restore: a [B, N - r, C] sequence back to [B, N, C]: B tokens and unmerged A tokens get their own value,
+#   each source gets a copy of its destination's value. It is one gather with per-token positions.
+# - Sort size: the sort is over Na = 3N/4 tokens; TensorRT's TopK needs K < 3840, which holds up to
+#   Na = 3072 (64 x 64 latents, 512 px, in SD's finest level). ``check_topk_limit`` says when it does not.
+# ---------------------------------------------------------------------------------------------------------------
+
+TENSORRT_TOPK_LIMIT = 3840
+
+
+class GridSplit(NamedTuple):
+    """A constant partition of an h x w token grid into A (sources) and B (destinations)."""
+
+    a_idx: torch.Tensor  # [Na] token indices of A, ascending
+    b_idx: torch.Tensor  # [Nb] token indices of B, ascending
+    inverse: torch.Tensor  # [N]: token t sits at position inverse[t] of cat([A, B])
+    height: int
+    width: int
+
+
+def grid_split(height: int, width: int, seed: int | None = None, stride: int = 2) -> GridSplit:
+    """One destination per complete ``stride x stride`` cell: top-left when ``seed`` is None, else seeded random.
+
+    ``random.Random(seed)`` picks each cell's position in raster order of the cells. The index lists are plain
+    Python (cached); the tensors are made on every call, so they are graph constants when traced.
+    """
+    a_list, b_list, inverse = _grid_lists(height, width, seed, stride)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return GridSplit(as_long(a_list), as_long(b_list), as_long(inverse), height, width)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_lists(height: int, width: int, seed: int | None, stride: int) -> tuple[list, list, list]:
+    import random
+
+    rng = random.Random(seed) if seed is not None else None
+    b_list = []
+    for cell_row in range(height // stride):
+        for cell_col in range(width // stride):
+            offset = rng.randrange(stride * stride) if rng is not None else 0
+            b_list.append((cell_row * stride + offset // stride) * width + cell_col * stride + offset % stride)
+    b_list.sort()
+    is_b = set(b_list)
+    a_list = [t for t in range(height * width) if t not in is_b]
+    inverse = [0] * (height * width)
+    for position, token in enumerate(a_list + b_list):
+        inverse[token] = position
+    return a_list, b_list, inverse
+
+
+def grid_r(num_tokens: int, ratio: float, split: GridSplit) -> int:
+    """Tokens merged: int(N * ratio) (ToMe for SD), at most all of A."""
+    return max(0, min(int(num_tokens * ratio), split.height * split.width - (split.height // 2) * (split.width // 2)))
+
+
+def check_topk_limit(split: GridSplit, limit: int = TENSORRT_TOPK_LIMIT) -> None:
+    """Raise ValueError when the sort over A would exceed TensorRT's TopK limit (K < ``limit``)."""
+    if split.a_idx.shape[0] >= limit:
+        raise ValueError(
+            f"a {split.height}x{split.width} token grid sorts {split.a_idx.shape[0]} tokens, above TensorRT's TopK "
+            f"limit (K < {limit}); merge only in coarser blocks or use a smaller resolution"
+        )
+
+
+def grid_redundancy(metric: torch.Tensor, split: GridSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """R [B, Na] (best cosine of each A token to B) and dst [B, Na] (that B token's index into B)."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, split.a_idx], metric[:, split.b_idx]
+    return (a @ b.transpose(-1, -2)).max(dim=-1)
+
+
+def grid_plan(
+    redundancy: torch.Tensor,
+    dst: torch.Tensor,
+    split: GridSplit,
+    r: int,
+    semantic: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> MergePlan:
+    """Sources = the r A tokens with the largest E = R - alpha * I (see the section comment for tie rules)."""
+    degree = redundancy
+    if semantic is not None and alpha != 0.0:
+        degree = redundancy - alpha * semantic[:, split.a_idx]
+    order = degree.argsort(dim=-1, descending=True)
+    src_idx = order[:, :r]
+    return MergePlan(unm_idx=order[:, r:], src_idx=src_idx, dst_idx=dst.gather(dim=-1, index=src_idx))
+
+
+def grid_matching(
+    metric: torch.Tensor, split: GridSplit, r: int, semantic: torch.Tensor | None = None, alpha: float = 0.0
+) -> MergePlan:
+    """ToMe for SD's bipartite matching on the 2x2 grid, with Turbo's information degree when alpha != 0."""
+    redundancy, dst = grid_redundancy(metric, split)
+    return grid_plan(redundancy, dst, split, r, semantic, alpha)
+
+
+def merge_mean(plan: MergePlan, split: GridSplit, x: torch.Tensor) -> torch.Tensor:
+    """Plain-mean merge [B, N, C] -> [B, N - r, C]: unmerged A (unm_idx order), then B."""
+    batch, _, channels = x.shape
+    a, b = x[:, split.a_idx], x[:, split.b_idx]
+    unm = a.gather(dim=1, index=plan.unm_idx.unsqueeze(-1).expand(batch, plan.unm_idx.shape[1], channels))
+    src = a.gather(dim=1, index=plan.src_idx.unsqueeze(-1).expand(batch, plan.src_idx.shape[1], channels))
+    summed = torch.cat([b, b.new_ones(batch, b.shape[1], 1)], dim=-1).scatter_reduce(
+        dim=1, index=plan.dst_idx.unsqueeze(-1).expand(batch, plan.dst_idx.shape[1], channels + 1),
+        src=torch.cat([src, src.new_ones(batch, src.shape[1], 1)], dim=-1), reduce="sum",
+    )
+    return torch.cat([unm, summed[..., :-1] / summed[..., -1:]], dim=1)
+
+
+def restore_positions(plan: MergePlan, split: GridSplit) -> torch.Tensor:
+    """For every original token, its position in the merged sequence: [B, N] (what ``unmerge_grid`` gathers)."""
+    batch, num_unm = plan.unm_idx.shape
+    num_a, num_b = split.a_idx.numel(), split.b_idx.numel()
+    arange_unm = torch.arange(num_unm, device=plan.unm_idx.device).expand(batch, num_unm)
+    pos_a = torch.zeros(batch, num_a, dtype=torch.long, device=plan.unm_idx.device)
+    pos_a = pos_a.scatter(1, plan.unm_idx, arange_unm).scatter(1, plan.src_idx, plan.dst_idx + num_unm)
+    pos_b = (torch.arange(num_b, device=pos_a.device) + num_unm).expand(batch, num_b)
+    return torch.cat([pos_a, pos_b], dim=1)[:, split.inverse]
+
+
+def unmerge_grid(plan: MergePlan, split: GridSplit, x: torch.Tensor) -> torch.Tensor:
+    """Restore [B, N - r, C] -> [B, N, C]: every token its own value, every source its destination's."""
+    positions = restore_positions(plan, split)
+    return x.gather(dim=1, index=positions.unsqueeze(-1).expand(*positions.shape, x.shape[-1]))

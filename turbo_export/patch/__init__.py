@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import merge
 from ..errors import TurboExportError
-from . import blip, blocks, vit
+from . import blip, blocks, unet, vit
 
 ADAPTERS: dict[str, blocks.FamilyAdapter] = {**vit.ADAPTERS, **blip.ADAPTERS}
 
@@ -40,15 +40,21 @@ def apply_turbo(
     (``alpha = 0`` is ToMe). Blocks whose input is shorter than ``min_tokens`` do not merge.
     Calling it again on a patched model replaces the settings. ``merge_impl="plugin"`` routes every merge
     through the ``turbo::merge`` custom op (same values; one TurboMerge node per block when exported).
+    A diffusers UNet takes a fraction of tokens instead: use ``patch.unet.apply_turbo_unet``.
     """
     from ..plugin_ops import merge_fn
 
+    if unet.is_unet(model):
+        raise TurboExportError("a Stable Diffusion UNet merges a fraction of tokens: use "
+                               "turbo_export.patch.unet.apply_turbo_unet(unet, ratio, alpha=, blocks=)")
     return blocks.patch(model, adapter_for(model), ratio, alpha, min_tokens, prop_attn,
                         merge_fn=merge_fn(merge_impl))
 
 
 def remove_turbo(model: nn.Module) -> nn.Module:
-    """Undo ``apply_turbo``: the model computes exactly what it computed before."""
+    """Undo ``apply_turbo`` (or ``apply_turbo_unet``): the model computes exactly what it computed before."""
+    if unet.is_unet(model):
+        return unet.remove_turbo_unet(model)
     return blocks.unpatch(model, adapter_for(model))
 
 

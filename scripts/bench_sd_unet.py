@@ -1,0 +1,151 @@
+"""Measure the Turbo SD UNet on ONNX Runtime CPU: speedup vs FLOPs ratio per (block selection, ratio).
+
+For random:sd-1.5 at 512 px (64x64 latents), batch 2 (one classifier-free-guidance pair), 77 text tokens:
+exports the baseline UNet once, then for each (selection, ratio) the Turbo UNet; validates each graph against
+PyTorch; times baseline vs Turbo interleaved (holding /tmp/turbo-bench.lock only while timing); reports the
+FLOPs ratio (FlopCounterMode) and how close each Turbo output is to the baseline output on the same input.
+At most the baseline and one Turbo session are open at a time; each Turbo graph is deleted after use.
+
+    PYTHONPATH=$PWD python scripts/bench_sd_unet.py --out /work/scratch/sd/bench_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+from turbo_export import bench
+from turbo_export.export.onnx import GraphSpec, compare_outputs, export_onnx, torch_outputs
+from turbo_export.export.pipeline import environment
+from turbo_export.export.sd import OUTPUT_NAMES, UNetGraph, count_flops, example_inputs
+from turbo_export.patch.unet import apply_turbo_unet, merged_blocks
+from turbo_export.runtime import make_runner
+from turbo_export.sd_presets import build_random_sd
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="sd-1.5")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--ratios", default="0.5,0.3,0.6")
+    ap.add_argument("--selections", default="default,all")
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--work", default="/work/scratch/sd/bench")
+    ap.add_argument("--out", default="/work/scratch/sd/bench_results.json")
+    ap.add_argument("--lock", default="/tmp/turbo-bench.lock")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the configs already in --out and an existing baseline.onnx in --work")
+    args = ap.parse_args()
+
+    torch.set_grad_enabled(False)
+    comp = build_random_sd(args.preset)
+    latent = args.resolution // 8
+    inputs = example_inputs(comp, (latent, latent), batch=1)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    os.makedirs(args.work, exist_ok=True)
+    results = {"preset": args.preset, "resolution": args.resolution, "graph_batch": 2, "alpha": args.alpha,
+               "runs": args.runs, "warmup": args.warmup, "environment": environment(), "configs": []}
+
+    base_spec = GraphSpec("baseline", UNetGraph(comp.unet), inputs, OUTPUT_NAMES)
+    log("PyTorch baseline output ...")
+    base_ref = torch_outputs(base_spec, inputs)[0]
+    log("FLOPs baseline ...")
+    base_flops = count_flops(comp.unet, inputs)
+    base_path = os.path.join(args.work, "baseline.onnx")
+    log("exporting baseline ...")
+    done = set()
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+        results["configs"] = previous["configs"]
+        results["baseline_export_s"] = previous.get("baseline_export_s")
+        done = {(c["selection"], c["ratio"]) for c in results["configs"]}
+    if not (args.resume and os.path.exists(base_path + ".data")):
+        t0 = time.perf_counter()
+        export_onnx(base_spec, base_path)
+        results["baseline_export_s"] = time.perf_counter() - t0
+    base_runner = make_runner(base_path)
+    base_out = base_runner.run(feed)["noise_pred"]
+    check = compare_outputs(["noise_pred"], [base_out], [base_ref], 1e-3)[0]
+    results["baseline"] = {"flops": base_flops, "onnx_vs_pytorch_max_abs_diff": check.max_abs_diff,
+                           "onnx_vs_pytorch_cosine": check.cosine}
+    log(f"baseline: {base_flops / 1e9:.1f} GFLOPs, ONNX vs PyTorch max|diff| {check.max_abs_diff:.2e}")
+
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for selection in args.selections.split(","):
+            if (selection, ratio) in done:
+                continue
+            log(f"--- {selection} blocks, ratio {ratio}")
+            turbo = apply_turbo_unet(copy.deepcopy(comp.unet), ratio, alpha=args.alpha, blocks=selection)
+            spec = GraphSpec("turbo", UNetGraph(turbo), inputs, OUTPUT_NAMES)
+            ref = torch_outputs(spec, inputs)[0]
+            flops = count_flops(turbo, inputs)
+            path = os.path.join(args.work, f"turbo-{selection}-{ratio}.onnx")
+            del base_runner  # memory: the PyTorch UNet, its Turbo copy and the exporter are enough at once
+            gc.collect()
+            t0 = time.perf_counter()
+            export_onnx(spec, path)
+            export_s = time.perf_counter() - t0
+            blocks = merged_blocks(turbo)
+            del spec, turbo
+            gc.collect()
+            base_runner = make_runner(base_path)
+            runner = make_runner(path)
+            out = runner.run(feed)["noise_pred"]
+            parity = compare_outputs(["noise_pred"], [out], [ref], 1e-3)[0]
+            closeness = compare_outputs(["noise_pred"], [out], [base_out], float("inf"))[0]
+            log(f"parity max|diff| {parity.max_abs_diff:.2e}; vs baseline cosine {closeness.cosine:.5f}; "
+                f"FLOPs ratio {base_flops / flops:.3f}; waiting for the bench lock ...")
+            with open(args.lock, "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                timings = bench.interleaved({"baseline": base_runner, "turbo": runner},
+                                            {"baseline": feed, "turbo": feed}, 2, warmup=args.warmup,
+                                            runs=args.runs, progress=False)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            speed = bench.speedup(timings)
+            entry = {
+                "selection": selection, "ratio": ratio, "blocks_merged": len(blocks),
+                "flops": flops, "flops_ratio": base_flops / flops,
+                "baseline_median_ms": timings["baseline"].median_s * 1e3,
+                "turbo_median_ms": timings["turbo"].median_s * 1e3,
+                "baseline_ms": [t * 1e3 for t in timings["baseline"].seconds],
+                "turbo_ms": [t * 1e3 for t in timings["turbo"].seconds],
+                "speedup": speed, "speedup_over_flops_ratio": speed / (base_flops / flops),
+                "onnx_vs_pytorch_max_abs_diff": parity.max_abs_diff, "onnx_vs_pytorch_cosine": parity.cosine,
+                "turbo_vs_baseline_cosine": closeness.cosine,
+                "turbo_vs_baseline_max_abs_diff": closeness.max_abs_diff,
+                "turbo_vs_baseline_rel_l2": float(np.linalg.norm(out - base_out) / np.linalg.norm(base_out)),
+                "export_s": export_s,
+            }
+            results["configs"].append(entry)
+            log(json.dumps({k: v for k, v in entry.items() if not k.endswith("_ms")}))
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+            del runner
+            gc.collect()
+            os.remove(path)
+            if os.path.exists(path + ".data"):
+                os.remove(path + ".data")
+    del base_runner
+    shutil.rmtree(args.work, ignore_errors=True)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

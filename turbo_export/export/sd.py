@@ -1,0 +1,259 @@
+"""The Stable Diffusion UNet export job: baseline + Turbo UNet graphs, parity, FLOPs, interleaved benchmark, report.
+
+Graph inputs (static): sample [2B, 4, H/8, W/8] (classifier-free guidance: B unconditional + B conditional),
+timestep float32 [2B], encoder_hidden_states float32 [2B, 77, D]; output noise_pred [2B, 4, H/8, W/8].
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import bench
+from ..errors import TurboExportError
+from ..files import staged_output, write_json_atomic
+from ..patch import unet as unet_patch
+from ..runtime import make_runner
+from ..sd_presets import TEXT_LEN, SDComponents
+from .onnx import DEFAULT_ATOL, GraphSpec, ParityReport, compare_outputs, cosine
+from .pipeline import Log, environment, export_graphs, log_to_stderr, validate_graphs
+
+INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
+OUTPUT_NAMES = ["noise_pred"]
+EXAMPLE_PROMPT = "a photograph of an astronaut riding a horse"
+EXAMPLE_TIMESTEP = 500.0
+
+
+class UNetGraph(nn.Module):
+    """(sample, timestep, encoder_hidden_states) -> (noise_pred,): the UNet call the pipeline makes per step."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
+
+
+@dataclass
+class SDOptions:
+    ratio: float
+    out_dir: str
+    alpha: float = 1.0
+    blocks: str = "default"
+    seed: int | None = None
+    resolution: int | None = None
+    batch: int = 1
+    backend: str = "onnxruntime"
+    validate: bool = True
+    bench: bool = True
+    bench_runs: int = 5
+    bench_warmup: int = 1
+    atol: float = DEFAULT_ATOL
+    progress: bool = True
+
+
+def check_resolution(resolution: int, components: SDComponents) -> tuple[int, int]:
+    """The latent (height, width) for a square ``resolution``; must divide by the VAE's and the UNet's downsampling."""
+    factor = components.vae_scale * components.unet_downsample
+    if resolution <= 0 or resolution % factor:
+        raise TurboExportError(
+            f"resolution: {resolution} must be a positive multiple of {factor} (VAE {components.vae_scale}x times "
+            f"UNet downsampling {components.unet_downsample}x)"
+        )
+    latent = resolution // components.vae_scale
+    return latent, latent
+
+
+def largest_sort(turbo_unet: nn.Module, latent_hw: tuple[int, int]) -> int:
+    """The largest K of the sorts over A (ONNX TopK) in the merged blocks; 0 when nothing merges."""
+    return max((b["tokens"] - (b["height"] // 2) * (b["width"] // 2)
+                for b in unet_patch.tokens_per_block(turbo_unet, latent_hw, 1.0) if b["merged"]), default=0)
+
+
+def check_backend_sort_limit(turbo_unet: nn.Module, latent_hw: tuple[int, int], backend: str) -> None:
+    """TensorRT's TopK needs K < 3840: the sort over A in the finest merged level must fit."""
+    from ..merge import TENSORRT_TOPK_LIMIT
+
+    k = largest_sort(turbo_unet, latent_hw)
+    if backend == "tensorrt" and k >= TENSORRT_TOPK_LIMIT:
+        raise TurboExportError(f"resolution: the merge sorts {k} tokens, above TensorRT's TopK limit "
+                               f"(K < {TENSORRT_TOPK_LIMIT}); use a resolution up to 512 px or merge coarser blocks")
+
+
+def example_inputs(components: SDComponents, latent_hw: tuple[int, int], batch: int, seed: int = 0,
+                   prompt: str = EXAMPLE_PROMPT) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    channels = int(components.unet.config.in_channels)
+    text = components.encode([""] * batch + [prompt] * batch)
+    return {
+        "sample": torch.randn((2 * batch, channels, *latent_hw), generator=generator),
+        "timestep": torch.full((2 * batch,), EXAMPLE_TIMESTEP),
+        "encoder_hidden_states": text,
+    }
+
+
+def count_flops(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
+    """FLOPs of one UNet call by torch's FlopCounterMode (matmul-based attention, so attention is counted).
+
+    The attention processors are swapped for diffusers' matmul ``AttnProcessor`` while counting (the counter
+    does not count CPU SDPA kernels) and put back after.
+    """
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor())
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(*inputs.values(), return_dict=False)
+        return int(counter.get_total_flops())
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def make_turbo(unet: nn.Module, options: SDOptions) -> nn.Module:
+    return unet_patch.apply_turbo_unet(unet, options.ratio, alpha=options.alpha, blocks=options.blocks,
+                                       seed=options.seed)
+
+
+def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_to_stderr) -> dict[str, Any]:
+    if options.backend != "onnxruntime":
+        make_runner("", options.backend)  # raises the one-line reason
+    unet_patch.check_ratio(options.ratio)
+    if options.batch < 1:
+        raise TurboExportError(f"batch: must be >= 1, got {options.batch}")
+    resolution = options.resolution or components.resolution
+    latent_hw = check_resolution(resolution, components)
+
+    baseline = components.unet
+    turbo = make_turbo(copy.deepcopy(baseline), options)
+    check_backend_sort_limit(turbo, latent_hw, options.backend)
+    inputs = example_inputs(components, latent_hw, options.batch)
+    graphs = {name: GraphSpec(name, UNetGraph(model), inputs, OUTPUT_NAMES, atol=options.atol)
+              for name, model in (("baseline", baseline), ("turbo", turbo))}
+
+    parity: dict[str, ParityReport] = {}
+    timings = None
+    with staged_output(options.out_dir) as stage:
+        runners = export_graphs(graphs, stage, options.backend, log)
+        if options.validate:
+            parity = validate_graphs(graphs, runners, options.out_dir, log)
+        if options.bench:
+            feeds = {name: inputs for name in graphs}
+            timings = bench.interleaved(runners, feeds, 2 * options.batch, warmup=options.bench_warmup,
+                                        runs=options.bench_runs, progress=options.progress,
+                                        desc=f"benchmark ({options.backend})")
+        outputs = {name: runners[name].run({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
+                   for name in graphs}
+        flops = {"baseline": count_flops(baseline, inputs), "turbo": count_flops(turbo, inputs)}
+        report = build_sd_report(components, options, resolution, latent_hw, turbo, flops, parity, timings, runners,
+                                 outputs)
+        write_json_atomic(os.path.join(stage, "report.json"), report)
+        del runners
+    return report
+
+
+def build_sd_report(components, options, resolution, latent_hw, turbo, flops, parity, timings, runners,
+                    outputs) -> dict[str, Any]:
+    blocks = unet_patch.tokens_per_block(turbo, latent_hw, options.ratio, options.seed)
+    closeness = compare_outputs(["noise_pred"], [outputs["turbo"]], [outputs["baseline"]], float("inf"))[0]
+    report: dict[str, Any] = {
+        "family": "sd-unet",
+        "model": components.source,
+        "model_class": type(components.unet).__name__,
+        "ratio": options.ratio,
+        "alpha": options.alpha,
+        "blocks": options.blocks,
+        "destination_seed": options.seed,
+        "resolution": resolution,
+        "latent_size": list(latent_hw),
+        "batch": options.batch,
+        "graph_batch": 2 * options.batch,
+        "text_len": TEXT_LEN,
+        "blocks_merged": [b["block"] for b in blocks if b["merged"]],
+        "sort": {"formulation": "argsort of E over A (ONNX TopK with K = |A|), no re-sort of unmerged tokens",
+                 "largest_k": largest_sort(turbo, latent_hw), "tensorrt_topk_limit": "K < 3840"},
+        "tokens_per_block": blocks,
+        "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
+                  "ratio": flops["baseline"] / flops["turbo"],
+                  "counted_by": "torch.utils.flop_counter.FlopCounterMode on the PyTorch UNet, one call "
+                                "(batch 2B), matmul attention"},
+        "files": {"baseline": "baseline.onnx", "turbo": "turbo.onnx"},
+        "parity": None,
+        "bench": None,
+        "turbo_vs_baseline": {
+            "compared": "turbo.onnx vs baseline.onnx noise_pred on the same example input",
+            "max_abs_diff": closeness.max_abs_diff, "cosine": closeness.cosine,
+        },
+        "environment": {**environment(), "diffusers": _diffusers_version()},
+    }
+    if parity:
+        report["parity"] = {"compared": "turbo.onnx (ONNX Runtime) vs Turbo UNet (PyTorch)",
+                            **parity["turbo"].as_dict()}
+        report["parity_baseline"] = {"compared": "baseline.onnx (ONNX Runtime) vs UNet (PyTorch)",
+                                     **parity["baseline"].as_dict()}
+    if timings:
+        ratio = bench.speedup(timings)
+        report["bench"] = {
+            "what": "one UNet call (batch 2B: classifier-free guidance pairs)",
+            "backend": options.backend,
+            "providers": getattr(runners["turbo"], "providers", None),
+            "batch": 2 * options.batch,
+            "runs": options.bench_runs,
+            "warmup": options.bench_warmup,
+            "baseline_ips": timings["baseline"].items_per_s,
+            "turbo_ips": timings["turbo"].items_per_s,
+            "baseline_median_ms": timings["baseline"].median_s * 1e3,
+            "turbo_median_ms": timings["turbo"].median_s * 1e3,
+            "baseline_ms": [t * 1e3 for t in timings["baseline"].seconds],
+            "turbo_ms": [t * 1e3 for t in timings["turbo"].seconds],
+            "speedup": ratio,
+            "speedup_over_flops_ratio": ratio / report["flops"]["ratio"],
+        }
+    return report
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def sd_summary_lines(report: dict[str, Any]) -> list[str]:
+    rows = [
+        ("model", report["model"], ""),
+        ("resolution / latents", f"{report['resolution']} px / {report['latent_size'][0]}x{report['latent_size'][1]}",
+         ""),
+        ("blocks merged", "-", f"{len(report['blocks_merged'])} of {len(report['tokens_per_block'])}"),
+        ("GFLOPs / UNet call", f"{report['flops']['baseline'] / 1e9:.1f}", f"{report['flops']['turbo'] / 1e9:.1f}"),
+    ]
+    if report.get("parity"):
+        p, pb = report["parity"], report["parity_baseline"]
+        rows.append(("ONNX vs PyTorch max|diff|", f"{pb['max_abs_diff']:.2e}", f"{p['max_abs_diff']:.2e}"))
+    if report.get("bench"):
+        b = report["bench"]
+        rows.append((f"median ms / call (batch {b['batch']})", f"{b['baseline_median_ms']:.1f}",
+                     f"{b['turbo_median_ms']:.1f}"))
+    tv = report["turbo_vs_baseline"]
+    rows.append(("turbo vs baseline output", "", f"cosine {tv['cosine']:.4f}, max|diff| {tv['max_abs_diff']:.3g}"))
+    width = max(len(r[0]) for r in rows)
+    col = max(12, max(len(r[1]) for r in rows))
+    lines = [f"{'':{width}}  {'baseline':>{col}}  turbo (ratio={report['ratio']:g}, alpha={report['alpha']:g}, "
+             f"blocks={report['blocks']})"]
+    lines += [f"{a:{width}}  {b:>{col}}  {c}" for a, b, c in rows]
+    lines.append(f"{'FLOPs ratio':{width}}  {report['flops']['ratio']:>{col}.2f}x")
+    if report.get("bench"):
+        b = report["bench"]
+        lines.append(f"{'speedup':{width}}  {b['speedup']:>{col}.2f}x  "
+                     f"({b['speedup_over_flops_ratio']:.2f} of the FLOPs ratio)")
+    return lines
+
+
+__all__ = ["SDOptions", "run_sd_export", "sd_summary_lines", "UNetGraph", "example_inputs", "count_flops",
+           "check_resolution", "cosine"]
