@@ -86,7 +86,7 @@ def _entry_params(ptx: str) -> list[str]:
     return [p.split()[1] for p in entry.strip().split(",")]
 
 
-@pytest.mark.parametrize("arch,dtype", [(80, "fp32"), (90, "fp16")])
+@pytest.mark.parametrize("arch,dtype", [(80, "fp16"), (90, "fp32")])  # (80, fp16) is reused below
 def test_ptx_compiles_without_gpu(arch, dtype):
     merge_k = aot.compile_merge(dtype, 4, 6.0, 1, 9, 8, 8, 24, target=arch)
     unmerge_k = aot.compile_unmerge(dtype, 24, target=arch)
@@ -213,3 +213,89 @@ def test_tensorrt_engine_with_plugin_matches_onnxruntime(tmp_path):
     stream.synchronize()
     expected = torch_outputs(graph, graph.example_inputs)[0]
     np.testing.assert_allclose(logits.cpu().numpy(), expected, atol=1e-4)
+
+
+class _Expr:
+    """A static shape expression with the arithmetic tensorrt.plugin's ShapeExpr offers."""
+
+    def __init__(self, value):
+        self.value = int(value.value if isinstance(value, _Expr) else value)
+
+    def __add__(self, other):
+        return _Expr(self.value + _Expr(other).value)
+
+    def __sub__(self, other):
+        return _Expr(self.value - _Expr(other).value)
+
+    def is_constant(self):
+        return True
+
+    def constant_value(self):
+        return self.value
+
+
+def _fake_tensorrt(monkeypatch):
+    """Just enough of tensorrt / tensorrt.plugin to call trt_plugin's functions (no TensorRT here)."""
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.float32, trt.float16, trt.int32 = "float32", "float16", "int32"
+    trtp = types.ModuleType("tensorrt.plugin")
+    identity = lambda plugin_id: (lambda fn: fn)  # noqa: E731
+    trtp.register = trtp.impl = trtp.aot_impl = trtp.autotune = identity
+    trtp.TensorDesc = trtp.Tensor = object
+    trtp.SymExprs = object
+    trtp.AutoTuneCombination = lambda spec: spec
+    trtp.from_shape_expr = lambda shape, dtype: types.SimpleNamespace(
+        shape=tuple(_Expr(d).value for d in shape), dtype=dtype)
+    trtp.cdiv = lambda a, b: _Expr((_Expr(a).value + b - 1) // b)
+    trtp.SymInt32 = lambda e: _Expr(e).value
+    trtp.SymIntExprs = types.SimpleNamespace(from_tuple=list)
+
+    class KernelLaunchParams:  # like TensorRT's: every field becomes a SymInt32
+        def __setattr__(self, name, value):
+            object.__setattr__(self, name, _Expr(value).value)
+
+    trtp.KernelLaunchParams = KernelLaunchParams
+    trt.plugin = trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.delitem(sys.modules, "turbo_plugin.trt_plugin", raising=False)
+    import turbo_plugin.trt_plugin as trt_plugin
+
+    return trt_plugin
+
+
+def _desc(shape, dtype="float32"):
+    import types
+
+    return types.SimpleNamespace(shape_expr=[_Expr(d) for d in shape], dtype=dtype)
+
+
+def test_trt_plugin_definitions_follow_the_kernel_contract(monkeypatch):
+    """The plugin functions against a stand-in tensorrt: output shapes, launch grid, scalar arguments, PTX."""
+    trt_plugin = _fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_plugin, "COMPILE_TARGET", 80)  # no GPU to compile for here
+    batch, tokens, channels, dim, r = 2, 17, 24, 8, 4
+    inputs = [_desc((batch, tokens, channels), "float16"), _desc((batch, tokens, 1), "float16"),
+              _desc((batch, tokens, dim), "float16"), _desc((batch, tokens), "float16"),
+              _desc((9,), "int32"), _desc((8,), "int32")]
+    outs = trt_plugin.merge_desc(*inputs, r, 6.0, 1)
+    assert [o.shape for o in outs] == [(2, 13, 24), (2, 13, 1), (2, 5), (2, 4), (2, 4)]
+    assert [o.dtype for o in outs] == ["float16", "float16", "int32", "int32", "int32"]
+    assert trt_plugin.merge_autotune(*inputs, outs)[0].count(",") == 10  # 6 inputs + 5 outputs
+
+    name, ptx, params, scalars = trt_plugin.merge_aot(*inputs, r, 6.0, 1, outs, 0)
+    assert name == "turbo_merge_kernel" and ".entry turbo_merge_kernel(" in ptx
+    assert (params.grid_x, params.grid_y, params.block_x) == (2, 1, 256)
+    assert scalars == [tokens, channels, dim, 9, 8]  # the kernel's five int32 parameters, in order
+    assert _entry_params(ptx)[:16] == [".u64"] * 6 + [".u32"] * 5 + [".u64"] * 5
+
+    merged = _desc((batch, tokens - r, channels), "float16")
+    plan = [_desc((batch, 5), "int32"), _desc((batch, r), "int32"), _desc((batch, r), "int32")]
+    restored = trt_plugin.unmerge_desc(merged, *plan, inputs[4], inputs[5])
+    assert restored.shape == (2, 17, 24)
+    name, ptx, params, scalars = trt_plugin.unmerge_aot(merged, *plan, inputs[4], inputs[5], (restored,), 0)
+    assert name == "turbo_unmerge_kernel"
+    assert (params.grid_x, params.grid_y, params.grid_z) == (2, 1, 1)
+    assert scalars == [tokens, channels, 9, 8, r]

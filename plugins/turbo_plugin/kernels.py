@@ -1,8 +1,9 @@
 """Triton kernels of the TurboMerge / TurboUnmerge nodes, written once as plain functions.
 
-The same function becomes a ``JITFunction`` (GPU, and ``triton.compile`` for the plugin's ahead-of-time PTX)
-or an ``InterpretedFunction`` (``TRITON_INTERPRET``-style CPU interpreter, used by the tests here), whatever
-``TRITON_INTERPRET`` says at import time: see ``jit_kernel`` / ``interpreted_kernel``.
+The same function becomes a ``JITFunction`` (CUDA tensors, and ``triton.compile`` for the plugin's
+ahead-of-time PTX) or an ``InterpretedFunction`` (CPU tensors, Triton's interpreter: the tests here); the
+interpreter needs ``TRITON_INTERPRET=1`` set before triton is first imported (Triton's own library functions
+are only interpretable then). See ``jit_kernel`` / ``interpreted_kernel`` / ``kernel_for``.
 
 Argument order is TensorRT's AOT plugin calling convention: input pointers, then int32 scalars, then output
 pointers, then the compile-time constants (attributes and block sizes).
@@ -10,7 +11,8 @@ pointers, then the compile-time constants (attributes and block sizes).
 Node semantics (``reference.py`` is the numpy statement of them, ``turbo_export.merge`` the PyTorch one):
 A tokens are the rows ``a_idx`` of the sequence, B tokens the rows ``b_idx`` (ViT: even / odd positions;
 the UNet: a fixed destination per 2x2 cell). A token is protected when its row is below ``PROTECTED``:
-never a source (A) and never a destination (B). Per A token: R = max cosine to the B tokens, dst = argmax,
+never a source (A) and never a destination (B). Per A token: R = max cosine to the B tokens, dst = argmax
+(lowest B index on a tie),
 E = R - ALPHA * I (I read at the A token's row); the R_ A tokens with the largest E are the sources, ties
 broken by the lower A index (ONNX TopK's rule), listed in descending E. Output rows: the unmerged A tokens in
 A order, then every B token, each B the size-weighted average of itself and its sources.
@@ -167,7 +169,7 @@ UNMERGE_WARPS = 4
 
 
 def block(n: int, minimum: int = 16) -> int:
-    """The power-of-two tile covering n (tl.dot needs >= 16)."""
+    """The power-of-two tile covering n (at least 16)."""
     return max(minimum, triton.next_power_of_2(int(n)))
 
 

@@ -23,6 +23,7 @@ import tensorrt.plugin as trtp
 
 from . import aot, kernels
 
+COMPILE_TARGET = None  # GPU architecture of the AOT PTX (e.g. 90); None: the GPU that builds the engine
 MERGE_ID = "turbo::TurboMerge"
 UNMERGE_ID = "turbo::TurboUnmerge"
 
@@ -68,7 +69,8 @@ def merge_aot(x: trtp.TensorDesc, size: trtp.TensorDesc, metric: trtp.TensorDesc
               ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
     num_a, num_b = _static(a_idx.shape_expr[0], "A token count"), _static(b_idx.shape_expr[0], "B token count")
     dim, channels = _static(metric.shape_expr[2], "metric width"), _static(x.shape_expr[2], "channel count")
-    compiled = aot.compile_merge(_type(x.dtype), int(r), float(alpha), int(protected), num_a, num_b, dim, channels)
+    compiled = aot.compile_merge(_type(x.dtype), int(r), float(alpha), int(protected), num_a, num_b, dim, channels,
+                                COMPILE_TARGET)
     params = trtp.KernelLaunchParams()
     params.grid_x = x.shape_expr[0]
     params.grid_y = trtp.cdiv(x.shape_expr[2], compiled.blocks["BLOCK_C"])
@@ -107,7 +109,7 @@ def unmerge_autotune(x, unm, src, dst, a_idx, b_idx, outputs):
 def unmerge_aot(x: trtp.TensorDesc, unm: trtp.TensorDesc, src: trtp.TensorDesc, dst: trtp.TensorDesc,
                 a_idx: trtp.TensorDesc, b_idx: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int
                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
-    compiled = aot.compile_unmerge(_type(x.dtype), _static(x.shape_expr[2], "channel count"))
+    compiled = aot.compile_unmerge(_type(x.dtype), _static(x.shape_expr[2], "channel count"), COMPILE_TARGET)
     n_tokens = a_idx.shape_expr[0] + b_idx.shape_expr[0]
     params = trtp.KernelLaunchParams()
     params.grid_x = x.shape_expr[0]
