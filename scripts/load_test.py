@@ -136,7 +136,8 @@ def main() -> None:
 
     setup = {"export_dir": os.path.abspath(args.export_dir), "model": report["model"], "ratio": report["ratio"],
              "batch": rows, "duration_s_per_model": args.duration, "max_batch": args.max_batch,
-             "instances": args.instances, "threads": args.threads, "cpu_count": os.cpu_count()}
+             "instances": args.instances, "threads": args.threads, "cpu_count": os.cpu_count(),
+             "load_average_at_start": os.getloadavg()}  # other processes on the machine skew every figure
     print(json.dumps(setup), flush=True)
     if args.url:
         results = measure(args.url)
@@ -147,6 +148,8 @@ def main() -> None:
                                pipelines=False, max_request_mb=64)
         with serving(args.export_dir, options, http_port=free_port(), grpc_port=None) as (server, _):
             results = measure(server.url.removeprefix("http://"))
+    setup["load_average_at_end"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min) at start {setup['load_average_at_start']}, at end {setup['load_average_at_end']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": setup, "results": results}, f, indent=2)

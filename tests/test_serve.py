@@ -455,3 +455,54 @@ def test_triton_repo_cli(vit_export, tmp_path):
     assert bad.exit_code == 2 and "no report.json" in bad.stderr
     bad = cli(["triton-repo", vit_export, "--out", str(tmp_path / "r2"), "--model", "nope"])
     assert bad.exit_code == 2 and "nope not in" in bad.stderr
+
+
+# ---- BLIP captioning at the pipeline level ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blip_server(tmp_path_factory):
+    if not HAVE_TRITON:
+        pytest.skip("nvidia-pytriton / tritonclient not installed (pip install 'turbo-export[serve]')")
+    from turbo_export.export.blip import BlipOptions, run_blip_export
+    from turbo_export.presets import build_random_blip
+    from turbo_export.serve import ServeOptions, free_port, serving
+
+    out = str(tmp_path_factory.mktemp("serve") / "blip")
+    run_blip_export(build_random_blip("tiny", "caption"),
+                    BlipOptions(task="caption", ratio=4, out_dir=out, min_tokens=0, batch=2, max_new_tokens=5,
+                                validate=False, bench=False, progress=False), log=lambda m: None)
+    with serving(out, ServeOptions(max_batch=4, threads=1), http_port=free_port(), grpc_port=None) as (srv, b):
+        yield srv, out, b
+
+
+@needs_triton
+@pytest.mark.slow  # a BLIP export and a second server: about 2 minutes on the shared 2-core machine
+@pytest.mark.parametrize("flavour", ["turbo", "baseline"])
+def test_blip_caption_pipeline_equals_onnx_pipeline(blip_server, flavour):
+    import tritonclient.http as httpclient
+
+    from turbo_export.runtime import make_runner
+    from turbo_export.runtime.blip import CaptionPipeline, TokenIds
+    from turbo_export.serve_handlers import decode_image
+
+    server, folder, bindings = blip_server
+    assert {b.name for b in bindings} >= {"turbo", "baseline", f"blip-caption-{flavour}"}
+    spec = next(b.handler for b in bindings if b.name == f"blip-caption-{flavour}")
+    images = [png(20 + i, size=(48, 40)) for i in range(3)]
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    inp = httpclient.InferInput("image", [3, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[b] for b in images], dtype=np.object_))
+    texts = [t[0].decode() for t in client.infer(f"blip-caption-{flavour}", [inp]).as_numpy("text")]
+
+    from transformers import BertTokenizer
+
+    runner = {n: make_runner(os.path.join(folder, f"{flavour}_{n}.onnx")) for n in ("vision", "cross_kv", "decoder")}
+    pipeline = CaptionPipeline(runner["vision"], runner["cross_kv"], runner["decoder"], TokenIds(**spec["token_ids"]))
+    pre = spec["preprocess"]
+    x = np.stack([decode_image(b, pre["size"], pre["mean"], pre["std"], pre["resample"]) for b in images])
+    tokens = np.concatenate([pipeline.generate(x[:2], 5), pipeline.generate(np.concatenate([x[2:], x[2:]]), 5)[:1]])
+    tokenizer = BertTokenizer.from_pretrained(spec["tokenizer_dir"])
+    assert texts == [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    status, answer = post_image(server, f"blip-caption-{flavour}", b"\x89PNG broken")
+    assert status == 400 and "image" in answer["error"]

@@ -244,7 +244,7 @@ def write_serving_repo(bindings: list[Binding], repo: str, options: ServeOptions
     sys_path = [p for p in sys.path if p and os.path.isdir(p)]
     package_dir = PACKAGE_DIR
     for b in bindings:
-        spec = {**b.handler, "sys_path": [os.path.dirname(package_dir), *sys_path], "package_dir": package_dir,
+        spec = {**b.handler, "package_dir": package_dir,
                 "inputs": [{"name": t.name, "dtype": t.dtype} for t in b.inputs],
                 "outputs": [{"name": t.name, "dtype": t.dtype} for t in b.outputs]}
         config = ModelConfig(name=b.name, inputs=b.inputs, outputs=b.outputs, backend="python",
@@ -255,6 +255,8 @@ def write_serving_repo(bindings: list[Binding], repo: str, options: ServeOptions
         with open(os.path.join(repo, b.name, "config.pbtxt"), "w") as f:
             f.write(to_pbtxt(config))
         shutil.copyfile(template, os.path.join(repo, b.name, "1", "model.py"))
+        with open(os.path.join(repo, b.name, "1", "sys_path.json"), "w") as f:
+            json.dump([os.path.dirname(package_dir), *sys_path], f)
 
 
 # ---- the server process --------------------------------------------------------------------------------------

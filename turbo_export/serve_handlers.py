@@ -110,6 +110,7 @@ class TensorHandler(Handler):
         super().__init__(spec)
         self.runner = open_runner(spec["onnx"], spec["backend"], spec.get("threads", 0))
         self.batch = static_batch(self.runner)
+        self.batched = spec.get("batched", True)  # False: served with its full shapes (max_batch_size 0)
         self.check_finite = spec.get("check_finite", True)
 
     def prepare(self, feed: Feed) -> Feed:
@@ -120,6 +121,8 @@ class TensorHandler(Handler):
         return feed
 
     def run(self, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+        if not self.batched:
+            return [self.runner.run(f) for f in feeds]
         counts = [len(next(iter(f.values()))) for f in feeds]
         merged = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
         return split_rows(run_padded(self.runner, merged, self.batch), counts)

@@ -6,21 +6,27 @@ request of a dynamic batch on its own: outputs, or an INVALID_ARG error (HTTP 40
 
 Numeric tensors cross the stub boundary through DLPack: the stub of tritonserver 2.51 is built against numpy 1's
 C ABI, and `pb_utils.Tensor(name, ndarray)` gets the item size wrong under numpy 2 (HTTP 500 "output tensor shape
-does not match size of output"); DLPack carries dtype and shape without that ABI.
+does not match size of output"); DLPack carries dtype and shape without that ABI. BYTES tensors have no such
+route (under numpy 2 a BYTES input crashes the stub), so serve.py drops BYTES models when numpy >= 2.
 """
 
 import json
+import os
 import sys
 import types
+
+# The serving interpreter's sys.path, first, before the stub imports numpy for triton_python_backend_utils
+# (that import follows this module's import, precedes initialize()).
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sys_path.json")) as _f:
+    for _path in reversed(json.load(_f)):
+        if _path not in sys.path:
+            sys.path.insert(0, _path)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         spec = json.loads(config["parameters"]["turbo_export"]["string_value"])
-        for path in reversed(spec["sys_path"]):
-            if path not in sys.path:
-                sys.path.insert(0, path)
         if "turbo_export" not in sys.modules:
             package = types.ModuleType("turbo_export")
             package.__path__ = [spec["package_dir"]]
@@ -35,6 +41,8 @@ class TritonPythonModel:
         self.inputs = {t["name"]: t["dtype"] for t in spec["inputs"]}
         self.outputs = {t["name"]: t["dtype"] for t in spec["outputs"]}
         self.handler = make_handler(spec)
+        print(f"turbo-export: {config['name']} ready ({spec['handler']}, numpy {np.__version__})", file=sys.stderr,
+              flush=True)
 
     def _input(self, request, name):
         tensor = self.pb.get_input_tensor_by_name(request, name)
