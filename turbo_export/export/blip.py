@@ -58,6 +58,7 @@ class BlipOptions:
     text_len: int = 32  # static token length of retrieval texts and VQA questions
     size_aware: bool = False
     backend: str = "onnxruntime"
+    precision: str = "fp32"  # "fp16": half-precision graphs (needs --backend tensorrt)
     validate: bool = True
     bench: bool = True
     bench_runs: int = 10
