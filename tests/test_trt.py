@@ -686,3 +686,11 @@ def test_make_runner_on_an_engine_says_what_is_missing(tmp_path):
 
     with pytest.raises(TurboExportError, match="backend tensorrt: .*--backend onnxruntime works"):
         make_runner(str(tmp_path / "model.plan"), "tensorrt")
+
+
+def test_make_runner_with_no_path_only_checks_the_backend():
+    from turbo_export.runtime import make_runner
+
+    assert make_runner("", "onnxruntime") is None
+    with pytest.raises(TurboExportError, match="backend: unknown 'tvm'"):
+        make_runner("", "tvm")

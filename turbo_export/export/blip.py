@@ -59,6 +59,7 @@ class BlipOptions:
     size_aware: bool = False
     merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge node per image-encoder block
     backend: str = "onnxruntime"
+    precision: str = "fp32"  # "fp16": half-precision graphs (needs --backend tensorrt)
     validate: bool = True
     bench: bool = True
     bench_runs: int = 10
