@@ -170,7 +170,14 @@ def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: L
     from .tensorrt import BuildOptions
     from .trt_lint import lint_file
 
-    engine_options = engine_options or BuildOptions(precision=precision)
+    if engine_options is None:
+        # --merge-impl plugin graphs: TensorRT must know turbo::TurboMerge/TurboUnmerge before it parses them
+        plugins = ("turbo_plugin.trt_plugin",) if custom_ops else ()
+        if plugins:
+            from ..plugin_ops import import_turbo_plugin
+
+            import_turbo_plugin()  # puts plugins/ on the path in a source checkout
+        engine_options = BuildOptions(precision=precision, plugin_modules=plugins)
     runners = {}
     for name, p in paths.items():
         lint = lint_file(p)
