@@ -265,6 +265,7 @@ def plot(result: dict[str, Any], path: str, title: str | None = None) -> str:
     os.close(fd)
     try:
         fig.savefig(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -159,6 +159,7 @@ def visualize(model_source: str, image_path: str, ratio: merge.RSchedule, out: s
     os.close(fd)
     try:
         canvas.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)
