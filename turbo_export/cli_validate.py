@@ -120,8 +120,8 @@ def visualize_cmd(model_source: str, image_path: str, ratio: str, alpha: float |
 
     if not os.path.isfile(image_path):
         raise TurboExportError(f"image: '{image_path}' does not exist")
-    result = visualize(model_source, image_path, parse_ratio(ratio), out_path,
-                       alpha=6.0 if alpha is None else alpha, min_tokens=min_tokens, image_size=image_size)
+    result = visualize(model_source, image_path, parse_ratio(ratio), out_path, alpha=alpha, min_tokens=min_tokens,
+                       image_size=image_size)
     groups = ", ".join(f"{k}: {v}" for k, v in result["groups"].items())
     click.echo(f"{result['tokens']} tokens in ({result['image_size']} px, patch {result['patch']}); patch groups "
                f"after the last block: {groups}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import platform
 import sys
@@ -59,6 +60,10 @@ def check_ratio(schedule: list[int], num_tokens: int, protected: int) -> None:
 
 def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log = log_to_stderr) -> JobResult:
     turbo = options.turbo
+    if turbo.alpha is None:
+        from ..defaults import defaults_for
+
+        turbo = options.turbo = dataclasses.replace(turbo, alpha=defaults_for(type(loaded.model).__name__).alpha)
     if options.backend != "onnxruntime":
         make_runner("", options.backend)  # raises the one-line reason
     if turbo.batch < 1:
