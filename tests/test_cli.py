@@ -23,7 +23,7 @@ def test_vit_end_to_end_on_tiny(tmp_path):
     assert result.exit_code == 0, result.output + result.stderr
     assert sorted(os.listdir(out)) == ["baseline.onnx", "report.json", "turbo.onnx"]
     report = json.loads((out / "report.json").read_text())
-    assert report["model"] == "random:tiny" and report["ratio"] == 8 and report["alpha"] == 6.0
+    assert report["model"] == "random:tiny" and report["ratio"] == 8 and report["alpha"] == 150.0  # defaults.py: classifiers
     assert report["tokens_per_layer"] == {"baseline": [65] * 4, "turbo": [65, 57, 49, 41]}
     assert report["flops"]["baseline"] > report["flops"]["turbo"] > 0
     assert report["parity"]["max_abs_diff"] < 1e-4 and report["parity"]["cosine"] > 0.9999

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import click
 
+from .defaults import DEFAULTS
 from .errors import ParityError, TurboExportError
 
 EXIT_USAGE = 2
@@ -82,8 +83,9 @@ def main() -> None:
 @click.option("--ratio", required=True, help="Tokens merged per block (r): an int, or a comma-separated per-layer list.")
 @click.option("--schedule", type=click.Choice(["constant", "decreasing"]), default="constant", show_default=True,
               help="For an int ratio: constant r, or ToMe's decreasing schedule (1.5r down to 0.5r).")
-@click.option("--alpha", type=float, default=6.0, show_default=True,
-              help="Weight of the semantic value I in E = R - alpha * I (0 = ToMe).")
+@click.option("--alpha", type=float, default=None,
+              help="Weight of the semantic value I in E = R - alpha * I (0 = ToMe) [default: the family's, see "
+                   "turbo_export/defaults.py].")
 @click.option("--min-tokens", type=int, default=0, show_default=True,
               help="No merge in a block whose input is shorter than this.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention (log size bias).")
@@ -101,8 +103,9 @@ def main() -> None:
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per model.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff).")
 @user_errors
-def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: int, no_prop_attn: bool,
-        batch: int, image_size: int | None, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
+def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_tokens: int, no_prop_attn: bool,
+        batch: int, image_size: int | None, backend: str, precision: str, merge_impl: str, out_dir: str | None,
+        no_bench: bool,
         no_validate: bool, runs: int, atol: float) -> None:
     """Export a ViT / DeiT / DINOv2 model unaccelerated and with Turbo, check parity, compare throughput."""
     from .export.pipeline import JobOptions, check_backend, run_export, summary_lines
@@ -122,6 +125,10 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
     spec = SPECS["vit"]
     click.echo(f"loading {model_source} ...", err=True)
     loaded = load_model(model_source, "vit", spec.supported())
+    if alpha is None:
+        from .defaults import defaults_for
+
+        alpha = defaults_for(type(loaded.model).__name__).alpha
     ratio_tag = ratio.replace(",", "_") + ("d" if schedule == "decreasing" else "")
     out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio_tag}")
     options = JobOptions(
@@ -144,7 +151,8 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float, min_tokens: 
               help="random:<preset> (blip-base, blip-large, tiny), a local BLIP folder, or a hub id "
                    "[default: random:blip-base, seeded random weights].")
 @click.option("--ratio", required=True, help="Tokens merged per image-encoder block (r): an int or a per-layer list.")
-@click.option("--alpha", type=float, default=6.0, show_default=True, help="Weight of the semantic value I (0 = ToMe).")
+@click.option("--alpha", type=float, default=DEFAULTS["blip"].alpha, show_default=True,
+              help="Weight of the semantic value I (0 = ToMe).")
 @click.option("--min-tokens", type=int, default=None,
               help="No merge below this many tokens [default: 40 for caption and VQA, 100 for retrieval].")
 @click.option("--batch", type=int, default=4, show_default=True, help="Images per call (static).")

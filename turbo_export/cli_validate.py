@@ -69,7 +69,8 @@ def validate_cmd(export_dir: str, source: str, limit: int | None, model_source: 
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per graph.")
 @click.option("--no-bench", is_flag=True, help="Skip the timing (accuracy only; the plot uses the FLOPs ratio).")
 @click.option("--lock", default=None, help="Hold an flock on this file while timing (e.g. /tmp/turbo-bench.lock).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write every figure here (rewritten after each configuration with \"complete\": false).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of throughput against accuracy here (needs matplotlib).")
 @user_errors
@@ -87,7 +88,7 @@ def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, .
                                    ) from None
     result = run_sweep(model_source, _int_list(ratios, "ratios"), _float_list(alphas, "alphas"), sources, limit,
                        batch=batch, image_size=image_size, min_tokens=min_tokens, runs=runs, lock=lock,
-                       timed=not no_bench)
+                       timed=not no_bench, partial_json=json_path)
     click.echo(f"{result['model']}, batch {batch}, image size {result['image_size']}; speedup: ONNX Runtime, "
                f"interleaved with the unaccelerated graph on a real batch")
     click.echo(tables(result))
@@ -119,8 +120,8 @@ def visualize_cmd(model_source: str, image_path: str, ratio: str, alpha: float |
 
     if not os.path.isfile(image_path):
         raise TurboExportError(f"image: '{image_path}' does not exist")
-    result = visualize(model_source, image_path, parse_ratio(ratio), out_path,
-                       alpha=6.0 if alpha is None else alpha, min_tokens=min_tokens, image_size=image_size)
+    result = visualize(model_source, image_path, parse_ratio(ratio), out_path, alpha=alpha, min_tokens=min_tokens,
+                       image_size=image_size)
     groups = ", ".join(f"{k}: {v}" for k, v in result["groups"].items())
     click.echo(f"{result['tokens']} tokens in ({result['image_size']} px, patch {result['patch']}); patch groups "
                f"after the last block: {groups}")

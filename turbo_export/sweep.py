@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import bench, datasets, merge
 from .errors import TurboExportError
+from .files import write_json_atomic
 from .export.onnx import export_onnx, require_parity, validate
 from .export.pipeline import check_ratio
 from .export.specs import SPECS, TurboOptions
@@ -50,9 +51,7 @@ def accuracy_of(row: dict[str, Any]) -> tuple[float, str]:
     p = row["parity"]
     if p["kind"] == "classification":
         return (p["turbo_top1"], "top-1") if "turbo_top1" in p else (p["agreement"], "top-1 agreement")
-    if "linear_probe" in p:
-        return p["linear_probe"]["turbo_accuracy"], "linear-probe accuracy"
-    return p["cls_cosine"]["mean"], "CLS cosine (mean)"
+    return p["cls_cosine"]["mean"], "CLS cosine to the unaccelerated model (mean)"
 
 
 def token_budget(loaded: LoadedModel, options: TurboOptions) -> tuple[list[int], int, float]:
@@ -82,7 +81,10 @@ def run_sweep(
     work_dir: str | None = None,
     progress: bool = True,
     loaded: LoadedModel | None = None,
+    partial_json: str | None = None,
 ) -> dict[str, Any]:
+    """Every (r, alpha) with r > 0 (alpha-major: all ratios of the first alpha come first), plus the
+    unaccelerated row. ``partial_json``: rewrite this file after every configuration ("complete": false)."""
     spec = SPECS["vit"]
     if batch < 1:
         raise TurboExportError(f"batch: must be >= 1, got {batch}")
@@ -105,6 +107,12 @@ def run_sweep(
     work = work_dir or tempfile.mkdtemp(prefix="turbo-sweep-")
     os.makedirs(work, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    base_runner = None
+
+    def finish(rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+        return _summary(model_source, sources, sets, images, batch, size, min_tokens, base_runner, ratios, alphas,
+                        rows, complete)
+
     try:
         base_options = TurboOptions(ratio=0, batch=batch, image_size=size)
         base_graph = spec.graph("baseline", loaded.model, loaded, base_options)
@@ -118,7 +126,7 @@ def run_sweep(
                     "parity_by_data": {src: parity(base_out[src], base_out[src], sets[src].labels) for src in sources}}
         rows.append(base_row)
 
-        combos = [(r, a) for r in ratios if r > 0 for a in alphas]
+        combos = [(r, a) for a in alphas for r in ratios if r > 0]
         for r, alpha in tqdm(combos, desc="sweep", unit="config", disable=not progress, file=sys.stderr):
             options = TurboOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, batch=batch, image_size=size)
             model = spec.make_turbo(copy.deepcopy(loaded.model), options)
@@ -151,13 +159,21 @@ def run_sweep(
             })
             del runner
             os.remove(path)
+            if partial_json:
+                write_json_atomic(partial_json, no_arrays(finish(rows, False)))
     finally:
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
+    return finish(rows, True)
+
+
+def _summary(model_source, sources, sets, images, batch, size, min_tokens, base_runner, ratios, alphas, rows,
+             complete) -> dict[str, Any]:
+    rows = sorted(rows, key=lambda row: (row["r"], -1 if row["alpha"] is None else row["alpha"]))
     for row in rows:
         row["parity"] = row["parity_by_data"][sources[0]]  # the first source is the one plotted
         row["accuracy"], metric = accuracy_of(row)
-    return {"model": model_source, "data": sources[0], "images": len(images), "labelled": images.labels is not None,
+    return {"complete": complete, "model": model_source, "data": sources[0], "images": len(images), "labelled": images.labels is not None,
             "datasets": [{"data": src, "images": len(sets[src]), "labelled": sets[src].labels is not None}
                          for src in sources],
             "batch": batch, "image_size": size, "min_tokens": min_tokens, "backend": "onnxruntime",
@@ -247,6 +263,7 @@ def plot(result: dict[str, Any], path: str, title: str | None = None) -> str:
     os.close(fd)
     try:
         fig.savefig(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         plt.close(fig)

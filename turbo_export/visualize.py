@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import datasets, merge
+from .defaults import defaults_for
 from .errors import TurboExportError
 from .export.specs import SPECS, TurboOptions
 from .patch import turbo_settings
@@ -126,7 +127,7 @@ def compose_panels(panels: list[tuple[str, np.ndarray]]) -> Any:
     return canvas
 
 
-def visualize(model_source: str, image_path: str, ratio: merge.RSchedule, out: str, alpha: float = 6.0,
+def visualize(model_source: str, image_path: str, ratio: merge.RSchedule, out: str, alpha: float | None = None,
               min_tokens: int = 0, image_size: int | None = None, loaded: LoadedModel | None = None
               ) -> dict[str, Any]:
     """Write a PNG: the input, ToMe's groups (alpha = 0) and Turbo's groups (``alpha``) at ``ratio``."""
@@ -141,6 +142,8 @@ def visualize(model_source: str, image_path: str, ratio: merge.RSchedule, out: s
     from .export.pipeline import check_ratio
 
     check_ratio(schedule, tokens, spec.protected(loaded))
+    if alpha is None:
+        alpha = defaults_for(type(loaded.model).__name__).alpha
     if alpha == 0:
         raise TurboExportError("alpha: 0 is ToMe, which is always drawn beside Turbo; give Turbo's alpha > 0")
     picture = display_image(loaded, pixels)
@@ -159,6 +162,7 @@ def visualize(model_source: str, image_path: str, ratio: merge.RSchedule, out: s
     os.close(fd)
     try:
         canvas.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)

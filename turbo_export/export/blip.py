@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import bench, merge
+from ..defaults import DEFAULTS
 from ..errors import ParityError, TurboExportError
 from ..metrics import corpus_bleu, strip_special
 from ..files import staged_output, write_json_atomic
@@ -49,7 +50,7 @@ class BlipOptions:
     task: str
     ratio: merge.RSchedule
     out_dir: str
-    alpha: float = 6.0
+    alpha: float = DEFAULTS["blip"].alpha
     min_tokens: int | None = None  # None: the task's default
     batch: int = 4
     image_size: int | None = None

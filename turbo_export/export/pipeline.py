@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import platform
 import sys
@@ -67,6 +68,10 @@ def check_ratio(schedule: list[int], num_tokens: int, protected: int) -> None:
 
 def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log = log_to_stderr) -> JobResult:
     turbo = options.turbo
+    if turbo.alpha is None:
+        from ..defaults import defaults_for
+
+        turbo = options.turbo = dataclasses.replace(turbo, alpha=defaults_for(type(loaded.model).__name__).alpha)
     check_backend(options.backend, options.precision)
     if turbo.batch < 1:
         raise TurboExportError(f"batch: must be >= 1, got {turbo.batch}")

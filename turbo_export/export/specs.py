@@ -42,7 +42,7 @@ class ImageModelGraph(nn.Module):
 @dataclass
 class TurboOptions:
     ratio: merge.RSchedule
-    alpha: float = 6.0
+    alpha: float | None = None  # None: the family's default (defaults.py), filled in by run_export
     min_tokens: int = 0
     prop_attn: bool = True
     batch: int = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import merge
+from ..defaults import defaults_for
 from ..errors import TurboExportError
 from . import blip, blocks, unet, vit
 
@@ -28,7 +29,7 @@ def adapter_for(model: nn.Module) -> blocks.FamilyAdapter:
 def apply_turbo(
     model: nn.Module,
     ratio: merge.RSchedule,
-    alpha: float = 6.0,
+    alpha: float | None = None,
     min_tokens: int = 0,
     prop_attn: bool = True,
     merge_impl: str = "onnx",
@@ -37,13 +38,15 @@ def apply_turbo(
 
     ratio: tokens merged per block (r): an int, a per-layer list, or ToMe's ``(r, inflection)``
     tuple (``(r, -0.5)`` is the decreasing schedule). alpha weighs the semantic value I directly
-    (``alpha = 0`` is ToMe). Blocks whose input is shorter than ``min_tokens`` do not merge.
+    (``alpha = 0`` is ToMe; None: the family's default from ``defaults.py``). Blocks whose input is shorter than ``min_tokens`` do not merge.
     Calling it again on a patched model replaces the settings. ``merge_impl="plugin"`` routes every merge
     through the ``turbo::merge`` custom op (same values; one TurboMerge node per block when exported).
     A diffusers UNet takes a fraction of tokens instead: use ``patch.unet.apply_turbo_unet``.
     """
     from ..plugin_ops import merge_fn
 
+    if alpha is None and not unet.is_unet(model):
+        alpha = defaults_for(type(model).__name__).alpha
     if unet.is_unet(model):
         raise TurboExportError("a Stable Diffusion UNet merges a fraction of tokens: use "
                                "turbo_export.patch.unet.apply_turbo_unet(unet, ratio, alpha=, blocks=)")
