@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import SHARED
+from turbo_export.defaults import DEFAULTS
 from turbo_export import datasets, merge, metrics
 from turbo_export.cli import main
 from turbo_export.errors import TurboExportError
@@ -201,7 +202,7 @@ def test_validate_cli_on_real_mnist_vit(tmp_path):
     result = _run(["validate", str(out), "--data", DIGITS, "--json", str(report_path)])
     assert result.exit_code == 0, result.output + result.stderr
     report = json.loads(report_path.read_text())
-    assert report["images"] == 32 and report["labelled"] and report["alpha"] == 6.0
+    assert report["images"] == 32 and report["labelled"] and report["alpha"] == DEFAULTS["vit-classifier"].alpha
     for key in ("baseline_top1", "turbo_top1", "agreement"):
         assert 0.0 <= report[key] <= 1.0
     assert report["baseline_top1"] >= 0.9  # a real classifier (98.4% on 5,000 digits)
