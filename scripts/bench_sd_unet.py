@@ -54,6 +54,9 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
+    # Memory (24 GB shared): the PyTorch UNet (3.4 GB), its Turbo copy and the exporter live only while a graph is
+    # exported; the two ONNX Runtime sessions only while it is validated and timed. The UNet is rebuilt (same seed)
+    # for each configuration.
     comp = build_random_sd(args.preset)
     latent = args.resolution // 8
     inputs = example_inputs(comp, (latent, latent), batch=1)
@@ -61,14 +64,6 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     results = {"preset": args.preset, "resolution": args.resolution, "graph_batch": 2, "alpha": args.alpha,
                "runs": args.runs, "warmup": args.warmup, "environment": environment(), "configs": []}
-
-    base_spec = GraphSpec("baseline", UNetGraph(comp.unet), inputs, OUTPUT_NAMES)
-    log("PyTorch baseline output ...")
-    base_ref = torch_outputs(base_spec, inputs)[0]
-    log("FLOPs baseline ...")
-    base_flops = count_flops(comp.unet, inputs)
-    base_path = os.path.join(args.work, "baseline.onnx")
-    log("exporting baseline ...")
     done = set()
     if args.resume and os.path.exists(args.out):
         with open(args.out) as f:
@@ -76,44 +71,58 @@ def main() -> None:
         results["configs"] = previous["configs"]
         results["baseline_export_s"] = previous.get("baseline_export_s")
         done = {(c["selection"], c["ratio"]) for c in results["configs"]}
+
+    base_spec = GraphSpec("baseline", UNetGraph(comp.unet), inputs, OUTPUT_NAMES)
+    log("PyTorch baseline output ...")
+    base_ref = torch_outputs(base_spec, inputs)[0]
+    base_flops = count_flops(comp.unet, inputs)
+    base_path = os.path.join(args.work, "baseline.onnx")
     if not (args.resume and os.path.exists(base_path + ".data")):
+        log("exporting baseline ...")
         t0 = time.perf_counter()
         export_onnx(base_spec, base_path)
         results["baseline_export_s"] = time.perf_counter() - t0
-    base_runner = make_runner(base_path)
-    base_out = base_runner.run(feed)["noise_pred"]
-    check = compare_outputs(["noise_pred"], [base_out], [base_ref], 1e-3)[0]
-    results["baseline"] = {"flops": base_flops, "onnx_vs_pytorch_max_abs_diff": check.max_abs_diff,
-                           "onnx_vs_pytorch_cosine": check.cosine}
-    log(f"baseline: {base_flops / 1e9:.1f} GFLOPs, ONNX vs PyTorch max|diff| {check.max_abs_diff:.2e}")
+    del base_spec
+    base_out = None
 
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for selection in args.selections.split(","):
             if (selection, ratio) in done:
                 continue
             log(f"--- {selection} blocks, ratio {ratio}")
+            if comp.unet is None:
+                comp = build_random_sd(args.preset)
             turbo = apply_turbo_unet(copy.deepcopy(comp.unet), ratio, alpha=args.alpha, blocks=selection)
             spec = GraphSpec("turbo", UNetGraph(turbo), inputs, OUTPUT_NAMES)
             ref = torch_outputs(spec, inputs)[0]
             flops = count_flops(turbo, inputs)
-            path = os.path.join(args.work, f"turbo-{selection}-{ratio}.onnx")
-            del base_runner  # memory: the PyTorch UNet, its Turbo copy and the exporter are enough at once
-            gc.collect()
-            t0 = time.perf_counter()
-            export_onnx(spec, path)
-            export_s = time.perf_counter() - t0
             blocks = merged_blocks(turbo)
+            path = os.path.join(args.work, f"turbo-{selection}-{ratio}.onnx")
+            export_s = None
+            if not (args.resume and os.path.exists(path + ".data")):
+                log("exporting ...")
+                t0 = time.perf_counter()
+                export_onnx(spec, path)
+                export_s = time.perf_counter() - t0
             del spec, turbo
+            comp.unet = None
             gc.collect()
             base_runner = make_runner(base_path)
             runner = make_runner(path)
+            if base_out is None:
+                base_out = base_runner.run(feed)["noise_pred"]
+                check = compare_outputs(["noise_pred"], [base_out], [base_ref], 1e-3)[0]
+                results["baseline"] = {"flops": base_flops, "onnx_vs_pytorch_max_abs_diff": check.max_abs_diff,
+                                       "onnx_vs_pytorch_cosine": check.cosine}
+                log(f"baseline: {base_flops / 1e9:.1f} GFLOPs, ONNX vs PyTorch max|diff| {check.max_abs_diff:.2e}")
             out = runner.run(feed)["noise_pred"]
             parity = compare_outputs(["noise_pred"], [out], [ref], 1e-3)[0]
             closeness = compare_outputs(["noise_pred"], [out], [base_out], float("inf"))[0]
             log(f"parity max|diff| {parity.max_abs_diff:.2e}; vs baseline cosine {closeness.cosine:.5f}; "
                 f"FLOPs ratio {base_flops / flops:.3f}; waiting for the bench lock ...")
-            with open(args.lock, "w") as lock:
+            with open(args.lock, "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
+                log("timing ...")
                 timings = bench.interleaved({"baseline": base_runner, "turbo": runner},
                                             {"baseline": feed, "turbo": feed}, 2, warmup=args.warmup,
                                             runs=args.runs, progress=False)
@@ -137,12 +146,11 @@ def main() -> None:
             log(json.dumps({k: v for k, v in entry.items() if not k.endswith("_ms")}))
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
-            del runner
+            del runner, base_runner
             gc.collect()
             os.remove(path)
             if os.path.exists(path + ".data"):
                 os.remove(path + ".data")
-    del base_runner
     shutil.rmtree(args.work, ignore_errors=True)
     log("done")
 

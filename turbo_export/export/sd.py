@@ -99,18 +99,19 @@ def example_inputs(components: SDComponents, latent_hw: tuple[int, int], batch: 
 
 
 def count_flops(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one UNet call by torch's FlopCounterMode (matmul-based attention, so attention is counted).
+    """FLOPs of one UNet call by torch's FlopCounterMode, on fake tensors (shapes only, nothing is computed).
 
     The attention processors are swapped for diffusers' matmul ``AttnProcessor`` while counting (the counter
-    does not count CPU SDPA kernels) and put back after.
+    does not count SDPA kernels on CPU) and put back after; the Turbo merge's similarity matmul is counted too.
     """
     from diffusers.models.attention_processor import AttnProcessor
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     saved = unet.attn_processors
     unet.set_attn_processor(AttnProcessor())
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
             unet(*inputs.values(), return_dict=False)
         return int(counter.get_total_flops())
     finally:
@@ -182,8 +183,8 @@ def build_sd_report(components, options, resolution, latent_hw, turbo, flops, pa
         "tokens_per_block": blocks,
         "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
                   "ratio": flops["baseline"] / flops["turbo"],
-                  "counted_by": "torch.utils.flop_counter.FlopCounterMode on the PyTorch UNet, one call "
-                                "(batch 2B), matmul attention"},
+                  "counted_by": "torch.utils.flop_counter.FlopCounterMode on the PyTorch UNet (fake tensors), one "
+                                "call (batch 2B), matmul attention, merge matching included"},
         "files": {"baseline": "baseline.onnx", "turbo": "turbo.onnx"},
         "parity": None,
         "bench": None,
