@@ -181,7 +181,7 @@ def load_sd(source: str, with_unet: bool = True) -> SDComponents:
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        raise TurboExportError("Stable Diffusion needs diffusers: pip install 'turbo-export[sd]'") from None
+        raise TurboExportError("Stable Diffusion needs diffusers (a dependency of turbo-export): pip install 'diffusers>=0.30'") from None
     if source.startswith(RANDOM_PREFIX):
         return build_random_sd(source[len(RANDOM_PREFIX):], with_unet=with_unet)
     return load_sd_folder(source, with_unet=with_unet)
