@@ -2,16 +2,17 @@
 
 For random:sd-1.5 at 512 px (64x64 latents), batch 2 (one classifier-free-guidance pair), 77 text tokens:
 exports the baseline UNet once, then for each (selection, ratio) the Turbo UNet; validates each graph against
-PyTorch; times baseline vs Turbo interleaved (holding /tmp/turbo-bench.lock only while timing); reports the
+PyTorch; times baseline vs Turbo interleaved (holding --lock, if given, only while timing); reports the
 FLOPs ratio (FlopCounterMode) and how close each Turbo output is to the baseline output on the same input.
 At most the baseline and one Turbo session are open at a time; each Turbo graph is deleted after use.
 
-    PYTHONPATH=$PWD python scripts/bench_sd_unet.py --out /work/scratch/sd/bench_results.json
+    python scripts/bench_sd_unet.py --out engines/bench-sd/results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fcntl
 import gc
@@ -46,9 +47,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--work", default="/work/scratch/sd/bench")
-    ap.add_argument("--out", default="/work/scratch/sd/bench_results.json")
-    ap.add_argument("--lock", default="/tmp/turbo-bench.lock")
+    ap.add_argument("--work", default="engines/bench-sd")
+    ap.add_argument("--out", default="engines/bench-sd/results.json")
+    ap.add_argument("--lock", default=None)
     ap.add_argument("--resume", action="store_true",
                     help="keep the configs already in --out and an existing baseline.onnx in --work")
     args = ap.parse_args()
@@ -120,13 +121,14 @@ def main() -> None:
             closeness = compare_outputs(["noise_pred"], [out], [base_out], float("inf"))[0]
             log(f"parity max|diff| {parity.max_abs_diff:.2e}; vs baseline cosine {closeness.cosine:.5f}; "
                 f"FLOPs ratio {base_flops / flops:.3f}; waiting for the bench lock ...")
-            with open(args.lock, "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.ExitStack() as stack:
+                if args.lock:  # serialise timing with other benchmarks on a shared machine
+                    lock = stack.enter_context(open(args.lock, "a"))
+                    fcntl.flock(lock, fcntl.LOCK_EX)
                 log("timing ...")
                 timings = bench.interleaved({"baseline": base_runner, "turbo": runner},
                                             {"baseline": feed, "turbo": feed}, 2, warmup=args.warmup,
                                             runs=args.runs, progress=False)
-                fcntl.flock(lock, fcntl.LOCK_UN)
             speed = bench.speedup(timings)
             entry = {
                 "selection": selection, "ratio": ratio, "blocks_merged": len(blocks),

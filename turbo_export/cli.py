@@ -270,6 +270,10 @@ def list_presets() -> None:
         click.echo(f"{'random:' + name:{width}}  vit   {preset.model_class:38}  {preset.description}")
     for name, note in BLIP_PRESET_NOTES.items():
         click.echo(f"{'random:' + name:{width}}  blip  {'(one model class per --task)':38}  {note}")
+    from .sd_presets import SD_PRESETS
+
+    for name, sd in SD_PRESETS.items():
+        click.echo(f"{'random:' + name:{width}}  sd    {'UNet2DConditionModel (sd-unet)':38}  {sd.description}")
 
 
 from . import cli_validate  # noqa: E402,F401
