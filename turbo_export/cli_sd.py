@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -76,11 +75,9 @@ def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: 
 
 
 def read_export_dir(path: str) -> dict[str, Any]:
-    report_path = os.path.join(path, "report.json")
-    if not os.path.isfile(report_path):
-        raise TurboExportError(f"DIR: '{path}' has no report.json; pass a folder written by 'turbo-export sd-unet'")
-    with open(report_path) as f:
-        report = json.load(f)
+    from .files import read_report
+
+    report = read_report(path, made_by="turbo-export sd-unet")
     if report.get("family") != "sd-unet":
         raise TurboExportError(f"DIR: '{path}' holds a {report.get('family')!r} export, not an sd-unet one")
     for name in ("baseline.onnx", "turbo.onnx"):

@@ -12,23 +12,14 @@ DATA_HELP = ("A folder of images (optional labels.csv 'filename,label' or labels
              "builtin:mnist | builtin:skimage | builtin:lfw | builtin:foolbox-imagenet.")
 
 
-def _int_list(value: str, what: str) -> list[int]:
+def _number_list(value: str, what: str, cast: type) -> list:
+    kind = "integers" if cast is int else "numbers"
     try:
-        out = [int(v) for v in value.split(",") if v.strip()]
+        out = [cast(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise TurboExportError(f"{what}: expected comma-separated integers, got '{value}'") from None
+        raise TurboExportError(f"{what}: expected comma-separated {kind}, got '{value}'") from None
     if not out or any(v < 0 for v in out):
-        raise TurboExportError(f"{what}: expected non-negative integers, got '{value}'")
-    return out
-
-
-def _float_list(value: str, what: str) -> list[float]:
-    try:
-        out = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise TurboExportError(f"{what}: expected comma-separated numbers, got '{value}'") from None
-    if not out or any(v < 0 for v in out):
-        raise TurboExportError(f"{what}: expected non-negative numbers, got '{value}'")
+        raise TurboExportError(f"{what}: expected non-negative {kind}, got '{value}'")
     return out
 
 
@@ -86,7 +77,8 @@ def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, .
         except ImportError:
             raise TurboExportError("plot: needs matplotlib; pip install matplotlib (or 'turbo-export[viz]')"
                                    ) from None
-    result = run_sweep(model_source, _int_list(ratios, "ratios"), _float_list(alphas, "alphas"), sources, limit,
+    result = run_sweep(model_source, _number_list(ratios, "ratios", int), _number_list(alphas, "alphas", float),
+                       sources, limit,
                        batch=batch, image_size=image_size, min_tokens=min_tokens, runs=runs, lock=lock,
                        timed=not no_bench, partial_json=json_path)
     click.echo(f"{result['model']}, batch {batch}, image size {result['image_size']}; speedup: ONNX Runtime, "

@@ -50,3 +50,19 @@ def staged_output(out_dir: str) -> Iterator[str]:
             os.replace(os.path.join(stage, name), target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def read_report(export_dir: str, made_by: str = "turbo-export") -> dict[str, Any]:
+    """The report.json of an export folder, or a one-line error saying what is wrong with the folder."""
+    from .errors import TurboExportError
+
+    path = os.path.join(export_dir, "report.json")
+    if not os.path.isdir(export_dir):
+        raise TurboExportError(f"export folder '{export_dir}' does not exist")
+    if not os.path.isfile(path):
+        raise TurboExportError(f"'{export_dir}' has no report.json; pass a folder written by '{made_by}'")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise TurboExportError(f"'{path}' is unreadable: {exc}") from None

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import TurboExportError
-from .triton_repo import ModelConfig, TensorSpec, _read_report, onnx_signature, to_pbtxt
+from .files import read_report
+from .triton_repo import ModelConfig, TensorSpec, onnx_signature, to_pbtxt
 
 FLAVOURS = ("turbo", "baseline")
 DEFAULT_MAX_REQUEST_MB = 16.0
@@ -207,7 +208,7 @@ PIPELINES: dict[str, Callable[..., list[Binding]]] = {
 
 
 def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[Binding]:
-    report = _read_report(export_dir)
+    report = read_report(export_dir)
     family = report.get("family")
     if family not in PIPELINES:
         raise TurboExportError(f"'{export_dir}': serving a '{family}' export is not supported yet; "

@@ -183,7 +183,7 @@ def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: in
                     kind: str = "gpu", gpus: Sequence[int] = (), queue_delay_us: int = 100,
                     names: Sequence[str] | None = None) -> list[RepoModel]:
     """What `write_repository` writes: one Triton model per exported graph of the folder."""
-    report = _read_report(export_dir)
+    report = read_report(export_dir)
     files: dict[str, str] = dict(report.get("files") or {})
     if names:
         unknown = [n for n in names if n not in files]
@@ -235,21 +235,6 @@ def _find_plan(export_dir: str, name: str) -> str:
             return path
     raise TurboExportError(f"backend tensorrt: no TensorRT engine '{name}.plan' in '{export_dir}'; build one with "
                            "--backend tensorrt on a machine with TensorRT, or write an onnxruntime repository")
-
-
-def _read_report(export_dir: str) -> dict[str, Any]:
-    import json
-
-    path = os.path.join(export_dir, "report.json")
-    if not os.path.isdir(export_dir):
-        raise TurboExportError(f"export folder '{export_dir}' does not exist")
-    if not os.path.isfile(path):
-        raise TurboExportError(f"'{export_dir}' has no report.json; is it a turbo-export output folder?")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise TurboExportError(f"'{path}' is unreadable: {exc}") from None
 
 
 def write_repository(models: list[RepoModel], out_dir: str, link: bool = False) -> list[str]:

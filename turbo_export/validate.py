@@ -15,7 +15,6 @@ and measures parity:
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import datasets, metrics
+from . import datasets, files, metrics
 from .errors import TurboExportError
 from .presets import LoadedModel, load_model
 from .runtime import Runner, make_runner
@@ -184,11 +183,7 @@ def torch_check(onnx_out: dict[str, np.ndarray], torch_out: dict[str, np.ndarray
 
 
 def read_report(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, "report.json")
-    if not os.path.isfile(path):
-        raise TurboExportError(f"validate: {folder} has no report.json; pass a folder written by 'turbo-export vit'")
-    with open(path) as f:
-        report = json.load(f)
+    report = files.read_report(folder, made_by="turbo-export vit")
     if report.get("family") != "vit":
         raise TurboExportError(f"validate: family '{report.get('family')}' is not supported yet (only exports of "
                                "'turbo-export vit'; BLIP caption/retrieval validation is a follow-up)")

@@ -302,9 +302,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         rows.append((f"{b['backend']} images/s (batch {b['batch']})", f"{b['baseline_ips']:.1f}",
                      f"{b['turbo_ips']:.1f}"))
         rows.append(("median latency ms", f"{b['baseline_median_ms']:.1f}", f"{b['turbo_median_ms']:.1f}"))
+    return side_by_side(rows, report, f"turbo (r={report['ratio']}, alpha={report['alpha']:g})")
+
+
+def side_by_side(rows: list[tuple[str, str, str]], report: dict[str, Any], turbo_title: str) -> list[str]:
+    """Rows of (what, baseline, turbo) as aligned columns, closed by the FLOPs ratio and the measured speedup."""
     width = max(len(r[0]) for r in rows)
     col = max(12, max(len(r[1]) for r in rows))
-    lines = [f"{'':{width}}  {'baseline':>{col}}  turbo (r={report['ratio']}, alpha={report['alpha']:g})"]
+    lines = [f"{'':{width}}  {'baseline':>{col}}  {turbo_title}"]
     lines += [f"{a:{width}}  {b:>{col}}  {c}" for a, b, c in rows]
     lines.append(f"{'FLOPs ratio':{width}}  {report['flops']['ratio']:>{col}.2f}x")
     if report.get("bench"):

@@ -21,7 +21,7 @@ from ..patch import unet as unet_patch
 from ..runtime import make_runner
 from ..sd_presets import TEXT_LEN, SDComponents
 from .onnx import DEFAULT_ATOL, GraphSpec, ParityReport, compare_outputs, cosine
-from .pipeline import Log, environment, export_graphs, log_to_stderr, validate_graphs
+from .pipeline import Log, environment, export_graphs, log_to_stderr, side_by_side, validate_graphs
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
 OUTPUT_NAMES = ["noise_pred"]
@@ -142,7 +142,7 @@ def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_t
     parity: dict[str, ParityReport] = {}
     timings = None
     with staged_output(options.out_dir) as stage:
-        runners = export_graphs(graphs, stage, options.backend, log)
+        runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir)
         if options.validate:
             parity = validate_graphs(graphs, runners, options.out_dir, log)
         if options.bench:
@@ -243,17 +243,8 @@ def sd_summary_lines(report: dict[str, Any]) -> list[str]:
                      f"{b['turbo_median_ms']:.1f}"))
     tv = report["turbo_vs_baseline"]
     rows.append(("turbo vs baseline output", "", f"cosine {tv['cosine']:.4f}, max|diff| {tv['max_abs_diff']:.3g}"))
-    width = max(len(r[0]) for r in rows)
-    col = max(12, max(len(r[1]) for r in rows))
-    lines = [f"{'':{width}}  {'baseline':>{col}}  turbo (ratio={report['ratio']:g}, alpha={report['alpha']:g}, "
-             f"blocks={report['blocks']})"]
-    lines += [f"{a:{width}}  {b:>{col}}  {c}" for a, b, c in rows]
-    lines.append(f"{'FLOPs ratio':{width}}  {report['flops']['ratio']:>{col}.2f}x")
-    if report.get("bench"):
-        b = report["bench"]
-        lines.append(f"{'speedup':{width}}  {b['speedup']:>{col}.2f}x  "
-                     f"({b['speedup_over_flops_ratio']:.2f} of the FLOPs ratio)")
-    return lines
+    return side_by_side(rows, report, f"turbo (ratio={report['ratio']:g}, alpha={report['alpha']:g}, "
+                                      f"blocks={report['blocks']})")
 
 
 __all__ = ["SDOptions", "run_sd_export", "sd_summary_lines", "UNetGraph", "example_inputs", "count_flops",
