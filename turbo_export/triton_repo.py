@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .errors import TurboExportError
-from .files import staged_output
+from .files import read_report, staged_output
 
 # numpy dtype name -> (Triton config type, KServe v2 datatype)
 TRITON_TYPES = {
@@ -36,6 +36,7 @@ class TensorSpec:
     name: str
     dtype: str  # a key of TRITON_TYPES
     dims: tuple[int, ...]  # -1 for a variable dimension
+    optional: bool = False  # an input a request may leave out (Triton's `optional: true`)
 
     @property
     def triton_type(self) -> str:
@@ -73,7 +74,8 @@ def _quote(text: str) -> str:
 
 def _tensor(t: TensorSpec) -> str:
     dims = ", ".join(str(d) for d in t.dims)
-    return f"  {{\n    name: {_quote(t.name)}\n    data_type: {t.triton_type}\n    dims: [ {dims} ]\n  }}"
+    optional = "\n    optional: true" if t.optional else ""
+    return f"  {{\n    name: {_quote(t.name)}\n    data_type: {t.triton_type}\n    dims: [ {dims} ]{optional}\n  }}"
 
 
 def to_pbtxt(config: ModelConfig) -> str:
