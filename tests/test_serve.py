@@ -506,3 +506,175 @@ def test_blip_caption_pipeline_equals_onnx_pipeline(blip_server, flavour):
     assert texts == [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     status, answer = post_image(server, f"blip-caption-{flavour}", b"\x89PNG broken")
     assert status == 400 and "image" in answer["error"]
+
+
+# ---- Stable Diffusion: prompt + seed in, PNG out ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_export(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    out = str(tmp_path_factory.mktemp("serve") / "sd")
+    result = cli(["sd-unet", "--model", "random:tiny", "--ratio", "0.5", "--no-bench", "--out", out])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_server(sd_export):
+    if not HAVE_TRITON:
+        pytest.skip("nvidia-pytriton / tritonclient not installed (pip install 'turbo-export[serve]')")
+    from turbo_export.serve import ServeOptions, free_port, serving
+
+    with serving(sd_export, ServeOptions(max_batch=4, threads=1), http_port=free_port(), grpc_port=None) as (srv, b):
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def sd_components(sd_export):
+    from turbo_export.sd_presets import load_sd
+
+    return load_sd("random:tiny", with_unet=False)
+
+
+def sd_inputs(prompts: list[str], seeds: list[int], steps: list[int] | None = None,
+              guidance: list[float] | None = None) -> list:
+    import tritonclient.http as httpclient
+
+    values = [("prompt", np.array([[p.encode()] for p in prompts], dtype=np.object_), "BYTES"),
+              ("seed", np.array([[s] for s in seeds], np.int64), "INT64")]
+    if steps is not None:
+        values.append(("steps", np.array([[s] for s in steps], np.int32), "INT32"))
+    if guidance is not None:
+        values.append(("guidance", np.array([[g] for g in guidance], np.float32), "FP32"))
+    inputs = []
+    for name, value, datatype in values:
+        inp = httpclient.InferInput(name, list(value.shape), datatype)
+        inp.set_data_from_numpy(value)
+        inputs.append(inp)
+    return inputs
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        return np.asarray(img)
+
+
+@needs_triton
+@pytest.mark.slow  # the tiny SD export (about 45 s) and a server with two SD pipelines
+def test_sd_metadata(sd_server, sd_export):
+    inputs, outputs, _ = onnx_signature(os.path.join(sd_export, "turbo.onnx"))
+    for name in ("turbo", "baseline"):  # batch 2B (guidance pairs): served with full shapes, not batched
+        status, meta = http(sd_server, f"/v2/models/{name}")
+        assert status == 200
+        assert [(i["name"], i["shape"]) for i in meta["inputs"]] == [(t.name, list(t.dims)) for t in inputs]
+        assert [i["name"] for i in meta["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
+        assert [(o["name"], o["shape"]) for o in meta["outputs"]] == [(t.name, list(t.dims)) for t in outputs]
+    status, meta = http(sd_server, "/v2/models/sd-generate-turbo")
+    assert status == 200
+    assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == \
+        [("prompt", "BYTES", [-1, 1]), ("seed", "INT64", [-1, 1]), ("steps", "INT32", [-1, 1]),
+         ("guidance", "FP32", [-1, 1])]
+    assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [("image", "BYTES")]
+    status, config = http(sd_server, "/v2/models/sd-generate-turbo/config")
+    assert status == 200
+    assert {i["name"]: bool(i.get("optional")) for i in config["input"]} == \
+        {"prompt": False, "seed": False, "steps": True, "guidance": True}
+    assert http(sd_server, "/v2/models/sd-generate-baseline/ready")[0] == 200
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["turbo", "baseline"])
+def test_sd_generate_equals_onnx_pipeline(sd_server, sd_export, sd_components, flavour):
+    """Two prompts in one request, 2 steps: each PNG holds the pixels runtime/sd.py's pipeline makes with the
+    same ONNX UNet, prompt, seed, steps and guidance."""
+    import tritonclient.http as httpclient
+
+    from turbo_export.runtime import make_runner
+    from turbo_export.runtime.sd import generate
+
+    prompts, seeds = ["a red cube on a table", "a photograph of an astronaut riding a horse"], [3, 11]
+    client = httpclient.InferenceServerClient(sd_server.url.removeprefix("http://"))
+    result = client.infer(f"sd-generate-{flavour}", sd_inputs(prompts, seeds, [2, 2], [5.0, 5.0]))
+    got = [decode_png(row[0]) for row in result.as_numpy("image")]
+    runner = make_runner(os.path.join(sd_export, f"{flavour}.onnx"), intra_op_threads=1)
+    for prompt, seed, image in zip(prompts, seeds, got):
+        expected = generate(runner, sd_components, prompt, steps=2, seed=seed, guidance=5.0, progress=False)
+        assert image.shape == expected.images[0].shape == (64, 64, 3)
+        np.testing.assert_array_equal(image, expected.images[0])
+    assert not np.array_equal(got[0], got[1])
+
+
+@needs_triton
+@pytest.mark.slow
+def test_sd_generate_defaults_when_optional_inputs_left_out(sd_server, sd_export, sd_components):
+    import tritonclient.http as httpclient
+
+    from turbo_export.runtime import make_runner
+    from turbo_export.runtime.sd import generate
+    from turbo_export.serve import SD_DEFAULT_GUIDANCE, SD_DEFAULT_STEPS
+
+    client = httpclient.InferenceServerClient(sd_server.url.removeprefix("http://"))
+    image = decode_png(client.infer("sd-generate-turbo", sd_inputs(["a cat"], [5])).as_numpy("image")[0, 0])
+    runner = make_runner(os.path.join(sd_export, "turbo.onnx"), intra_op_threads=1)
+    expected = generate(runner, sd_components, "a cat", steps=SD_DEFAULT_STEPS, seed=5,
+                        guidance=SD_DEFAULT_GUIDANCE, progress=False)
+    np.testing.assert_array_equal(image, expected.images[0])
+
+
+@needs_triton
+@pytest.mark.slow
+def test_sd_tensor_level_unet_equals_runner(sd_server, sd_export):
+    import tritonclient.http as httpclient
+
+    from turbo_export.runtime import make_runner
+
+    runner = make_runner(os.path.join(sd_export, "turbo.onnx"))
+    shapes = {t.name: [int(d) for d in t.shape] for t in runner.inputs}
+    rng = np.random.default_rng(4)
+    feed = {"sample": rng.standard_normal(shapes["sample"]).astype(np.float32),
+            "timestep": np.full(shapes["timestep"], 500.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"]).astype(np.float32)}
+    client = httpclient.InferenceServerClient(sd_server.url.removeprefix("http://"))
+    inputs = []
+    for name, value in feed.items():
+        inp = httpclient.InferInput(name, list(value.shape), "FP32")
+        inp.set_data_from_numpy(value)
+        inputs.append(inp)
+    got = client.infer("turbo", inputs).as_numpy("noise_pred")
+    np.testing.assert_allclose(got, runner.run(feed)["noise_pred"], atol=1e-5, rtol=0)
+
+
+SD_ERRORS = {
+    # case: (prompt, steps, guidance, words in the error)
+    "empty prompt": ("", 2, 7.5, ["prompt", "empty"]),
+    "blank prompt": ("   ", 2, 7.5, ["prompt", "empty"]),
+    "too long prompt": (" ".join(["horse"] * 80), 2, 7.5, ["prompt", "82 tokens", "77"]),
+    "zero steps": ("a cat", 0, 7.5, ["steps", "1..100", "got 0"]),
+    "too many steps": ("a cat", 101, 7.5, ["steps", "1..100", "got 101"]),
+    "nan guidance": ("a cat", 2, float("nan"), ["guidance", "NaN"]),
+    "infinite guidance": ("a cat", 2, float("inf"), ["guidance", "infinity"]),
+}
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SD_ERRORS))
+def test_sd_bad_request_is_400_and_server_keeps_serving(sd_server, case):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    prompt, steps, guidance, words = SD_ERRORS[case]
+    client = httpclient.InferenceServerClient(sd_server.url.removeprefix("http://"))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("sd-generate-turbo", sd_inputs([prompt], [0], [steps], [guidance]))
+    assert info.value.status() == "400", info.value
+    message = info.value.message()
+    assert "\n" not in message and all(w in message for w in words), message
+    ok = client.infer("sd-generate-turbo", sd_inputs(["a cat"], [0], [1]))
+    decode_png(ok.as_numpy("image")[0, 0])

@@ -81,6 +81,10 @@ class HashTokenizer:
         self.eos_token_id = eos_token_id
         self.model_max_length = model_max_length
 
+    def length(self, text: str) -> int:
+        """Tokens of ``text`` with start and end, before truncation to model_max_length."""
+        return len(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())) + 2
+
     def ids(self, text: str) -> list[int]:
         words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
         body = [zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in words][: self.model_max_length - 2]
@@ -111,6 +115,12 @@ class SDComponents:
                                  truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             return self.text_encoder(ids)[0]
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of ``prompt`` with start and end, untruncated (``encode`` cuts at the text encoder's length)."""
+        if isinstance(self.tokenizer, HashTokenizer):
+            return self.tokenizer.length(prompt)
+        return len(self.tokenizer(prompt, truncation=False)["input_ids"])
 
     def scheduler(self):
         from diffusers import DDIMScheduler

@@ -10,7 +10,8 @@ Served models (each in a Turbo and an unaccelerated flavour, so users can A/B):
 - tensor level: the exported graphs, inputs and outputs named as in the ONNX files: ``turbo`` and ``baseline``
   (BLIP: the image encoders; its other graphs under their file names);
 - pipeline level: ``vit-classify-<flavour>`` (image bytes -> labels, scores, class ids) for classifier exports,
-  ``blip-caption-<flavour>`` (image bytes -> text), ``blip-vqa-<flavour>`` (image bytes + question -> answer);
+  ``blip-caption-<flavour>`` (image bytes -> text), ``blip-vqa-<flavour>`` (image bytes + question -> answer),
+  ``sd-generate-<flavour>`` (prompt + seed, optional steps and guidance -> PNG bytes);
   a family's pipelines are one function in PIPELINES.
 
 Batching: the exports have a static batch B; Triton's dynamic batcher groups requests of any size up to
@@ -20,6 +21,7 @@ Batching: the exports have a static batch B; Triton's dynamic batcher groups req
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -198,12 +200,56 @@ def blip_processor_files(report: dict[str, Any], work_dir: str) -> tuple[str, di
     return tokenizer_dir, preprocess, token_ids
 
 
-# A family's bindings: export folder, its report, options, a scratch folder -> models to serve. Stable Diffusion
-# adds "sd": one function returning its tensor bindings and an "sd-generate-<flavour>" binding (prompt + seed ->
-# PNG bytes) whose handler is registered in serve_handlers.HANDLERS.
+SD_MAX_STEPS = 100
+SD_DEFAULT_STEPS = 25
+SD_DEFAULT_GUIDANCE = 7.5
+
+
+def unbatched_tensor_binding(name: str, onnx_path: str) -> Binding:
+    """A graph served with its full shapes (max_batch_size 0): its first dimension is not a request batch."""
+    inputs, outputs, _ = onnx_signature(onnx_path)
+    return Binding(name, inputs, outputs, 0,
+                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": False})
+
+
+def sd_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, work_dir: str) -> list[Binding]:
+    """The SD UNets (``turbo``, ``baseline``; their batch 2B holds classifier-free guidance pairs, so they are not
+    batched across requests) and ``sd-generate-<flavour>``: prompt + seed (+ steps, guidance) -> PNG bytes."""
+    files = report["files"]
+    bindings = [unbatched_tensor_binding(f, os.path.join(export_dir, files[f])) for f in FLAVOURS]
+    if not options.pipelines:
+        return bindings
+    source = str(report["model"])
+    if importlib.util.find_spec("diffusers") is None:
+        raise TurboExportError("serving sd-generate needs diffusers (a dependency of turbo-export): "
+                               "pip install 'diffusers>=0.30', or pass --no-pipelines for the UNets alone")
+    from .sd_presets import RANDOM_PREFIX, SD_PRESETS
+
+    if source.startswith(RANDOM_PREFIX):
+        if source[len(RANDOM_PREFIX):] not in SD_PRESETS:
+            raise TurboExportError(f"report.json: unknown SD preset '{source}'")
+    elif not os.path.isdir(os.path.expanduser(source)):
+        raise TurboExportError(f"report.json: the SD model '{source}' is not a local folder here; serving "
+                               "sd-generate needs its text encoder, tokenizer, VAE and scheduler")
+    common = {"handler": "sd-generate", "model": source, "text_len": int(report.get("text_len", 77)),
+              "max_steps": SD_MAX_STEPS, "default_steps": SD_DEFAULT_STEPS,
+              "default_guidance": SD_DEFAULT_GUIDANCE}
+    for flavour in FLAVOURS:
+        bindings.append(Binding(
+            f"sd-generate-{flavour}",
+            [TensorSpec("prompt", "bytes", (1,)), TensorSpec("seed", "int64", (1,)),
+             TensorSpec("steps", "int32", (1,), optional=True), TensorSpec("guidance", "float32", (1,), optional=True)],
+            [TensorSpec("image", "bytes", (1,))], options.max_batch,
+            {**common, "onnx": os.path.abspath(os.path.join(export_dir, files[flavour]))}))
+    return bindings
+
+
+# A family's bindings: export folder, its report, options, a scratch folder -> models to serve (handlers in
+# serve_handlers.HANDLERS).
 PIPELINES: dict[str, Callable[..., list[Binding]]] = {
     "vit": lambda export_dir, report, options, work_dir: vit_bindings(export_dir, report, options),
     "blip": blip_bindings,
+    "sd-unet": sd_bindings,
 }
 
 

@@ -2,7 +2,8 @@
 
 A handler takes the requests Triton's dynamic batcher grouped (each a dict of numpy inputs, batch axis first) and
 returns, per request, a dict of outputs or a `RequestError` (answered with HTTP 400 / gRPC INVALID_ARGUMENT, the
-other requests of the batch unaffected). Only numpy, onnxruntime and PIL are imported here: no torch.
+other requests of the batch unaffected). Only numpy, onnxruntime and PIL are imported at module level; the BLIP
+and SD handlers import transformers / torch / diffusers when they are built.
 
 Static batch: every exported graph has a fixed batch B. Requests of any size up to the model's max_batch_size are
 concatenated, run in chunks of B (the last chunk padded with zeros, its padding rows dropped) and split back.
@@ -256,10 +257,88 @@ class BlipHandler(ImagePipelineHandler):
         return split_rows({name: np.array(texts, dtype=np.object_).reshape(-1, 1)}, counts)
 
 
+def encode_png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class SdGenerateHandler(Handler):
+    """Stable Diffusion text-to-image: prompt + seed (+ steps, guidance) -> PNG bytes, one image per row.
+
+    runtime/sd.py's pipeline as `sd-generate` runs it: PyTorch text encoder and VAE, a diffusers scheduler, the
+    exported UNet through a Runner. The UNet's batch B images per call all get the row's prompt; the first is
+    answered (B = 1, the export default, wastes nothing)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        import torch
+
+        from .runtime.sd import generate
+        from .sd_presets import load_sd
+
+        threads = int(spec.get("threads", 0))
+        if threads:
+            torch.set_num_threads(threads)
+        self.runner = open_runner(spec["onnx"], spec["backend"], threads)
+        self.components = load_sd(spec["model"], with_unet=False)
+        self.generate = generate
+        self.text_len = int(spec["text_len"])
+        self.max_steps = int(spec["max_steps"])
+
+    def prepare(self, feed: Feed) -> Feed:
+        prompts = []
+        for p in _one(feed, "prompt"):
+            try:
+                text = p.decode("utf-8") if isinstance(p, bytes) else str(p)
+            except UnicodeDecodeError:
+                raise RequestError("input 'prompt': not UTF-8 text") from None
+            if not text.strip():
+                raise RequestError("input 'prompt': empty; describe the image to generate")
+            tokens = self.components.prompt_tokens(text)
+            if tokens > self.text_len:
+                raise RequestError(f"input 'prompt': {tokens} tokens, longer than the text encoder's "
+                                   f"{self.text_len}; shorten the prompt")
+            prompts.append(text)
+        rows = len(prompts)
+
+        def column(name: str, default: float, dtype: Any) -> np.ndarray:
+            if name not in feed:
+                return np.full(rows, default, dtype)
+            value = feed[name].reshape(-1)
+            if len(value) != rows:
+                raise RequestError(f"input '{name}': {len(value)} values for {rows} prompts; give one per prompt")
+            return value.astype(dtype)
+
+        seeds = column("seed", 0, np.int64)
+        steps = column("steps", self.spec["default_steps"], np.int64)
+        bad = [int(s) for s in steps if not 1 <= s <= self.max_steps]
+        if bad:
+            raise RequestError(f"input 'steps': must be in 1..{self.max_steps}, got {bad[0]}")
+        guidance = column("guidance", self.spec["default_guidance"], np.float64)
+        if not np.isfinite(guidance).all():
+            raise RequestError("input 'guidance': contains NaN or infinity; give a finite scale (e.g. 7.5)")
+        return {"prompt": np.array(prompts, dtype=np.object_), "seed": seeds, "steps": steps, "guidance": guidance}
+
+    def run(self, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+        results = []
+        for f in feeds:
+            images = []
+            for prompt, seed, steps, guidance in zip(f["prompt"], f["seed"], f["steps"], f["guidance"]):
+                generation = self.generate(self.runner, self.components, str(prompt), steps=int(steps),
+                                           seed=int(seed), guidance=float(guidance), progress=False)
+                images.append(encode_png(generation.images[0]))
+            results.append({"image": np.array(images, dtype=np.object_).reshape(-1, 1)})
+        return results
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], Handler]] = {
     "tensor": TensorHandler,
     "vit-classify": VitClassifyHandler,
     "blip": BlipHandler,
+    "sd-generate": SdGenerateHandler,
 }
 
 
