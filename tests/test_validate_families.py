@@ -111,6 +111,14 @@ def test_validate_family_errors(tmp_path):
                                             "files": {"baseline_vision": "baseline_vision.onnx"}})
     result = _run(["validate", blip])
     assert result.exit_code == 2 and "--data is required for a blip export" in result.stderr
+    result = _run(["validate", blip, "--data", DIGITS, "--question", "what?"])
+    assert result.exit_code == 2 and "--question is for vqa exports" in result.stderr
+    assert "caption export" in result.stderr
+    result = _run(["validate", blip, "--data", DIGITS, "--images", str(tmp_path / "pngs")])
+    assert result.exit_code == 2 and "--images is for sd-unet exports" in result.stderr
+    (tmp_path / "texts.txt").write_text("a dog\n")
+    result = _run(["validate", sd, "--texts", str(tmp_path / "texts.txt")])
+    assert result.exit_code == 2 and "--texts is for retrieval exports" in result.stderr
     os.remove(os.path.join(blip, "baseline_vision.onnx"))
     result = _run(["validate", blip, "--data", DIGITS])
     assert result.exit_code == 2 and "has no baseline_vision.onnx" in result.stderr
@@ -137,7 +145,7 @@ def _as_unaccelerated(folder, tmp_path, name):
 def caption_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("blip-caption") / "export"
     result = _run(["blip", "--task", "caption", "--model", "random:tiny", "--ratio", "4", "--batch", "2",
-                   "--max-new-tokens", "6", "--no-bench", "--out", str(out)])
+                   "--max-new-tokens", "6", "--no-bench", "--no-validate", "--out", str(out)])
     assert result.exit_code == 0, result.output + result.stderr
     return str(out)
 
@@ -170,7 +178,7 @@ def test_validate_blip_caption_cli(caption_export, tmp_path):
 def retrieval_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("blip-retrieval") / "export"
     result = _run(["blip", "--task", "retrieval", "--model", "random:tiny", "--ratio", "4", "--batch", "2",
-                   "--min-tokens", "0", "--text-len", "8", "--no-bench", "--out", str(out)])
+                   "--min-tokens", "0", "--text-len", "8", "--no-bench", "--no-validate", "--out", str(out)])
     assert result.exit_code == 0, result.output + result.stderr
     return str(out)
 
@@ -212,7 +220,8 @@ def test_validate_blip_retrieval_cli(retrieval_export, tmp_path):
 @pytest.fixture(scope="module")
 def sd_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("sd") / "export"
-    result = _run(["sd-unet", "--model", "random:tiny", "--ratio", "0.5", "--no-bench", "--out", str(out)])
+    result = _run(["sd-unet", "--model", "random:tiny", "--ratio", "0.5", "--no-bench", "--no-validate",
+                   "--out", str(out)])
     assert result.exit_code == 0, result.output + result.stderr
     return str(out)
 

@@ -1,5 +1,8 @@
 """Accuracy parity of Turbo against the unaccelerated model on real inputs, through the exported graphs.
 
+``validate_folder`` dispatches on report.json's family: ViT (below), BLIP caption / VQA / retrieval and the SD
+UNet (``validate_blip``, ``validate_sd``; see their section).
+
 ``validate_export`` reads an export folder made by ``turbo-export vit`` (its ``report.json`` says the family, the
 checkpoint, the Turbo settings, the static batch and the files), runs ``baseline.onnx`` and ``turbo.onnx`` on a
 data set (static batches, the last one zero-padded and its padding dropped: Turbo merges within each image, so
@@ -371,7 +374,8 @@ def blip_pixels(loaded: LoadedModel, images: datasets.ImageSet, image_size: int)
            for s in range(0, len(arrays), 256)]
     pixels = np.concatenate(out)
     if pixels.shape[1:] != (3, image_size, image_size):
-        raise TurboExportError(f"data: images became {pixels.shape[1:]}, the export expects {(3, image_size, image_size)}")
+        raise TurboExportError(f"data: images became {pixels.shape[1:]}, the export expects "
+                               f"{(3, image_size, image_size)}")
     return pixels
 
 
@@ -508,11 +512,13 @@ def validate_sd(folder: str, report: dict[str, Any], prompts: list[str] | None, 
     if steps < 1:
         raise TurboExportError(f"steps: must be >= 1, got {steps}")
     components = load_sd(report["model"], with_unet=False)
-    runners = {name: make_runner(os.path.join(folder, report["files"][name]), backend) for name in ("baseline", "turbo")}
+    runners = {name: make_runner(os.path.join(folder, report["files"][name]), backend)
+               for name in ("baseline", "turbo")}
     rows, saved = [], []
     for i, prompt in enumerate(prompts or DEFAULT_PROMPTS):
         gens = {name: generate(runner, components, prompt, steps=steps, seed=seed + i, guidance=guidance,
-                               progress=progress, desc=f"{name} UNet, prompt {i + 1}") for name, runner in runners.items()}
+                               progress=progress, desc=f"{name} UNet, prompt {i + 1}")
+                for name, runner in runners.items()}
         base, turbo = gens["baseline"], gens["turbo"]
         row: dict[str, Any] = {"prompt": prompt, "seed": seed + i,
                                "latents_psnr_db": metrics.psnr(base.latents, turbo.latents),
@@ -566,6 +572,12 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
     """Any export folder: dispatch on report.json's family (and BLIP task)."""
     report = read_report(folder, tuple(FAMILIES))
     family = report["family"]
+    kind = report["task"]["name"] if family == "blip" else family
+    for option, given, fits in (("--texts", texts, "retrieval"), ("--question", question, "vqa"),
+                                ("--prompts", prompts, "sd-unet"), ("--images", images_dir, "sd-unet")):
+        if given and kind != fits:
+            raise TurboExportError(f"{option.lstrip('-')}: {option} is for {fits} exports; '{folder}' is a {kind} "
+                                   "export")
     if family == "sd-unet":
         if source is not None:
             raise TurboExportError("data: an sd-unet export generates images from prompts; pass --prompts FILE "
@@ -601,7 +613,8 @@ def family_summary_lines(result: dict[str, Any]) -> list[str]:
         if p["kind"] == "retrieval":
             lines.append(f"{p['texts']} texts: {result['texts_source']}")
             lines.append(f"ITC recall agreement (unaccelerated top-1 as the answer): image->text R@1 "
-                         f"{p['image_to_text_recall@1_agreement']:.3f} R@5 {p['image_to_text_recall@5_agreement']:.3f}; "
+                         f"{p['image_to_text_recall@1_agreement']:.3f} "
+                         f"R@5 {p['image_to_text_recall@5_agreement']:.3f}; "
                          f"text->image R@1 {p['text_to_image_recall@1_agreement']:.3f} "
                          f"R@5 {p['text_to_image_recall@5_agreement']:.3f}")
             lines.append(f"ITC rank correlation {p['itc_rank_correlation']:.4f}; image feature cosine mean "
