@@ -25,20 +25,40 @@ def _number_list(value: str, what: str, cast: type) -> list:
 
 @main.command("validate")
 @click.argument("export_dir", type=click.Path(file_okay=False))
-@click.option("--data", "source", required=True, help=DATA_HELP)
+@click.option("--data", "source", default=None,
+              help=DATA_HELP + " Required for ViT and BLIP exports; SD exports take --prompts instead.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
 @click.option("--model", "model_source", default=None,
-              help="The checkpoint the export was made from [default: the 'model' in report.json].")
-@click.option("--no-torch", is_flag=True, help="Skip the PyTorch reference run of the Turbo model.")
+              help="ViT: the checkpoint the export was made from [default: the 'model' in report.json].")
+@click.option("--no-torch", is_flag=True, help="ViT: skip the PyTorch reference run of the Turbo model.")
+@click.option("--texts", "texts_path", type=click.Path(dir_okay=False), default=None,
+              help="BLIP retrieval: a text file, one text per line, ranked against the images "
+                   "[default: a built-in list of generic texts].")
+@click.option("--question", default=None, help="BLIP VQA: the question asked about every image "
+                                               "[default: 'what is in the picture?'].")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
+              help="SD: a text file, one prompt per line [default: a built-in list of prompts].")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="SD: denoising steps.")
+@click.option("--seed", type=int, default=0, show_default=True, help="SD: seed of the first prompt (+1 per prompt).")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="SD: classifier-free guidance scale.")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None,
+              help="SD: also write each prompt's baseline and Turbo images as PNGs into this folder.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write every figure to this JSON file (atomically).")
 @user_errors
-def validate_cmd(export_dir: str, source: str, limit: int | None, model_source: str | None, no_torch: bool,
-                 json_path: str | None) -> None:
-    """Accuracy parity of EXPORT_DIR's turbo.onnx against its baseline.onnx on real images."""
-    from .validate import public, summary_lines, validate_export
+def validate_cmd(export_dir: str, source: str | None, limit: int | None, model_source: str | None, no_torch: bool,
+                 texts_path: str | None, question: str | None, prompts_path: str | None, steps: int, seed: int,
+                 guidance: float, images_dir: str | None, json_path: str | None) -> None:
+    """Accuracy parity of EXPORT_DIR's Turbo graphs against its unaccelerated ones (ViT: images; BLIP: captions,
+    answers or retrieval rankings; SD: generated images at the same seeds)."""
+    from .validate import public, read_lines, summary_lines, validate_folder
 
-    result = validate_export(export_dir, source, limit, model=model_source, torch_reference=not no_torch)
+    if question is not None and not question.strip():
+        raise TurboExportError("question: empty --question")
+    result = validate_folder(export_dir, source, limit, model=model_source, torch_reference=not no_torch,
+                             texts=read_lines(texts_path, "texts") if texts_path else None, question=question,
+                             prompts=read_lines(prompts_path, "prompts") if prompts_path else None, steps=steps,
+                             seed=seed, guidance=guidance, images_dir=images_dir)
     for line in summary_lines(result):
         click.echo(line)
     if json_path:
