@@ -688,9 +688,9 @@ def test_make_runner_on_an_engine_says_what_is_missing(tmp_path):
         make_runner(str(tmp_path / "model.plan"), "tensorrt")
 
 
-def test_make_runner_with_no_path_only_checks_the_backend():
-    from turbo_export.runtime import make_runner
+def test_require_backend_only_checks_the_backend():
+    from turbo_export.runtime import require_backend
 
-    assert make_runner("", "onnxruntime") is None
+    assert require_backend("onnxruntime") is None
     with pytest.raises(TurboExportError, match="backend: unknown 'tvm'"):
-        make_runner("", "tvm")
+        require_backend("tvm")

@@ -57,10 +57,9 @@ def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: 
         raise TurboExportError(f"batch: must be >= 1, got {batch}")
     if resolution is not None and resolution < 1:
         raise TurboExportError(f"resolution: must be positive, got {resolution}")
-    if backend == "tensorrt":
-        from .runtime import make_runner
+    from .runtime import require_backend
 
-        make_runner("", "tensorrt")
+    require_backend(backend)
     click.echo(f"loading {model_source} ...", err=True)
     components = load_sd(model_source)
     out = out_dir or os.path.join("engines", f"{components.name}-sd-r{fraction:g}")

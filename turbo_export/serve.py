@@ -263,10 +263,9 @@ def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[
         raise TurboExportError(f"max-batch: must be >= 1, got {options.max_batch}")
     if options.max_request_mb <= 0:
         raise TurboExportError(f"max-request-mb: must be positive, got {options.max_request_mb}")
-    if options.backend != "onnxruntime":
-        from .runtime import make_runner
+    from .runtime import require_backend
 
-        make_runner("", options.backend)  # the one-line reason it cannot run here
+    require_backend(options.backend)
     bindings = PIPELINES[family](export_dir, report, options, work_dir)
     numpy_major = int(__import__("numpy").__version__.split(".")[0])
     if numpy_major >= 2 and any(t.dtype == "bytes" for b in bindings for t in b.inputs + b.outputs):

@@ -18,7 +18,7 @@ from .. import bench
 from ..errors import TurboExportError
 from ..files import staged_output, write_json_atomic
 from ..patch import unet as unet_patch
-from ..runtime import make_runner
+from ..runtime import make_runner, require_backend
 from ..sd_presets import TEXT_LEN, SDComponents
 from .onnx import DEFAULT_ATOL, GraphSpec, ParityReport, compare_outputs, cosine
 from .pipeline import Log, environment, export_graphs, log_to_stderr, side_by_side, validate_graphs
@@ -124,8 +124,7 @@ def make_turbo(unet: nn.Module, options: SDOptions) -> nn.Module:
 
 
 def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_to_stderr) -> dict[str, Any]:
-    if options.backend != "onnxruntime":
-        make_runner("", options.backend)  # raises the one-line reason
+    require_backend(options.backend)
     unet_patch.check_ratio(options.ratio)
     if options.batch < 1:
         raise TurboExportError(f"batch: must be >= 1, got {options.batch}")

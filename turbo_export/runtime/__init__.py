@@ -47,13 +47,8 @@ def make_runner(path: str, backend: str = "onnxruntime", log: Callable[[str], No
                 engine_options: Any = None, cache_dir: str | None = None, reuse_dirs: tuple[str, ...] = (),
                 cuda_graph: bool = False, **kwargs) -> Runner:
     """A runner on ``path``: an ONNX file (onnxruntime; tensorrt builds or reuses a cached engine of it under
-    ``cache_dir``, default ``<folder of path>/engines``) or, for tensorrt, a ``.plan`` file.
-
-    ``make_runner("", backend)`` only checks that the backend can run here (raising the one-line reason) and returns
-    None: the idiom several modules use before export work starts; new code calls ``require_backend``."""
+    ``cache_dir``, default ``<folder of path>/engines``) or, for tensorrt, a ``.plan`` file."""
     require_backend(backend)
-    if not path:
-        return None  # type: ignore[return-value]
     if backend == "onnxruntime":
         from .ort import OnnxRuntimeRunner
 
