@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,11 +130,25 @@ def test_infer_equals_runner(server, runners, name, rows):
 
 
 @needs_triton
+def test_compressed_request_and_answer_pass_the_gateway(server, runners):
+    """gzip both ways: the gateway checks the decompressed body and hands Triton's compressed answer back as is."""
+    import tritonclient.http as httpclient
+
+    x = pixels(2, seed=5)
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    inp = httpclient.InferInput("pixel_values", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    got = client.infer("turbo", [inp], request_compression_algorithm="gzip",
+                       response_compression_algorithm="gzip").as_numpy("logits")
+    np.testing.assert_allclose(got, reference(runners["turbo"], x), atol=1e-5, rtol=0)
+
+
+@needs_triton
 def test_grpc_infer_equals_runner(server, runners):
     import tritonclient.grpc as grpcclient
 
     x = pixels(2, seed=7)
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    client = grpcclient.InferenceServerClient(server.grpc)
     assert client.is_server_ready()
     inp = grpcclient.InferInput("pixel_values", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -223,27 +238,116 @@ def test_bad_request_is_4xx_and_server_keeps_serving(server, runners, case):
                                atol=1e-5)
 
 
+def binary_body(x: np.ndarray, claimed_bytes: int | None = None) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": "pixel_values", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": claimed_bytes or x.nbytes}}]}).encode()
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
 MALFORMED = {
-    "not JSON": (b"{not json", "failed to parse the request JSON"),
-    "inputs not a list": (b'{"inputs": 5}', "Unable to parse 'inputs'"),
-    "data does not fill the shape": (tensor_body(np.zeros(5, np.float32), shape=[1, 3, 32, 32]),
-                                     "Unable to parse 'data'"),
+    # bodies tritonserver 2.51 itself answers with 500 (upstream triton-inference-server/server#8762), and others
+    # that break the KServe v2 schema: the gateway answers 400 before Triton sees them
+    "not JSON": (b"{not json", {}, "not valid JSON"),
+    "JSON but not an object": (b"[1, 2]", {}, "must be a JSON object"),
+    "inputs not a list": (b'{"inputs": 5}', {}, "'inputs' must be a list"),
+    "no inputs": (b'{"outputs": []}', {}, "'inputs' must be a list"),
+    "data does not fill the shape": (tensor_body(np.zeros(5, np.float32), shape=[1, 3, 32, 32]), {},
+                                     "'data' has 5 elements; shape [1, 3, 32, 32] needs 3072"),
+    "strings for FP32": (json.dumps({"inputs": [{"name": "pixel_values", "shape": [1], "datatype": "FP32",
+                                                 "data": ["a"]}]}).encode(), {}, "expected numbers"),
+    "negative dimension": (tensor_body(pixels(1), shape=[-1, 3, 32, 32]), {}, "non-negative integers"),
+    "unknown datatype": (tensor_body(pixels(1), datatype="FLOAT"), {}, "'datatype' must be one of"),
+    "binary data shorter than declared": (*binary_body(pixels(1), claimed_bytes=pixels(1).nbytes * 2),
+                                          "add up to 24576 bytes but the body has 12288"),
+    "header length past the body": (b'{"inputs": []}', {"Inference-Header-Content-Length": "999"},
+                                    "expected 1..14"),
 }
 
 
-@needs_triton
-@pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_body(server, runners, case):
-    """Bodies tritonserver 2.51's HTTP front end cannot parse: it answers 500, not 4xx (it reports JSON parse
-    failures as INTERNAL; upstream triton-inference-server/server#8762), with a clear message, and keeps serving."""
-    body, words = MALFORMED[case]
-    status, answer = http(server, "/v2/models/turbo/infer", body)
-    assert status == 500 and words in answer["error"], answer
-    x = pixels(1, seed=12)
+def post(server, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    request = urllib.request.Request(server.url + path, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"{}") if "json" in r.headers.get("Content-Type", "") else {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def assert_still_serving(server, runners, seed: int) -> None:
+    x = pixels(1, seed=seed)
     ok, out = http(server, "/v2/models/turbo/infer", tensor_body(x))
     assert ok == 200
     np.testing.assert_allclose(np.array(out["outputs"][0]["data"]).reshape(1, -1), reference(runners["turbo"], x),
                                atol=1e-5)
+
+
+BINARY_HEADER = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}'
+
+
+@pytest.mark.parametrize("body, header_length", [
+    (b'{"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2.5], [3, 4]]}]}', None),
+    (b'{"inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}], "id": "7"}', None),
+    (b'{"inputs": [{"name": "b", "shape": [1], "datatype": "BOOL", "data": [true]}], "outputs": [{"name": "y"}]}',
+     None),
+    (b'{"inputs": [{"name": "x", "shape": [0], "datatype": "INT64", "data": []}]}', None),
+    (BINARY_HEADER + b"\0\0\0\0", str(len(BINARY_HEADER))),
+    (b'{"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]}',
+     None),
+])
+def test_gateway_accepts_valid_requests(body, header_length):
+    from turbo_export.serve_gateway import check_infer_request
+
+    check_infer_request(body, header_length)
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_gateway_check_names_the_problem(case):
+    from turbo_export.serve_gateway import BadRequest, check_infer_request
+
+    body, headers, words = MALFORMED[case]
+    with pytest.raises(BadRequest, match=re.escape(words)):
+        check_infer_request(body, headers.get("Inference-Header-Content-Length"))
+
+
+@pytest.mark.parametrize("path, expected", [("/v2/models/turbo/infer", True), ("/v2/models/m/versions/1/infer", True),
+                                            ("/v2/models/turbo", False), ("/v2/models/m/versions/1/ready", False),
+                                            ("/v2/repository/index", False), ("/v2/models/infer", False)])
+def test_gateway_infer_paths(path, expected):
+    from turbo_export.serve_gateway import is_infer_path
+
+    assert is_infer_path(path) is expected
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_body_is_400(server, runners, case):
+    body, headers, words = MALFORMED[case]
+    status, answer = post(server, "/v2/models/turbo/infer", body, headers)
+    assert status == 400 and words in answer["error"], answer
+    assert_still_serving(server, runners, seed=12)
+
+
+@needs_triton
+def test_binary_request_passes_the_gateway(server, runners):
+    x = pixels(1, seed=13)
+    body, headers = binary_body(x)
+    request = urllib.request.Request(server.url + "/v2/models/turbo/infer", data=body, method="POST",
+                                     headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as r:
+        answer = r.read()
+        length = int(r.headers.get("Inference-Header-Content-Length", len(answer)))
+    out = json.loads(answer[:length])["outputs"][0]
+    np.testing.assert_allclose(np.array(out["data"]).reshape(1, -1), reference(runners["turbo"], x), atol=1e-5)
+
+
+@needs_triton
+def test_body_over_the_gateway_limit_is_413(server, runners):
+    from turbo_export.serve import ServeOptions, gateway_body_limit
+
+    limit = gateway_body_limit(ServeOptions(max_request_mb=LIMIT_MB))
+    status, answer = post(server, "/v2/models/turbo/infer", b" " * (limit + 1), {})
+    assert status == 413 and "--max-request-mb" in answer["error"], answer
+    assert_still_serving(server, runners, seed=14)
 
 
 @needs_triton
@@ -678,3 +782,17 @@ def test_sd_bad_request_is_400_and_server_keeps_serving(sd_server, case):
     assert "\n" not in message and all(w in message for w in words), message
     ok = client.infer("sd-generate-turbo", sd_inputs(["a cat"], [0], [1]))
     decode_png(ok.as_numpy("image")[0, 0])
+
+
+def test_gateway_on_a_taken_port_is_one_clear_error():
+    pytest.importorskip("aiohttp")
+    import socket
+
+    from turbo_export.serve_gateway import Gateway
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(TurboExportError, match=f"cannot listen on 127.0.0.1:{port}.*choose another --port"):
+            Gateway("http://127.0.0.1:9", "127.0.0.1", port, 1024).start()

@@ -34,8 +34,8 @@ def serve(export_dir: str, host: str, port: int, grpc_port: int, metrics_port: i
     options = ServeOptions(backend=backend, max_batch=max_batch, max_request_mb=max_request_mb, instances=instances,
                            threads=threads, pipelines=not no_pipelines)
 
-    def ready(server, bindings) -> None:
-        click.echo(f"serving {export_dir} with tritonserver on {server.url} (KServe v2"
+    def ready(endpoint, bindings) -> None:
+        click.echo(f"serving {export_dir} with tritonserver on {endpoint.url} (KServe v2"
                    f"{f', gRPC {host}:{grpc_port}' if grpc_port else ''}); SIGTERM or Ctrl+C stops it", err=True)
         for b in bindings:
             ins = ", ".join(f"{t.name} {t.datatype}{list(t.dims)}" for t in b.inputs)

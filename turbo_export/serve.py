@@ -14,6 +14,9 @@ Served models (each in a Turbo and an unaccelerated flavour, so users can A/B):
   ``sd-generate-<flavour>`` (prompt + seed, optional steps and guidance -> PNG bytes);
   a family's pipelines are one function in PIPELINES.
 
+HTTP goes through a gateway (`serve_gateway.py`) that answers malformed request bodies with 400 where
+tritonserver 2.51 would answer 500, and forwards everything else; gRPC and metrics are tritonserver's own.
+
 Batching: the exports have a static batch B; Triton's dynamic batcher groups requests of any size up to
 ``--max-batch`` rows, the handler runs them in chunks of B (the last padded) and splits the answers back.
 """
@@ -348,11 +351,12 @@ def _backend_dir(work_dir: str) -> str:
 
 class TritonServer:
     """tritonserver on a model repository, as a child process: start(), wait_ready(), stop() (SIGTERM, then
-    Triton drains in-flight requests for up to ``exit_timeout`` seconds)."""
+    Triton drains in-flight requests for up to ``exit_timeout`` seconds). HTTP listens on ``host``; gRPC and
+    metrics on ``public_host`` (default: ``host``)."""
 
     def __init__(self, repo: str, work_dir: str, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int | None = 8001, metrics_port: int | None = None, log_path: str | None = None,
-                 exit_timeout: int = 10, verbose: bool = False) -> None:
+                 exit_timeout: int = 10, verbose: bool = False, public_host: str | None = None) -> None:
         from pytriton.utils.distribution import get_root_module_path
 
         self.binary = str(get_root_module_path() / "tritonserver" / "bin" / "tritonserver")
@@ -361,11 +365,11 @@ class TritonServer:
                      f"--http-address={host}", f"--http-port={http_port}", f"--exit-timeout-secs={exit_timeout}",
                      "--strict-readiness=true", "--exit-on-error=true", f"--log-verbose={int(verbose)}"]
         if grpc_port:
-            self.args += ["--allow-grpc=true", f"--grpc-address={host}", f"--grpc-port={grpc_port}"]
+            self.args += ["--allow-grpc=true", f"--grpc-address={public_host or host}", f"--grpc-port={grpc_port}"]
         else:
             self.args.append("--allow-grpc=false")
         if metrics_port:
-            self.args += ["--allow-metrics=true", f"--metrics-address={host}", f"--metrics-port={metrics_port}"]
+            self.args += ["--allow-metrics=true", f"--metrics-address={public_host or host}", f"--metrics-port={metrics_port}"]
         else:
             self.args.append("--allow-metrics=false")
         self.log_path = log_path or os.path.join(work_dir, "tritonserver.log")
@@ -414,13 +418,33 @@ class TritonServer:
             return self.process.wait()
 
 
+@dataclass
+class Endpoint:
+    """Where a running `serve` answers: ``url`` (KServe v2 over HTTP, through the gateway), ``grpc`` (host:port of
+    tritonserver's gRPC, or None) and the tritonserver child process behind them."""
+
+    url: str
+    grpc: str | None
+    server: TritonServer
+
+
+def gateway_body_limit(options: ServeOptions) -> int:
+    """Bytes a request body may have at the HTTP front: JSON spells a float in up to ~20 characters where the
+    models' limit counts 4 bytes, so the front is generous and the models refuse oversized tensors with 400."""
+    return int(options.max_request_mb * 1024 * 1024) * 8 + 1024 * 1024
+
+
 @contextlib.contextmanager
 def serving(export_dir: str, options: ServeOptions, host: str = "127.0.0.1", http_port: int = 8000,
             grpc_port: int | None = 8001, metrics_port: int | None = None, ready_timeout: float = 300.0,
-            log_path: str | None = None) -> Iterator[tuple[TritonServer, list[Binding]]]:
-    """Write the serving repository, start tritonserver, yield once every model is ready, stop it on exit."""
+            log_path: str | None = None) -> Iterator[tuple[Endpoint, list[Binding]]]:
+    """Write the serving repository, start tritonserver (HTTP on a private 127.0.0.1 port, gRPC on
+    ``host:grpc_port``) and the HTTP gateway on ``host:http_port``; yield once every model is ready; stop both
+    on exit, the gateway first so no new request reaches a stopping server."""
+    from .serve_gateway import Gateway
+
     work_dir = tempfile.mkdtemp(prefix="turbo-serve-")
-    server = None
+    server = gateway = None
     try:
         bindings = bindings_for(export_dir, options, work_dir)
         reason = tritonserver_unavailable_reason()
@@ -428,19 +452,25 @@ def serving(export_dir: str, options: ServeOptions, host: str = "127.0.0.1", htt
             raise TurboExportError(f"serve: {reason}")
         repo = os.path.join(work_dir, "models")
         write_serving_repo(bindings, repo, options)
-        server = TritonServer(repo, work_dir, host, http_port, grpc_port, metrics_port, log_path=log_path)
+        server = TritonServer(repo, work_dir, "127.0.0.1", free_port(), grpc_port, metrics_port, log_path=log_path,
+                              public_host=host)
         server.start()
         server.wait_ready(ready_timeout)
-        yield server, bindings
+        gateway = Gateway(server.url, host, http_port, gateway_body_limit(options))
+        gateway.start()
+        yield Endpoint(gateway.url, f"{host}:{grpc_port}" if grpc_port else None, server), bindings
     finally:
+        if gateway is not None:
+            gateway.stop()
         if server is not None:
             server.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def serve_forever(export_dir: str, options: ServeOptions, host: str, http_port: int, grpc_port: int | None,
-                  metrics_port: int | None, on_ready: Callable[[TritonServer, list[Binding]], None]) -> int:
-    """Serve until SIGTERM / SIGINT (then stop tritonserver cleanly); returns tritonserver's exit code."""
+                  metrics_port: int | None, on_ready: Callable[[Endpoint, list[Binding]], None]) -> int:
+    """Serve until SIGTERM / SIGINT (then stop the gateway and tritonserver cleanly); returns tritonserver's exit
+    code."""
     stop = {"signal": None}
 
     def handler(signum: int, _frame: Any) -> None:
@@ -448,15 +478,15 @@ def serve_forever(export_dir: str, options: ServeOptions, host: str, http_port: 
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with serving(export_dir, options, host, http_port, grpc_port, metrics_port) as (server, bindings):
-            on_ready(server, bindings)
+        with serving(export_dir, options, host, http_port, grpc_port, metrics_port) as (endpoint, bindings):
+            on_ready(endpoint, bindings)
+            process = endpoint.server.process
             while stop["signal"] is None:
-                if server.process is not None and server.process.poll() is not None:
-                    raise TurboExportError(f"serve: tritonserver exited with code {server.process.returncode}:\n"
-                                           f"{server.log_tail()}")
+                if process is not None and process.poll() is not None:
+                    raise TurboExportError(f"serve: tritonserver exited with code {process.returncode}:\n"
+                                           f"{endpoint.server.log_tail()}")
                 time.sleep(0.2)
-            code = server.stop()
-        return int(code or 0)
+        return int(endpoint.server.process.returncode or 0) if endpoint.server.process else 0
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
