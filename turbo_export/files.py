@@ -7,15 +7,17 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Any, Iterator
 
 
 def write_json_atomic(path: str, data: Any) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    # open(..., "x") rather than mkstemp: the file gets the usual umask permissions, not mkstemp's 0600
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex}.json")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
         os.replace(tmp, path)
