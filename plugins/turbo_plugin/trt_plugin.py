@@ -37,7 +37,7 @@ def _type(dtype) -> str:
 
 
 def _static(expr, what: str) -> int:
-    if not expr.is_constant():
+    if not expr.is_constant:  # a property in tensorrt.plugin (ShapeExpr), constant_value() a method
         raise ValueError(f"Turbo plugins need a static {what} (the tile sizes are compiled in); export with static "
                          "shapes")
     return int(expr.constant_value())
