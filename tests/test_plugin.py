@@ -227,7 +227,8 @@ class _Expr:
     def __sub__(self, other):
         return _Expr(self.value - _Expr(other).value)
 
-    def is_constant(self):
+    @property
+    def is_constant(self):  # a property in tensorrt.plugin's ShapeExpr
         return True
 
     def constant_value(self):

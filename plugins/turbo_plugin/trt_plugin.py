@@ -8,7 +8,7 @@ name and whose ``plugin_namespace`` attribute is ``turbo`` onto it). Two impleme
   engine. Nodes exported with ``aot=1`` (what ``--merge-impl plugin`` writes) use it; the engine then runs in
   any TensorRT runtime (``trtexec --loadEngine``, C++, Triton Inference Server) with no Python at inference.
 - ``impl``: the same kernel launched from Python at inference (JIT); needs this module imported where the
-  engine runs. Used for nodes without ``aot=1``.
+  engine runs. Used for nodes with ``aot=0`` (without ``aot``: as the network's PREFER_*_PYTHON_PLUGINS flag says).
 
 fp32 and fp16 tokens (``autotune``); index tensors and the plan are int32. Static token counts: the tile
 sizes are compiled in (every export here is static-shape).
@@ -37,7 +37,7 @@ def _type(dtype) -> str:
 
 
 def _static(expr, what: str) -> int:
-    if not expr.is_constant():
+    if not expr.is_constant:  # a property in tensorrt.plugin (ShapeExpr), constant_value() a method
         raise ValueError(f"Turbo plugins need a static {what} (the tile sizes are compiled in); export with static "
                          "shapes")
     return int(expr.constant_value())
