@@ -300,3 +300,15 @@ def test_trt_plugin_definitions_follow_the_kernel_contract(monkeypatch):
     assert name == "turbo_unmerge_kernel"
     assert (params.grid_x, params.grid_y, params.grid_z) == (2, 1, 1)
     assert scalars == [tokens, channels, 9, 8, r]
+
+
+@pytest.mark.parametrize("trt_version, numpy_version, refused", [
+    ("10.9.0.34", "2.4.6", True), ("10.16.1.11", "2.5.0", True), ("10.16.1.11", "2.3.5", False),
+    ("10.9.0.34", "1.26.4", False), ("11.4.0.106", "2.4.6", False)])
+def test_tensorrt10_numpy24_attribute_problem_is_named(trt_version, numpy_version, refused):
+    from turbo_plugin import attribute_conversion_problem
+
+    problem = attribute_conversion_problem(trt_version, numpy_version)
+    assert (problem is not None) is refused
+    if refused:
+        assert "numpy<2.4" in problem and "TensorRT 11" in problem

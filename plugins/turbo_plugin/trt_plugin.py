@@ -18,10 +18,15 @@ sizes are compiled in (every export here is static-shape).
 
 from typing import Tuple, Union
 
+import numpy as np
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from . import aot, kernels
+from . import aot, attribute_conversion_problem, kernels
+
+_PROBLEM = attribute_conversion_problem(trt.__version__, np.__version__)
+if _PROBLEM:
+    raise ImportError(_PROBLEM)
 
 COMPILE_TARGET = None  # GPU architecture of the AOT PTX (e.g. 90); None: the GPU that builds the engine
 MERGE_ID = "turbo::TurboMerge"
