@@ -200,12 +200,11 @@ def _subclass(original: type) -> type:
     return _SUBCLASSES[original]
 
 
-def _record_latent_size(settings: SDTurboSettings):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        settings.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-
-    return hook
+def _record_latent_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # the settings are looked up on the UNet, not captured: a deepcopy of a patched UNet (fp16 export) copies the
+    # hook function by reference, so a captured object would be the original's, not the copy's blocks' settings
+    sample = args[0] if args else kwargs["sample"]
+    getattr(module, SETTINGS_ATTR).latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
 
 
 def is_unet(model: nn.Module) -> bool:
@@ -245,7 +244,7 @@ def apply_turbo_unet(unet: nn.Module, ratio: float, alpha: float = 1.0, blocks: 
         setattr(block, ORIGINAL_CLASS_ATTR, original)
         setattr(block, SETTINGS_ATTR, settings)
         setattr(block, LEVEL_ATTR, level)
-    setattr(unet, HOOK_ATTR, unet.register_forward_pre_hook(_record_latent_size(settings), with_kwargs=True))
+    setattr(unet, HOOK_ATTR, unet.register_forward_pre_hook(_record_latent_size, with_kwargs=True))
     setattr(unet, SETTINGS_ATTR, settings)
     return unet
 
