@@ -404,8 +404,8 @@ def test_split_op_equals_grid_merge_and_restore(height, width, seed, alpha):
     restored = plugin_ops.plugin_unmerge(got_plan, got, tokens, split=indices)
     assert torch.equal(restored, merge.unmerge_grid(plan, split, expected))
     # the numpy statement of the nodes (what ONNX Runtime runs) agrees on the grid split
-    ref = reference.turbo_merge(h.numpy(), ones.numpy(), metric.numpy(), semantic.numpy(), *(i.numpy() for i in indices),
-                                r, alpha, 0)
+    ref = reference.turbo_merge(h.numpy(), ones.numpy(), metric.numpy(), semantic.numpy(),
+                                *(i.numpy() for i in indices), r, alpha, 0)
     np.testing.assert_allclose(ref[0], got.numpy(), atol=1e-6)
     for mine, theirs in zip(ref[2:], got_plan):
         np.testing.assert_array_equal(mine, theirs.numpy())
@@ -455,6 +455,10 @@ def test_sd_unet_plugin_cli_one_node_per_merge_validated_with_custom_ops(plugin_
     assert "TopK" not in nodes and "ScatterElements" not in nodes
     lint = lint_file(str(out / "turbo.onnx"))
     assert lint.ok and {f.op_type for f in lint.findings} == {"TurboMerge", "TurboUnmerge"}
+    png = out.parent / "cat.png"  # sd-generate opens the plugin graph with the Python nodes
+    result = _run(["sd-generate", str(out), "--prompt", "a cat", "--steps", "2", "--out", str(png)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads((out.parent / "cat.json").read_text())["images_psnr_db"] > 0
 
 
 @pytest.mark.slow

@@ -132,7 +132,10 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     components = load_sd(report["model"], with_unet=False)
     results = {}
     for name in ("baseline", "turbo"):
-        runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend)
+        # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
+        plugin = name == "turbo" and report.get("merge_impl") == "plugin" and backend == "onnxruntime"
+        extra = {"custom_ops": True} if plugin else {}
+        runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend, **extra)
         results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
                                  desc=f"{name} UNet")
         del runner
