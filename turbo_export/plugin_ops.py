@@ -3,9 +3,9 @@
 ``plugin_merge`` is a drop-in ``TurboSettings.merge_fn``: eager it computes exactly ``merge.turbo_merge``
 (through the ``turbo::merge`` torch custom op; with ``split=`` any other A/B split, e.g. the UNet's 2x2 grid,
 by ``merge.split_matching`` / ``merge_wavg_split`` / ``unmerge_split``); exported with
-``custom_translation_table()`` it becomes one ``turbo.TurboMerge`` ONNX node. TensorRT's ONNX parser turns a node into a plugin when its op_type is the
-plugin's name; it reads ``plugin_namespace`` / ``plugin_version`` and ``aot`` (use the ahead-of-time kernel)
-and hands the other attributes to the plugin. The graph runs in ONNX Runtime only with the Python node
+``custom_translation_table()`` it becomes one ``turbo.TurboMerge`` ONNX node. TensorRT's ONNX parser turns a
+node into a plugin when its op_type is the plugin's name; it reads ``plugin_namespace`` / ``plugin_version`` and
+``aot`` (use the ahead-of-time kernel) and hands the other attributes to the plugin. The graph runs in ONNX Runtime only with the Python node
 implementations of ``plugins/turbo_plugin/ort_ops.py`` registered (onnxruntime-extensions); see
 ``runtime.ort.OnnxRuntimeRunner(custom_ops=True)``.
 
