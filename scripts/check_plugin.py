@@ -5,9 +5,14 @@
       max abs error of merged tokens / sizes / restored tokens, plan equality; fp32, and fp16 against the
       float32 merge of the same fp16-rounded inputs. Also a non-alternate A/B split and exact ties vs the
       numpy reference. --large adds ViT-B/16 sizes (197 tokens, width 768, metric 64, r = 16).
+      "sd_cases": the Stable Diffusion UNet's use: 2x2-grid splits (merge.grid_split), all-ones sizes, nothing
+      protected, metric = the tokens' own width; kernel vs the PyTorch turbo::merge op (merge.split_matching /
+      merge_wavg_split / unmerge_split), fp32 and fp16.
   python scripts/check_plugin.py graph --model random:tiny --ratio 8
       A ViT exported with --merge-impl onnx and plugin: ONNX Runtime outputs of the plugin-node graph (Python
       reference nodes) vs the standard-op graph and vs PyTorch.
+  python scripts/check_plugin.py sd-graph --model random:tiny --sd-ratio 0.5 --alpha 2 --blocks all
+      The same for the Stable Diffusion UNet (sd-unet --merge-impl onnx / plugin).
 
 Run from the repository root: PYTHONPATH=$PWD python scripts/check_plugin.py kernels
 """
@@ -33,6 +38,11 @@ KERNEL_CASES = [  # (batch, tokens, channels, metric width, r, alpha, protected)
     (3, 17, 16, 16, 8, 3.0, 0),  # nothing protected, the largest r
 ]
 LARGE_CASES = [(2, 197, 768, 64, 16, 6.0, 1)]  # ViT-B/16 at 224 px, first block
+SD_CASES = [  # (batch, grid height, width, destination seed, channels, ratio, alpha)
+    (2, 8, 8, None, 40, 0.5, 0.0),  # ToMe for SD: top-left destinations, E = R
+    (2, 6, 10, 3, 70, 0.5, 1.5),  # seeded destinations, the cross-attention merge (E = R - alpha I), ragged channels
+    (1, 7, 9, 1, 16, 0.7, 0.7),  # odd grid: incomplete border cells are A tokens
+]
 
 
 def _inputs(case, seed):
@@ -93,6 +103,7 @@ def kernel_errors(cases=KERNEL_CASES) -> dict:
     ref = reference.turbo_merge(x.numpy(), size.numpy(), metric.numpy(), sem.numpy(), a_idx, b_idx, 3, 0.0, 1)
     out["ties"] = {"plan_equal": all(np.array_equal(g.numpy(), e) for g, e in zip(got[2:], ref[2:])),
                    "src": got[3].tolist()}
+    out["sd_cases"] = sd_kernel_errors()
     fp32 = [c for c in out["cases"] if c["dtype"] == "float32"]
     fp16 = [c for c in out["cases"] if c["dtype"] == "float16"]
     assert fp32 and fp16
@@ -102,7 +113,45 @@ def kernel_errors(cases=KERNEL_CASES) -> dict:
         "fp32_unmerge_max_abs_err": max(c["unmerge_max_abs_err"] for c in fp32),
         "fp16_unmerge_max_abs_err": max(c["unmerge_max_abs_err"] for c in fp16),
         "all_plans_equal": all(c["plan_equal"] for c in out["cases"]),
+        "sd_fp32_x_max_abs_err": max(c["x_max_abs_err"] for c in out["sd_cases"] if c["dtype"] == "float32"),
+        "sd_fp16_x_max_abs_err": max(c["x_max_abs_err"] for c in out["sd_cases"] if c["dtype"] == "float16"),
+        "sd_all_plans_equal": all(c["plan_equal"] for c in out["sd_cases"]),
     }
+    return out
+
+
+def sd_kernel_errors(cases=SD_CASES) -> list:
+    """Kernels vs the PyTorch op on the UNet's grid splits (sizes all ones, protected 0, metric = the tokens)."""
+    import torch
+
+    from turbo_export import merge, plugin_ops
+    from turbo_plugin import kernels
+
+    out = []
+    for i, (batch, height, width, seed, channels, ratio, alpha) in enumerate(cases):
+        split = merge.grid_split(height, width, seed)
+        tokens = height * width
+        r = merge.grid_r(tokens, ratio, split)
+        a_idx, b_idx = split.a_idx.int(), split.b_idx.int()
+        g = torch.Generator().manual_seed(100 + i)
+        x = torch.randn(batch, tokens, channels, generator=g)
+        metric = torch.randn(batch, tokens, channels, generator=g)
+        sem = torch.rand(batch, tokens, generator=g)
+        for dtype in (torch.float32, torch.float16):
+            xs, ms, ss = (t.to(dtype) for t in (x, metric, sem))
+            ones = torch.ones(batch, tokens, 1, dtype=dtype)
+            got = kernels.launch_merge(xs, ones, ms, ss, a_idx, b_idx, r, alpha, 0)
+            ref = plugin_ops.merge_op(xs.float(), ones.float(), ms.float(), ss.float(), a_idx, b_idx, r, alpha, 0)
+            restored = kernels.launch_unmerge(got[0], *got[2:], a_idx, b_idx)
+            ref_restored = plugin_ops.unmerge_op(ref[0], *ref[2:], a_idx, b_idx)
+            out.append({
+                "case": [batch, height, width, seed, channels, ratio, alpha], "r": r,
+                "dtype": str(dtype).replace("torch.", ""),
+                "x_max_abs_err": float((got[0].float() - ref[0]).abs().max()),
+                "size_max_abs_err": float((got[1].float() - ref[1]).abs().max()),
+                "unmerge_max_abs_err": float((restored.float() - ref_restored).abs().max()),
+                "plan_equal": all(torch.equal(a.long(), b.long()) for a, b in zip(got[2:], ref[2:])),
+            })
     return out
 
 
@@ -148,18 +197,61 @@ def graph_errors(model_source: str, ratio: int, batch: int, out_dir: str, alpha:
             "pytorch_plugin_vs_onnx_path_max_abs_diff": diff(outputs["plugin_torch"], outputs["onnx_torch"])}
 
 
+def sd_graph_errors(model_source: str, ratio: float, alpha: float, blocks: str, out_dir: str) -> dict:
+    import collections
+    import copy
+
+    import numpy as np
+    import onnx
+
+    from turbo_export.export.onnx import GraphSpec, export_onnx, torch_outputs
+    from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
+    from turbo_export.runtime import make_runner
+    from turbo_export.sd_presets import load_sd
+
+    components = load_sd(model_source)
+    latent = components.resolution // components.vae_scale
+    inputs = example_inputs(components, (latent, latent), 1)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    outputs, nodes = {}, {}
+    for impl in ("onnx", "plugin"):
+        options = SDOptions(ratio=ratio, out_dir="", alpha=alpha, blocks=blocks, merge_impl=impl)
+        graph = GraphSpec(impl, UNetGraph(make_turbo(copy.deepcopy(components.unet), options)), inputs, OUTPUT_NAMES)
+        path = export_onnx(graph, os.path.join(out_dir, f"sd-turbo-{impl}.onnx"))
+        runner = make_runner(path, "onnxruntime", **({"custom_ops": True} if impl == "plugin" else {}))
+        outputs[impl] = runner.run(feed)["noise_pred"]
+        outputs[f"{impl}_torch"] = torch_outputs(graph, inputs)[0]
+        count = collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
+        nodes[impl] = {op: count[op] for op in ("TurboMerge", "TurboUnmerge", "TopK", "ScatterElements")}
+
+    def diff(a, b):
+        return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+    return {"model": model_source, "ratio": ratio, "alpha": alpha, "blocks": blocks, "nodes": nodes,
+            "plugin_vs_onnx_max_abs_diff": diff(outputs["plugin"], outputs["onnx"]),
+            "plugin_vs_pytorch_max_abs_diff": diff(outputs["plugin"], outputs["plugin_torch"]),
+            "onnx_vs_pytorch_max_abs_diff": diff(outputs["onnx"], outputs["onnx_torch"]),
+            "pytorch_plugin_vs_onnx_path_max_abs_diff": diff(outputs["plugin_torch"], outputs["onnx_torch"]),
+            "noise_pred_max_abs": float(np.abs(outputs["onnx_torch"]).max())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kernels", "graph"])
+    parser.add_argument("what", choices=["kernels", "graph", "sd-graph"])
     parser.add_argument("--model", default="random:tiny")
     parser.add_argument("--ratio", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=6.0)
     parser.add_argument("--large", action="store_true", help="kernels: also ViT-B/16 sizes")
+    parser.add_argument("--sd-ratio", type=float, default=0.5, help="sd-graph: fraction of tokens merged")
+    parser.add_argument("--blocks", default="all", help="sd-graph: default or all")
     parser.add_argument("--out", default=os.path.join("/tmp", "turbo-check-plugin"))
     args = parser.parse_args()
     if args.what == "kernels":
         result = kernel_errors(KERNEL_CASES + (LARGE_CASES if args.large else []))
+    elif args.what == "sd-graph":
+        result = sd_graph_errors(args.model, args.sd_ratio, args.alpha, args.blocks, args.out)
     else:
         result = graph_errors(args.model, args.ratio, args.batch, args.out, args.alpha)
     print(json.dumps(result, indent=1))

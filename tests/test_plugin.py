@@ -312,3 +312,15 @@ def test_tensorrt10_numpy24_attribute_problem_is_named(trt_version, numpy_versio
     assert (problem is not None) is refused
     if refused:
         assert "numpy<2.4" in problem and "TensorRT 11" in problem
+
+
+def test_kernels_on_the_unet_grid_split_match_the_pytorch_op(kernel_check):
+    """The UNet's use (merge.grid_split, all-ones sizes, nothing protected): fp32 bit-equal, fp16 within half an
+    fp16 ulp, identical plans; every case really merges."""
+    cases = kernel_check["sd_cases"]
+    assert {c["dtype"] for c in cases} == {"float32", "float16"} and all(c["r"] > 0 for c in cases)
+    for case in cases:
+        assert case["plan_equal"], case
+        bound = 0.0 if case["dtype"] == "float32" else 2e-3  # |x| < 4 here: half an fp16 ulp is at most 1e-3
+        assert case["x_max_abs_err"] <= bound and case["unmerge_max_abs_err"] <= bound, case
+        assert case["size_max_abs_err"] == 0.0, case  # sums of ones are exact in fp16 too

@@ -364,3 +364,200 @@ def test_local_diffusers_folder_loads(tiny, tmp_path):
     assert loaded.encode(["a cat", ""]).shape == (2, 77, 32)
     for name, p in tiny.unet.state_dict().items():
         assert torch.equal(p, loaded.unet.state_dict()[name])
+
+
+# ---- --merge-impl plugin (TurboMerge / TurboUnmerge nodes) and --precision fp16 ---------------------------------
+
+def _grid_inputs(split, batch=2, channels=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = split.height * split.width
+    return (torch.randn(batch, tokens, channels, generator=g), torch.randn(batch, tokens, channels, generator=g),
+            torch.rand(batch, tokens, generator=g))
+
+
+@pytest.mark.parametrize("height,width,seed,alpha", [(6, 8, None, 0.0), (6, 8, 3, 1.5), (5, 7, 1, 0.7)])
+def test_split_op_equals_grid_merge_and_restore(height, width, seed, alpha):
+    """turbo::merge / unmerge with the 2x2-grid split, all-ones sizes, nothing protected == merge_mean /
+    unmerge_grid: the same plan and values; only the unmerged A rows come in A order instead of descending E."""
+    from turbo_export import plugin_ops
+
+    plugin_ops.import_turbo_plugin()
+    from turbo_plugin import reference
+
+    split = merge.grid_split(height, width, seed)
+    metric, h, semantic = _grid_inputs(split)
+    tokens = height * width
+    r = merge.grid_r(tokens, 0.5, split)
+    plan = merge.grid_matching(metric, split, r, semantic, alpha)
+    expected = merge.merge_mean(plan, split, h)
+    indices = (split.a_idx.int(), split.b_idx.int())
+    ones = h.new_ones(2, tokens, 1)
+    got, size, got_plan = plugin_ops.plugin_merge(h, ones, metric, semantic, r, alpha, protected=0, split=indices)
+    assert torch.equal(got_plan.src_idx, plan.src_idx) and torch.equal(got_plan.dst_idx, plan.dst_idx)
+    assert torch.equal(got_plan.unm_idx, plan.unm_idx.sort(dim=-1)[0])
+    num_unm = tokens - split.b_idx.numel() - r
+    to_a_order = plan.unm_idx.argsort(dim=-1).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+    assert torch.equal(got, torch.cat([expected[:, :num_unm].gather(1, to_a_order), expected[:, num_unm:]], dim=1))
+    counts = torch.ones(2, split.b_idx.numel()).scatter_add(1, plan.dst_idx, torch.ones(2, r))
+    assert torch.equal(size[:, num_unm:, 0], counts) and torch.equal(size[:, :num_unm], ones[:, :num_unm])
+    # restore inverts the node's order exactly: the same tokens as unmerge_grid of the standard merge
+    restored = plugin_ops.plugin_unmerge(got_plan, got, tokens, split=indices)
+    assert torch.equal(restored, merge.unmerge_grid(plan, split, expected))
+    # the numpy statement of the nodes (what ONNX Runtime runs) agrees on the grid split
+    ref = reference.turbo_merge(h.numpy(), ones.numpy(), metric.numpy(), semantic.numpy(),
+                                *(i.numpy() for i in indices), r, alpha, 0)
+    np.testing.assert_allclose(ref[0], got.numpy(), atol=1e-6)
+    for mine, theirs in zip(ref[2:], got_plan):
+        np.testing.assert_array_equal(mine, theirs.numpy())
+    np.testing.assert_array_equal(reference.turbo_unmerge(ref[0], *ref[2:], *(i.numpy() for i in indices)),
+                                  restored.numpy())
+
+
+def test_plugin_unet_eager_equals_standard_ops(tiny):
+    inputs = unet_inputs(tiny)
+    out = {}
+    for impl in ("onnx", "plugin"):
+        unet = apply_turbo_unet(copy.deepcopy(tiny.unet), 0.5, alpha=2.0, blocks="all", merge_impl=impl)
+        with torch.no_grad():
+            out[impl] = unet(*inputs, return_dict=False)[0]
+    with torch.no_grad():
+        base = tiny.unet(*inputs, return_dict=False)[0]
+    # the same tokens after every restore; self-attention sums its keys in another order (A order), hence not bitwise
+    assert (out["plugin"] - out["onnx"]).abs().max() < 1e-5
+    assert (out["plugin"] - base).abs().max() > 1e-2  # the merge really happens
+    with pytest.raises(TurboExportError, match="merge-impl"):
+        apply_turbo_unet(copy.deepcopy(tiny.unet), 0.5, merge_impl="triton")
+
+
+@pytest.fixture(scope="module")
+def plugin_exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd-plugin") / "tiny-sd-plugin"
+    result = _run(["sd-unet", "--model", "random:tiny", "--ratio", "0.5", "--alpha", "2", "--blocks", "all",
+                   "--merge-impl", "plugin", "--out", str(out)])
+    assert result.exit_code == 0, result.output + result.stderr
+    return out, result
+
+
+@pytest.mark.slow
+def test_sd_unet_plugin_cli_one_node_per_merge_validated_with_custom_ops(plugin_exported):
+    import onnx
+
+    from turbo_export.export.trt_lint import lint_file
+
+    out, result = plugin_exported
+    report = json.loads((out / "report.json").read_text())
+    assert report["merge_impl"] == "plugin" and report["precision"] == "fp32"
+    assert report["parity"]["ok"] and report["parity"]["max_abs_diff"] < 1e-4  # ONNX Runtime + Python nodes
+    assert report["bench"] is None and "benchmark skipped" in result.stderr
+    nodes = [n.op_type for n in onnx.load(str(out / "turbo.onnx"), load_external_data=False).graph.node]
+    merges = 3 * len(report["blocks_merged"])  # attn1, attn2, ff in every merged block
+    assert nodes.count("TurboMerge") == merges == nodes.count("TurboUnmerge") == 12
+    assert "TopK" not in nodes and "ScatterElements" not in nodes
+    lint = lint_file(str(out / "turbo.onnx"))
+    assert lint.ok and {f.op_type for f in lint.findings} == {"TurboMerge", "TurboUnmerge"}
+    png = out.parent / "cat.png"  # sd-generate opens the plugin graph with the Python nodes
+    result = _run(["sd-generate", str(out), "--prompt", "a cat", "--steps", "2", "--out", str(png)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads((out.parent / "cat.json").read_text())["images_psnr_db"] > 0
+
+
+@pytest.mark.slow
+def test_sd_plugin_graph_equals_standard_graph_and_pytorch(plugin_exported, exported, tiny):
+    from turbo_export.export.onnx import GraphSpec, torch_outputs
+    from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
+    from turbo_export.runtime import make_runner
+
+    inputs = example_inputs(tiny, (8, 8), 1)  # both exports' example input
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    options = SDOptions(ratio=0.5, out_dir="", alpha=2.0, blocks="all")  # both exports' settings
+    standard = GraphSpec("turbo", UNetGraph(make_turbo(copy.deepcopy(tiny.unet), options)), inputs, OUTPUT_NAMES)
+    got = {"onnx": make_runner(str(exported[0] / "turbo.onnx")).run(feed)["noise_pred"],
+           "plugin": make_runner(str(plugin_exported[0] / "turbo.onnx"), custom_ops=True).run(feed)["noise_pred"]}
+    torch_ref = torch_outputs(standard, inputs)[0]
+    np.testing.assert_allclose(got["plugin"], got["onnx"], atol=1e-5)
+    np.testing.assert_allclose(got["plugin"], torch_ref, atol=1e-5)
+    np.testing.assert_allclose(got["onnx"], torch_ref, atol=1e-5)
+
+
+FLOAT_IO = {"ScatterElements": ((0, 2), (0,)), "TurboMerge": ((0, 1, 2, 3), (0, 1)), "TurboUnmerge": ((0,), (0,))}
+
+
+def float32_islands(path: str) -> bytes:
+    """The fp16 graph with every ScatterElements(reduction='add') and Turbo node computed in float32 between Casts:
+    ONNX Runtime's CPU provider has no fp16 kernel for the first, the Python nodes take float32 only."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(path)
+    nodes = []
+    for n in model.graph.node:
+        io = FLOAT_IO.get(n.op_type)
+        if io is None or (n.op_type == "ScatterElements"
+                          and not any(a.name == "reduction" and a.s == b"add" for a in n.attribute)):
+            nodes.append(n)
+            continue
+        for i in io[0]:
+            nodes.append(helper.make_node("Cast", [n.input[i]], [f"{n.name}_in{i}_f32"], to=TensorProto.FLOAT))
+            n.input[i] = f"{n.name}_in{i}_f32"
+        after = []
+        for i in io[1]:
+            after.append(helper.make_node("Cast", [f"{n.name}_out{i}_f32"], [n.output[i]], to=TensorProto.FLOAT16))
+            n.output[i] = f"{n.name}_out{i}_f32"
+        nodes += [n, *after]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model.SerializeToString()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["onnx", "plugin"])
+def test_fp16_sd_graph_matches_fp32_model(impl, tiny, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from turbo_export.export.onnx import GraphSpec, compare_outputs, export_onnx, torch_outputs
+    from turbo_export.export.pipeline import FP16_ATOL, half_graph, set_tolerances
+    from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
+    from turbo_export.export.trt_lint import lint_file
+    from turbo_export.plugin_ops import import_turbo_plugin
+
+    inputs = example_inputs(tiny, (8, 8), 1)
+    options = SDOptions(ratio=0.5, out_dir="", alpha=2.0, blocks="default", merge_impl=impl)
+    graphs = {"turbo": GraphSpec("turbo", UNetGraph(make_turbo(copy.deepcopy(tiny.unet), options)), inputs,
+                                 OUTPUT_NAMES)}
+    set_tolerances(graphs, 1e-4, "fp16", "tensorrt")
+    graph = graphs["turbo"]
+    assert graph.atol == FP16_ATOL
+    path = export_onnx(half_graph(graph), str(tmp_path / "turbo.onnx"))  # half_graph deep-copies the patched UNet
+    model = onnx.load(path, load_external_data=False)
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input)
+    merges = 3 * len(merged_blocks(graph.module.unet))  # blocks="default": the 3 level-0 blocks of the tiny UNet
+    assert merges == 9
+    assert sum(n.op_type == "TurboMerge" for n in model.graph.node) == (merges if impl == "plugin" else 0)
+    assert lint_file(path).ok
+    import_turbo_plugin()
+    from turbo_plugin import ort_ops
+
+    session = ort.InferenceSession(float32_islands(path), ort_ops.session_options(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.half().numpy() for k, v in inputs.items()})[0]
+    assert got.dtype == np.float16
+    check = compare_outputs(OUTPUT_NAMES, [got.astype(np.float32)], torch_outputs(graph, inputs), FP16_ATOL)[0]
+    assert check.ok and check.max_abs_diff > 0, check  # within the fp16 tolerance, and really half precision
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--precision", "fp16"], ("precision: fp16 needs --backend tensorrt",)),
+    (["--merge-impl", "plugin", "--backend", "tensorrt"], ("backend tensorrt:", "--backend onnxruntime works")),
+    (["--precision", "fp16", "--merge-impl", "plugin", "--backend", "tensorrt"], ("backend tensorrt:",)),
+])
+def test_sd_unet_precision_and_merge_impl_errors(args, fragments, tmp_path):
+    from turbo_export.runtime import tensorrt_unavailable_reason
+
+    if "tensorrt" in args and tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present")
+    result = _run(["sd-unet", "--model", "random:tiny", "--ratio", "0.5", "--out", str(tmp_path / "x"), *args])
+    _assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "x").exists() and "loading" not in result.stderr  # stops before loading the model
+    bad = CliRunner().invoke(main, ["sd-unet", "--model", "random:tiny", "--ratio", "0.5", "--merge-impl", "x"])
+    assert bad.exit_code == 2 and "merge-impl" in bad.output

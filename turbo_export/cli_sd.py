@@ -38,6 +38,11 @@ def parse_fraction(value: str) -> float:
 @click.option("--batch", type=int, default=1, show_default=True,
               help="Images per UNet call; the graph's batch is twice this (classifier-free guidance).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt.")
+@click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
+              help="onnx: the merge as standard ops; plugin: one turbo.TurboMerge node per merge and one "
+                   "turbo.TurboUnmerge node per restore (TensorRT plugin).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: engines/<name>-sd-r<ratio>/).")
 @click.option("--no-bench", is_flag=True)
@@ -46,8 +51,8 @@ def parse_fraction(value: str) -> float:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff).")
 @user_errors
 def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: int | None, resolution: int | None,
-            batch: int, backend: str, out_dir: str | None, no_bench: bool, no_validate: bool, runs: int,
-            atol: float) -> None:
+            batch: int, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
+            no_validate: bool, runs: int, atol: float) -> None:
     """Export the Stable Diffusion UNet unaccelerated and with Turbo, check parity, compare UNet-call speed."""
     from .export.sd import SDOptions, run_sd_export, sd_summary_lines
     from .sd_presets import load_sd
@@ -57,20 +62,22 @@ def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: 
         raise TurboExportError(f"batch: must be >= 1, got {batch}")
     if resolution is not None and resolution < 1:
         raise TurboExportError(f"resolution: must be positive, got {resolution}")
-    from .runtime import require_backend
+    from .export.pipeline import check_backend
 
-    require_backend(backend)
+    check_backend(backend, precision)
     click.echo(f"loading {model_source} ...", err=True)
     components = load_sd(model_source)
     out = out_dir or os.path.join("engines", f"{components.name}-sd-r{fraction:g}")
     options = SDOptions(ratio=fraction, out_dir=out, alpha=alpha, blocks=blocks, seed=dst_seed,
-                        resolution=resolution, batch=batch, backend=backend, validate=not no_validate,
+                        resolution=resolution, batch=batch, backend=backend, precision=precision,
+                        merge_impl=merge_impl, validate=not no_validate,
                         bench=not no_bench, bench_runs=runs, atol=atol)
     report = run_sd_export(components, options)
     click.echo("")
     for line in sd_summary_lines(report):
         click.echo(line)
-    click.echo(f"\nwrote {os.path.abspath(out)}/: baseline.onnx, turbo.onnx, report.json")
+    files = ["baseline.onnx", "turbo.onnx", *report.get("engines", {}).values(), "report.json"]
+    click.echo(f"\nwrote {os.path.abspath(out)}/: {', '.join(files)}")
 
 
 def read_export_dir(path: str) -> dict[str, Any]:
@@ -125,7 +132,10 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     components = load_sd(report["model"], with_unet=False)
     results = {}
     for name in ("baseline", "turbo"):
-        runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend)
+        # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
+        plugin = name == "turbo" and report.get("merge_impl") == "plugin" and backend == "onnxruntime"
+        extra = {"custom_ops": True} if plugin else {}
+        runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend, **extra)
         results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
                                  desc=f"{name} UNet")
         del runner

@@ -378,3 +378,69 @@ def unmerge_grid(plan: MergePlan, split: GridSplit, x: torch.Tensor) -> torch.Te
     """Restore [B, N - r, C] -> [B, N, C]: every token its own value, every source its destination's."""
     positions = restore_positions(plan, split)
     return x.gather(dim=1, index=positions.unsqueeze(-1).expand(*positions.shape, x.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any A/B split given as index tensors: the TurboMerge / TurboUnmerge node contract (plugins/README.md) in PyTorch,
+# which ``plugin_ops`` runs eagerly for a split other than the alternate one (the UNet's 2x2 grid).
+# - a_idx [Na], b_idx [Nb]: token rows of A and B (any partition). Rows below ``protected`` are never a source
+#   (A) or a destination (B). R, dst, E as in ``grid_redundancy`` / ``grid_plan`` (same ops, so the same plan).
+# - merge: size-weighted mean; output [unmerged A in A order (unm_idx ascending), then all of B]. With all-ones
+#   sizes the values equal ``merge_mean``'s exactly (x * 1 = x, sums in the same source order); only the unmerged
+#   A rows come in ascending rather than descending-E order, and ``unmerge_split`` inverts exactly that order.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def split_matching(
+    metric: torch.Tensor,
+    a_idx: torch.Tensor,
+    b_idx: torch.Tensor,
+    r: int,
+    semantic: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    protected: int = 0,
+) -> MergePlan:
+    """Sources = the r A tokens with the largest E = R - alpha * I; unm_idx ascending (the node's order)."""
+    a_idx, b_idx = a_idx.long(), b_idx.long()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(-1, -2)
+    if protected:
+        scores = scores.masked_fill(b_idx < protected, -math.inf)
+    redundancy, dst = scores.max(dim=-1)
+    degree = redundancy
+    if semantic is not None and alpha != 0.0:
+        degree = redundancy - alpha * semantic[:, a_idx]
+    if protected:
+        degree = degree.masked_fill(a_idx < protected, -math.inf)
+    order = degree.argsort(dim=-1, descending=True)
+    src_idx = order[:, :r]
+    return MergePlan(unm_idx=order[:, r:].sort(dim=-1)[0], src_idx=src_idx, dst_idx=dst.gather(dim=-1, index=src_idx))
+
+
+def merge_wavg_split(
+    plan: MergePlan, a_idx: torch.Tensor, b_idx: torch.Tensor, x: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge over an indexed split: [B, N, C] -> [B, N - r, C], [B, N - r, 1]."""
+    weighted = torch.cat([x * size, size], dim=-1)
+    a, b = weighted[:, a_idx.long()], weighted[:, b_idx.long()]
+    batch, _, channels = a.shape
+    unm = a.gather(dim=1, index=plan.unm_idx.unsqueeze(-1).expand(batch, plan.unm_idx.shape[1], channels))
+    src = a.gather(dim=1, index=plan.src_idx.unsqueeze(-1).expand(batch, plan.src_idx.shape[1], channels))
+    b = b.scatter_reduce(dim=1, index=plan.dst_idx.unsqueeze(-1).expand(batch, plan.dst_idx.shape[1], channels),
+                         src=src, reduce="sum")
+    merged = torch.cat([unm, b], dim=1)
+    return merged[..., :-1] / merged[..., -1:], merged[..., -1:]
+
+
+def unmerge_split(plan: MergePlan, a_idx: torch.Tensor, b_idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Restore [B, N - r, C] -> [B, N, C]: unmerged A and B tokens their own row, each source its destination's."""
+    a_idx, b_idx = a_idx.long(), b_idx.long()
+    batch, _, channels = x.shape
+    num_unm, r = plan.unm_idx.shape[1], plan.src_idx.shape[1]
+    unm, b = x[:, :num_unm], x[:, num_unm:]
+    src = b.gather(dim=1, index=plan.dst_idx.unsqueeze(-1).expand(batch, r, channels))
+    rows = lambda idx: idx.unsqueeze(-1).expand(*idx.shape, channels)  # noqa: E731
+    out = x.new_zeros(batch, a_idx.numel() + b_idx.numel(), channels)
+    out = out.scatter(1, rows(b_idx.expand(batch, -1)), b)
+    out = out.scatter(1, rows(a_idx[plan.unm_idx]), unm)
+    return out.scatter(1, rows(a_idx[plan.src_idx]), src)

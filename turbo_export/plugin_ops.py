@@ -1,10 +1,11 @@
 """The merge as ONE custom node per block (``--merge-impl plugin``): what TensorRT replaces with its plugin.
 
 ``plugin_merge`` is a drop-in ``TurboSettings.merge_fn``: eager it computes exactly ``merge.turbo_merge``
-(through the ``turbo::merge`` torch custom op); exported with ``custom_translation_table()`` it becomes one
-``turbo.TurboMerge`` ONNX node. TensorRT's ONNX parser turns a node into a plugin when its op_type is the
-plugin's name; it reads ``plugin_namespace`` / ``plugin_version`` and ``aot`` (use the ahead-of-time kernel)
-and hands the other attributes to the plugin. The graph runs in ONNX Runtime only with the Python node
+(through the ``turbo::merge`` torch custom op; with ``split=`` any other A/B split, e.g. the UNet's 2x2 grid,
+by ``merge.split_matching`` / ``merge_wavg_split`` / ``unmerge_split``); exported with
+``custom_translation_table()`` it becomes one ``turbo.TurboMerge`` ONNX node. TensorRT's ONNX parser turns a
+node into a plugin when its op_type is the plugin's name; it reads ``plugin_namespace`` / ``plugin_version`` and
+``aot`` (use the ahead-of-time kernel) and hands the other attributes to the plugin. The graph runs in ONNX Runtime only with the Python node
 implementations of ``plugins/turbo_plugin/ort_ops.py`` registered (onnxruntime-extensions); see
 ``runtime.ort.OnnxRuntimeRunner(custom_ops=True)``.
 
@@ -39,20 +40,21 @@ def alternate_split(n_tokens: int, device: torch.device | None = None) -> tuple[
             torch.arange(1, n_tokens, 2, dtype=torch.int32, device=device))
 
 
-def _check_alternate(n_tokens: int, a_idx: torch.Tensor, b_idx: torch.Tensor) -> None:
+def _is_alternate(n_tokens: int, a_idx: torch.Tensor, b_idx: torch.Tensor) -> bool:
     a_ref, b_ref = alternate_split(n_tokens, a_idx.device)
-    if not (torch.equal(a_idx.to(torch.int32), a_ref) and torch.equal(b_idx.to(torch.int32), b_ref)):
-        raise NotImplementedError("turbo::merge in PyTorch implements the alternate A/B split only; other splits "
-                                  "run in the kernels (plugins/turbo_plugin) and the ONNX Runtime reference")
+    return torch.equal(a_idx.to(torch.int32), a_ref) and torch.equal(b_idx.to(torch.int32), b_ref)
 
 
 @torch.library.custom_op("turbo::merge", mutates_args=())
 def merge_op(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, semantic: torch.Tensor,
              a_idx: torch.Tensor, b_idx: torch.Tensor, r: int, alpha: float, protected: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_alternate(x.shape[1], a_idx, b_idx)
-    plan = merge.bipartite_soft_matching(metric, r, semantic, alpha, protected)
-    out, out_size = merge.merge_wavg(plan, x, size)
+    if _is_alternate(x.shape[1], a_idx, b_idx):  # ViT / BLIP: exactly merge.turbo_merge
+        plan = merge.bipartite_soft_matching(metric, r, semantic, alpha, protected)
+        out, out_size = merge.merge_wavg(plan, x, size)
+    else:  # any other split (the UNet's 2x2 grid)
+        plan = merge.split_matching(metric, a_idx, b_idx, r, semantic, alpha, protected)
+        out, out_size = merge.merge_wavg_split(plan, a_idx, b_idx, x, size)
     return out, out_size, plan.unm_idx.int(), plan.src_idx.int(), plan.dst_idx.int()
 
 
@@ -69,9 +71,10 @@ def _merge_fake(x, size, metric, semantic, a_idx, b_idx, r, alpha, protected):
 def unmerge_op(x: torch.Tensor, unm: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, a_idx: torch.Tensor,
                b_idx: torch.Tensor) -> torch.Tensor:
     n_tokens = a_idx.shape[0] + b_idx.shape[0]
-    _check_alternate(n_tokens, a_idx, b_idx)
     plan = merge.MergePlan(unm.long(), src.long(), dst.long())
-    return merge.unmerge(plan, x, n_tokens)
+    if _is_alternate(n_tokens, a_idx, b_idx):
+        return merge.unmerge(plan, x, n_tokens)
+    return merge.unmerge_split(plan, a_idx, b_idx, x)
 
 
 @unmerge_op.register_fake
@@ -79,21 +82,44 @@ def _unmerge_fake(x, unm, src, dst, a_idx, b_idx):
     return x.new_empty(x.shape[0], a_idx.shape[0] + b_idx.shape[0], x.shape[2])
 
 
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
 def plugin_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, semantic: torch.Tensor | None,
-                 r: int, alpha: float, protected: int = 1) -> tuple[torch.Tensor, torch.Tensor, merge.MergePlan]:
-    """``merge.turbo_merge`` through the custom op: same values, one ``TurboMerge`` node when exported."""
+                 r: int, alpha: float, protected: int = 1, split: Split | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, merge.MergePlan]:
+    """``merge.turbo_merge`` through the custom op: same values, one ``TurboMerge`` node when exported.
+
+    split: (a_idx, b_idx) token rows of A and B; None = the alternate split. Any other split follows the node
+    contract (``merge.split_matching`` / ``merge_wavg_split``: unmerged A rows in A order).
+    """
     if semantic is None:
         semantic = x.new_zeros(x.shape[0], x.shape[1])
-    a_idx, b_idx = alternate_split(x.shape[1], x.device)
+    a_idx, b_idx = _split_or_alternate(split, x.shape[1], x.device)
     out, out_size, unm, src, dst = merge_op(x, size, metric, semantic, a_idx, b_idx, int(r), float(alpha),
                                             int(protected))
     return out, out_size, merge.MergePlan(unm.long(), src.long(), dst.long())
 
 
-def plugin_unmerge(plan: merge.MergePlan, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``merge.unmerge`` through the custom op (one ``TurboUnmerge`` node when exported)."""
-    a_idx, b_idx = alternate_split(num_tokens, x.device)
+def plugin_unmerge(plan: merge.MergePlan, x: torch.Tensor, num_tokens: int, split: Split | None = None
+                   ) -> torch.Tensor:
+    """``merge.unmerge`` (or ``merge.unmerge_split``) through the custom op (one ``TurboUnmerge`` node)."""
+    a_idx, b_idx = _split_or_alternate(split, num_tokens, x.device)
     return unmerge_op(x, plan.unm_idx.int(), plan.src_idx.int(), plan.dst_idx.int(), a_idx, b_idx)
+
+
+def _split_or_alternate(split: Split | None, n_tokens: int, device: torch.device) -> Split:
+    if split is None:
+        return alternate_split(n_tokens, device)
+    return split[0].to(device=device, dtype=torch.int32), split[1].to(device=device, dtype=torch.int32)
+
+
+def check_merge_impl(merge_impl: str) -> str:
+    if merge_impl not in MERGE_IMPLS:
+        from .errors import TurboExportError
+
+        raise TurboExportError(f"merge-impl: unknown '{merge_impl}'; choose one of {', '.join(MERGE_IMPLS)}")
+    return merge_impl
 
 
 def merge_fn(merge_impl: str):
@@ -102,9 +128,7 @@ def merge_fn(merge_impl: str):
         return merge.turbo_merge
     if merge_impl == "plugin":
         return plugin_merge
-    from .errors import TurboExportError
-
-    raise TurboExportError(f"merge-impl: unknown '{merge_impl}'; choose one of {', '.join(MERGE_IMPLS)}")
+    check_merge_impl(merge_impl)
 
 
 def register_schemas() -> None:

@@ -7,6 +7,7 @@ timestep float32 [2B], encoder_hidden_states float32 [2B, 77, D]; output noise_p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,12 @@ from .. import bench
 from ..errors import TurboExportError
 from ..files import staged_output, write_json_atomic
 from ..patch import unet as unet_patch
-from ..runtime import make_runner, require_backend
+from ..plugin_ops import check_merge_impl
+from ..runtime import make_runner
 from ..sd_presets import TEXT_LEN, SDComponents
 from .onnx import DEFAULT_ATOL, GraphSpec, ParityReport, compare_outputs, cosine
-from .pipeline import Log, environment, export_graphs, log_to_stderr, side_by_side, validate_graphs
+from .pipeline import (Log, check_backend, engine_files, environment, export_graphs, log_to_stderr,
+                       plugin_graph_benchmarkable, set_tolerances, side_by_side, validate_graphs)
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
 OUTPUT_NAMES = ["noise_pred"]
@@ -50,6 +53,8 @@ class SDOptions:
     resolution: int | None = None
     batch: int = 1
     backend: str = "onnxruntime"
+    precision: str = "fp32"  # "fp16": half-precision graphs (needs --backend tensorrt)
+    merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge / TurboUnmerge node per merge / restore
     validate: bool = True
     bench: bool = True
     bench_runs: int = 5
@@ -120,11 +125,12 @@ def count_flops(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
 
 def make_turbo(unet: nn.Module, options: SDOptions) -> nn.Module:
     return unet_patch.apply_turbo_unet(unet, options.ratio, alpha=options.alpha, blocks=options.blocks,
-                                       seed=options.seed)
+                                       seed=options.seed, merge_impl=options.merge_impl)
 
 
 def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_to_stderr) -> dict[str, Any]:
-    require_backend(options.backend)
+    check_backend(options.backend, options.precision)
+    check_merge_impl(options.merge_impl)
     unet_patch.check_ratio(options.ratio)
     if options.batch < 1:
         raise TurboExportError(f"batch: must be >= 1, got {options.batch}")
@@ -133,25 +139,30 @@ def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_t
 
     baseline = components.unet
     turbo = make_turbo(copy.deepcopy(baseline), options)
-    check_backend_sort_limit(turbo, latent_hw, options.backend)
+    if options.merge_impl == "onnx":  # the plugin's kernel ranks by counting: no TopK
+        check_backend_sort_limit(turbo, latent_hw, options.backend)
     inputs = example_inputs(components, latent_hw, options.batch)
     graphs = {name: GraphSpec(name, UNetGraph(model), inputs, OUTPUT_NAMES, atol=options.atol)
               for name, model in (("baseline", baseline), ("turbo", turbo))}
+    set_tolerances(graphs, options.atol, options.precision, options.backend)
 
     parity: dict[str, ParityReport] = {}
     timings = None
     with staged_output(options.out_dir) as stage:
-        runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir)
+        runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
+                                precision=options.precision, custom_ops=options.merge_impl == "plugin")
         if options.validate:
             parity = validate_graphs(graphs, runners, options.out_dir, log)
-        if options.bench:
+        if options.bench and plugin_graph_benchmarkable(options.merge_impl, options.backend, log):
             feeds = {name: inputs for name in graphs}
             timings = bench.interleaved(runners, feeds, 2 * options.batch, warmup=options.bench_warmup,
                                         runs=options.bench_runs, progress=options.progress,
                                         desc=f"benchmark ({options.backend})")
         outputs = {name: runners[name].run({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
                    for name in graphs}
-        flops = {"baseline": count_flops(baseline, inputs), "turbo": count_flops(turbo, inputs)}
+        counted = turbo if options.merge_impl == "onnx" else make_turbo(
+            copy.deepcopy(baseline), dataclasses.replace(options, merge_impl="onnx"))  # same tokens per block
+        flops = {"baseline": count_flops(baseline, inputs), "turbo": count_flops(counted, inputs)}
         report = build_sd_report(components, options, resolution, latent_hw, turbo, flops, parity, timings, runners,
                                  outputs)
         write_json_atomic(os.path.join(stage, "report.json"), report)
@@ -171,19 +182,25 @@ def build_sd_report(components, options, resolution, latent_hw, turbo, flops, pa
         "alpha": options.alpha,
         "blocks": options.blocks,
         "destination_seed": options.seed,
+        "merge_impl": options.merge_impl,
+        "precision": options.precision,
         "resolution": resolution,
         "latent_size": list(latent_hw),
         "batch": options.batch,
         "graph_batch": 2 * options.batch,
         "text_len": TEXT_LEN,
         "blocks_merged": [b["block"] for b in blocks if b["merged"]],
-        "sort": {"formulation": "argsort of E over A (ONNX TopK with K = |A|), no re-sort of unmerged tokens",
+        "sort": {"formulation": "argsort of E over A (ONNX TopK with K = |A|), no re-sort of unmerged tokens"
+                 if options.merge_impl == "onnx" else "inside turbo.TurboMerge (rank by counting; unmerged tokens "
+                                                      "in A order)",
                  "largest_k": largest_sort(turbo, latent_hw), "tensorrt_topk_limit": "K < 3840"},
         "tokens_per_block": blocks,
         "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
                   "ratio": flops["baseline"] / flops["turbo"],
                   "counted_by": "torch.utils.flop_counter.FlopCounterMode on the PyTorch UNet (fake tensors), one "
-                                "call (batch 2B), matmul attention, merge matching included"},
+                                "call (batch 2B), matmul attention, merge matching included"
+                                + ("" if options.merge_impl == "onnx" else " once per block (counted on the "
+                                   "--merge-impl onnx UNet; each TurboMerge node recomputes it)")},
         "files": {"baseline": "baseline.onnx", "turbo": "turbo.onnx"},
         "parity": None,
         "bench": None,
@@ -193,11 +210,18 @@ def build_sd_report(components, options, resolution, latent_hw, turbo, flops, pa
         },
         "environment": {**environment(), "diffusers": _diffusers_version()},
     }
+    runtime = "TensorRT engine of " if options.backend == "tensorrt" else ""
+    runtime_end = "" if options.backend == "tensorrt" else " (ONNX Runtime)"
+    precision = ", fp16 graph vs fp32 model" if options.precision == "fp16" else ""
     if parity:
-        report["parity"] = {"compared": "turbo.onnx (ONNX Runtime) vs Turbo UNet (PyTorch)",
+        report["parity"] = {"compared": f"{runtime}turbo.onnx{runtime_end} vs Turbo UNet (PyTorch){precision}",
                             **parity["turbo"].as_dict()}
-        report["parity_baseline"] = {"compared": "baseline.onnx (ONNX Runtime) vs UNet (PyTorch)",
+        report["parity_baseline"] = {"compared": f"{runtime}baseline.onnx{runtime_end} vs UNet (PyTorch)"
+                                                 f"{precision}",
                                      **parity["baseline"].as_dict()}
+    engines = engine_files(runners)
+    if engines:
+        report["engines"] = engines
     if timings:
         ratio = bench.speedup(timings)
         report["bench"] = {

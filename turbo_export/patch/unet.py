@@ -64,6 +64,7 @@ class SDTurboSettings:
     max_downsample: int
     seed: int | None = None
     parts: tuple[str, ...] = PARTS
+    merge_impl: str = "onnx"  # "plugin": each merge one turbo::merge op (TurboMerge node), each restore one unmerge
     latent_hw: tuple[int, int] | None = None
 
 
@@ -124,37 +125,70 @@ class TurboBasicTransformerBlock:
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
         settings: SDTurboSettings = getattr(self, SETTINGS_ATTR)
         kwargs = dict(cross_attention_kwargs or {})
-        x = hidden_states
+        x = x_in = hidden_states
         height, width = settings.latent_hw
         scale = 2 ** getattr(self, LEVEL_ATTR)
         split = merge.grid_split(math.ceil(height / scale), math.ceil(width / scale), settings.seed)
         if split.height * split.width != x.shape[1]:
             raise RuntimeError(f"block expects {split.height}x{split.width} tokens, got {x.shape[1]}")
         r = merge.grid_r(x.shape[1], settings.ratio, split)
-        redundancy, dst = merge.grid_redundancy(x, split)
-        plan_v = merge.grid_plan(redundancy, dst, split, r)
+        if settings.merge_impl == "plugin":
+            site_v = _plugin_site(x_in, split, r)
+        else:
+            redundancy, dst = merge.grid_redundancy(x, split)
+            site_v = _grid_site(merge.grid_plan(redundancy, dst, split, r), split)
 
-        def around(part: str, plan: merge.MergePlan, fn, h: torch.Tensor) -> torch.Tensor:
+        def around(part: str, site, fn, h: torch.Tensor) -> torch.Tensor:
             if part not in settings.parts or r == 0:
                 return fn(h)
-            return merge.unmerge_grid(plan, split, fn(merge.merge_mean(plan, split, h)))
+            merged, restore = site(h)
+            return restore(fn(merged))
 
         h = self.norm1(x)
         context1 = encoder_hidden_states if self.only_cross_attention else None
-        x = x + around("attn1", plan_v,
+        x = x + around("attn1", site_v,
                        lambda t: self.attn1(t, encoder_hidden_states=context1, attention_mask=attention_mask,
                                             **kwargs), h)
         if self.attn2 is not None:
             h = self.norm2(x)
-            plan_c = plan_v
+            site_c = site_v
             if settings.alpha != 0.0 and r > 0 and "attn2" in settings.parts:
                 semantic = cross_attention_saliency(self.attn2, h, encoder_hidden_states)
-                plan_c = merge.grid_plan(redundancy, dst, split, r, semantic, settings.alpha)
-            x = x + around("attn2", plan_c,
+                if settings.merge_impl == "plugin":
+                    site_c = _plugin_site(x_in, split, r, semantic, settings.alpha)
+                else:
+                    site_c = _grid_site(merge.grid_plan(redundancy, dst, split, r, semantic, settings.alpha), split)
+            x = x + around("attn2", site_c,
                            lambda t: self.attn2(t, encoder_hidden_states=encoder_hidden_states,
                                                 attention_mask=encoder_attention_mask, **kwargs), h)
-        x = x + around("ff", plan_v, self.ff, self.norm3(x))
+        x = x + around("ff", site_v, self.ff, self.norm3(x))
         return x
+
+
+def _grid_site(plan: merge.MergePlan, split: merge.GridSplit):
+    """h -> (merged h, restore) with standard ops (plain-mean merge, one gather to restore)."""
+    return lambda h: (merge.merge_mean(plan, split, h), lambda y: merge.unmerge_grid(plan, split, y))
+
+
+def _plugin_site(metric: torch.Tensor, split: merge.GridSplit, r: int, semantic: torch.Tensor | None = None,
+                 alpha: float = 0.0):
+    """h -> (merged h, restore) as one TurboMerge and one TurboUnmerge node.
+
+    Every merge recomputes the matching from the block input (the node's contract; the kernel recomputes it per
+    channel block anyway). All-ones sizes make the node's size-weighted mean the plain mean, nothing is protected;
+    the node lists unmerged A tokens in A order (not descending E), which its restore inverts.
+    """
+    from .. import plugin_ops
+
+    indices = (split.a_idx.to(torch.int32), split.b_idx.to(torch.int32))
+    batch, tokens, _ = metric.shape
+
+    def site(h: torch.Tensor):
+        ones = h.new_ones(batch, tokens, 1)
+        merged, _, plan = plugin_ops.plugin_merge(h, ones, metric, semantic, r, alpha, protected=0, split=indices)
+        return merged, lambda y: plugin_ops.plugin_unmerge(plan, y, tokens, split=indices)
+
+    return site
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -166,12 +200,11 @@ def _subclass(original: type) -> type:
     return _SUBCLASSES[original]
 
 
-def _record_latent_size(settings: SDTurboSettings):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        settings.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-
-    return hook
+def _record_latent_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # the settings are looked up on the UNet, not captured: a deepcopy of a patched UNet (fp16 export) copies the
+    # hook function by reference, so a captured object would be the original's, not the copy's blocks' settings
+    sample = args[0] if args else kwargs["sample"]
+    getattr(module, SETTINGS_ATTR).latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
 
 
 def is_unet(model: nn.Module) -> bool:
@@ -179,23 +212,28 @@ def is_unet(model: nn.Module) -> bool:
 
 
 def apply_turbo_unet(unet: nn.Module, ratio: float, alpha: float = 1.0, blocks: str | int = "default",
-                     seed: int | None = None, parts: tuple[str, ...] = PARTS) -> nn.Module:
+                     seed: int | None = None, parts: tuple[str, ...] = PARTS, merge_impl: str = "onnx"
+                     ) -> nn.Module:
     """Patch ``unet`` in place: merge ``ratio`` of the tokens in the chosen blocks; returns the UNet.
 
     blocks: 'default' (highest-resolution level only, ToMe for SD's max_downsample = 1), 'all', or a
     maximum downsampling factor. seed: None = destination at each 2x2 cell's top-left, else a seeded pattern.
-    Calling it again replaces the settings.
+    merge_impl: "onnx" (standard ops) or "plugin" (each merge one TurboMerge node, each restore one TurboUnmerge
+    node when exported; same tokens after restore, see ``_plugin_site``). Calling it again replaces the settings.
     """
+    from ..plugin_ops import check_merge_impl
+
     if not is_unet(unet):
         raise TurboExportError(f"model class {type(unet).__name__} is not a diffusers UNet2DConditionModel")
     ratio = check_ratio(ratio)
+    check_merge_impl(merge_impl)
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise TurboExportError(f"parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     remove_turbo_unet(unet)
     settings = SDTurboSettings(ratio=ratio, alpha=float(alpha),
                                max_downsample=max_downsample_for(blocks, len(unet.down_blocks)), seed=seed,
-                               parts=tuple(parts))
+                               parts=tuple(parts), merge_impl=merge_impl)
     for name, block, level in transformer_blocks(unet):
         if 2 ** level > settings.max_downsample:
             continue
@@ -206,7 +244,7 @@ def apply_turbo_unet(unet: nn.Module, ratio: float, alpha: float = 1.0, blocks: 
         setattr(block, ORIGINAL_CLASS_ATTR, original)
         setattr(block, SETTINGS_ATTR, settings)
         setattr(block, LEVEL_ATTR, level)
-    setattr(unet, HOOK_ATTR, unet.register_forward_pre_hook(_record_latent_size(settings), with_kwargs=True))
+    setattr(unet, HOOK_ATTR, unet.register_forward_pre_hook(_record_latent_size, with_kwargs=True))
     setattr(unet, SETTINGS_ATTR, settings)
     return unet
 
