@@ -177,7 +177,7 @@ def graph_errors(model_source: str, ratio: int, batch: int, out_dir: str, alpha:
         g = torch.Generator().manual_seed(seed)
         inputs = {k: torch.randn(v.shape, generator=g) for k, v in graph.example_inputs.items()}
         path = export_onnx(graph, os.path.join(out_dir, f"turbo-{impl}.onnx"))
-        runner = make_runner(path, "onnxruntime", **({"custom_ops": True} if impl == "plugin" else {}))
+        runner = make_runner(path, "onnxruntime")
         result = runner.run({k: v.numpy() for k, v in inputs.items()})
         outputs[impl] = [result[n] for n in graph.output_names]
         torch_out = torch_outputs(graph, inputs)
@@ -219,7 +219,7 @@ def sd_graph_errors(model_source: str, ratio: float, alpha: float, blocks: str, 
         options = SDOptions(ratio=ratio, out_dir="", alpha=alpha, blocks=blocks, merge_impl=impl)
         graph = GraphSpec(impl, UNetGraph(make_turbo(copy.deepcopy(components.unet), options)), inputs, OUTPUT_NAMES)
         path = export_onnx(graph, os.path.join(out_dir, f"sd-turbo-{impl}.onnx"))
-        runner = make_runner(path, "onnxruntime", **({"custom_ops": True} if impl == "plugin" else {}))
+        runner = make_runner(path, "onnxruntime")
         outputs[impl] = runner.run(feed)["noise_pred"]
         outputs[f"{impl}_torch"] = torch_outputs(graph, inputs)[0]
         count = collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)

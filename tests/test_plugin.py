@@ -127,9 +127,10 @@ def test_plugin_nodes_contract_and_ort(tmp_path):
                      "plugin_version": b"1", "aot": 1}
     assert len(nodes["TurboMerge"].output) == 5 and len(nodes["TurboMerge"].input) == 6
 
-    with pytest.raises(TurboExportError, match="custom_ops=True"):
-        make_runner(path)  # without the onnxruntime-extensions ops ONNX Runtime cannot load the graph
-    runner = make_runner(path, custom_ops=True)
+    with pytest.raises(TurboExportError, match="custom_ops at None"):
+        make_runner(path, custom_ops=False)  # without the onnxruntime-extensions ops ONNX Runtime cannot load it
+    assert plugin_ops.has_turbo_nodes(path) and plugin_ops.tensorrt_plugin_modules(path) == ("turbo_plugin.trt_plugin",)
+    runner = make_runner(path)  # the turbo nodes are detected
     got = runner.run({n: a.numpy() for n, a in zip(names, args)})
     eager = _MergeUnmerge(merge.turbo_merge, merge.unmerge)(*args)
     for name, ref in zip(spec.output_names, eager):
@@ -157,7 +158,8 @@ def test_tiny_vit_plugin_graph_equals_standard_graph_and_pytorch(tmp_path):
         path = export_onnx(graph, str(tmp_path / f"{impl}.onnx"))
         count = sum(n.op_type == "TurboMerge" for n in onnx.load(path).graph.node)
         assert count == (2 if impl == "plugin" else 0)
-        runner = make_runner(path, custom_ops=impl == "plugin")
+        assert plugin_ops.has_turbo_nodes(path) is (impl == "plugin")
+        runner = make_runner(path)
         outputs[impl] = runner.run({k: v.numpy() for k, v in inputs.items()})["logits"]
         outputs[f"{impl}_torch"] = torch_outputs(graph, inputs)[0]
     np.testing.assert_allclose(outputs["plugin"], outputs["onnx"], atol=1e-5)
@@ -241,6 +243,7 @@ def _fake_tensorrt(monkeypatch):
 
     trt = types.ModuleType("tensorrt")
     trt.float32, trt.float16, trt.int32 = "float32", "float16", "int32"
+    trt.__version__ = "11.4.0"
     trtp = types.ModuleType("tensorrt.plugin")
     identity = lambda plugin_id: (lambda fn: fn)  # noqa: E731
     trtp.register = trtp.impl = trtp.aot_impl = trtp.autotune = identity

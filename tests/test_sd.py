@@ -472,7 +472,7 @@ def test_sd_plugin_graph_equals_standard_graph_and_pytorch(plugin_exported, expo
     options = SDOptions(ratio=0.5, out_dir="", alpha=2.0, blocks="all")  # both exports' settings
     standard = GraphSpec("turbo", UNetGraph(make_turbo(copy.deepcopy(tiny.unet), options)), inputs, OUTPUT_NAMES)
     got = {"onnx": make_runner(str(exported[0] / "turbo.onnx")).run(feed)["noise_pred"],
-           "plugin": make_runner(str(plugin_exported[0] / "turbo.onnx"), custom_ops=True).run(feed)["noise_pred"]}
+           "plugin": make_runner(str(plugin_exported[0] / "turbo.onnx")).run(feed)["noise_pred"]}
     torch_ref = torch_outputs(standard, inputs)[0]
     np.testing.assert_allclose(got["plugin"], got["onnx"], atol=1e-5)
     np.testing.assert_allclose(got["plugin"], torch_ref, atol=1e-5)

@@ -133,9 +133,7 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     results = {}
     for name in ("baseline", "turbo"):
         # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
-        plugin = name == "turbo" and report.get("merge_impl") == "plugin" and backend == "onnxruntime"
-        extra = {"custom_ops": True} if plugin else {}
-        runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend, **extra)
+        runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend)
         results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
                                  desc=f"{name} UNet")
         del runner

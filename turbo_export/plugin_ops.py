@@ -7,7 +7,7 @@ by ``merge.split_matching`` / ``merge_wavg_split`` / ``unmerge_split``); exporte
 node into a plugin when its op_type is the plugin's name; it reads ``plugin_namespace`` / ``plugin_version`` and
 ``aot`` (use the ahead-of-time kernel) and hands the other attributes to the plugin. The graph runs in ONNX Runtime only with the Python node
 implementations of ``plugins/turbo_plugin/ort_ops.py`` registered (onnxruntime-extensions); see
-``runtime.ort.OnnxRuntimeRunner(custom_ops=True)``.
+``runtime.ort.OnnxRuntimeRunner``, which detects the nodes (``has_turbo_nodes``).
 
 Node contract (plugins/README.md has the full statement):
   TurboMerge(x [B,N,C], size [B,N,1], metric [B,N,D], semantic [B,N], a_idx int32 [Na], b_idx int32 [Nb];
@@ -177,6 +177,26 @@ def custom_translation_table() -> dict[Any, Any]:
                                   plugin_version=PLUGIN_VERSION, aot=1)
 
     return {torch.ops.turbo.merge.default: merge_onnx, torch.ops.turbo.unmerge.default: unmerge_onnx}
+
+
+def has_turbo_nodes(onnx_path: str) -> bool:
+    """Whether an ONNX file holds turbo.TurboMerge / TurboUnmerge nodes (a --merge-impl plugin export): its model
+    declares the ``turbo`` op domain."""
+    import onnx
+
+    try:
+        model = onnx.load(onnx_path, load_external_data=False)
+    except Exception:  # unreadable: the runtime that opens it next says why
+        return False
+    return any(imp.domain == DOMAIN for imp in model.opset_import)
+
+
+def tensorrt_plugin_modules(onnx_path: str) -> tuple[str, ...]:
+    """The Python modules that register the TensorRT plugins a graph needs (imported before TensorRT parses it)."""
+    if not has_turbo_nodes(onnx_path):
+        return ()
+    import_turbo_plugin()  # puts plugins/ on the path in a source checkout
+    return ("turbo_plugin.trt_plugin",)
 
 
 def plugins_dir() -> str:

@@ -616,7 +616,7 @@ def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to
 
     with staged_output(options.out_dir) as stage:
         runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
-                                precision=options.precision, custom_ops=options.merge_impl == "plugin")
+                                precision=options.precision)
         parity = validate_graphs(graphs, runners, options.out_dir, log) if options.validate else {}
         pipelines = task.pipelines(runners, TokenIds.from_text_config(text_cfg), options)
         task_result = task.parity(models, pipelines, inputs, options, log)

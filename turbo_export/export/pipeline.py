@@ -101,7 +101,7 @@ def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log
     timings = None
     with staged_output(options.out_dir) as stage:
         runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
-                                precision=options.precision, custom_ops=turbo.merge_impl == "plugin")
+                                precision=options.precision)
         if options.validate:
             parity = validate_graphs(graphs, runners, options.out_dir, log)
 
@@ -156,12 +156,13 @@ def plugin_graph_benchmarkable(merge_impl: str, backend: str, log: Log) -> bool:
 
 
 def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: Log, out_dir: str | None = None,
-                  precision: str = "fp32", engine_options: Any = None, custom_ops: bool = False) -> dict[str, Any]:
+                  precision: str = "fp32", engine_options: Any = None) -> dict[str, Any]:
     """Export every graph to ``stage/<name>.onnx`` and open a runner on each.
 
     With backend tensorrt each graph is linted for TensorRT's parser first, then built (or taken from the engine
     cache: ``stage/engines``, reusing valid engines from ``out_dir/engines``) into a serialized engine.
-    ``custom_ops``: the graphs hold turbo.TurboMerge nodes; ONNX Runtime runs them with the Python reference.
+    Graphs with turbo.TurboMerge nodes (--merge-impl plugin) run in ONNX Runtime through the Python nodes and
+    in TensorRT through the plugin (``make_runner`` sees the nodes).
     """
     paths = {}
     for i, (name, g) in enumerate(graphs.items(), 1):
@@ -170,19 +171,11 @@ def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: L
         paths[name] = export_onnx(half_graph(g) if precision == "fp16" else g, os.path.join(stage, f"{name}.onnx"))
         log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
     if backend != "tensorrt":
-        extra = {"custom_ops": True} if custom_ops and backend == "onnxruntime" else {}
-        return {name: make_runner(p, backend, **extra) for name, p in paths.items()}
+        return {name: make_runner(p, backend) for name, p in paths.items()}
     from .tensorrt import BuildOptions
     from .trt_lint import lint_file
 
-    if engine_options is None:
-        # --merge-impl plugin graphs: TensorRT must know turbo::TurboMerge/TurboUnmerge before it parses them
-        plugins = ("turbo_plugin.trt_plugin",) if custom_ops else ()
-        if plugins:
-            from ..plugin_ops import import_turbo_plugin
-
-            import_turbo_plugin()  # puts plugins/ on the path in a source checkout
-        engine_options = BuildOptions(precision=precision, plugin_modules=plugins)
+    engine_options = engine_options or BuildOptions(precision=precision)
     runners = {}
     for name, p in paths.items():
         lint = lint_file(p)

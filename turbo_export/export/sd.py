@@ -150,7 +150,7 @@ def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_t
     timings = None
     with staged_output(options.out_dir) as stage:
         runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
-                                precision=options.precision, custom_ops=options.merge_impl == "plugin")
+                                precision=options.precision)
         if options.validate:
             parity = validate_graphs(graphs, runners, options.out_dir, log)
         if options.bench and plugin_graph_benchmarkable(options.merge_impl, options.backend, log):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -61,8 +62,11 @@ def make_runner(path: str, backend: str = "onnxruntime", log: Callable[[str], No
 
     if not os.path.isfile(path):
         raise TurboExportError(f"ONNX file '{path}' does not exist")
-    engine = get_engine(path, engine_options or BuildOptions(), cache_dir or os.path.join(os.path.dirname(path),
-                                                                                           "engines"),
+    from ..plugin_ops import tensorrt_plugin_modules
+
+    # the plugins follow from the graph (a --merge-impl plugin export holds turbo.TurboMerge nodes), not the caller
+    engine_options = dataclasses.replace(engine_options or BuildOptions(), plugin_modules=tensorrt_plugin_modules(path))
+    engine = get_engine(path, engine_options, cache_dir or os.path.join(os.path.dirname(path), "engines"),
                         log or (lambda message: None), reuse_dirs=reuse_dirs)
     return TensorRTRunner(engine.path, cuda_graph=cuda_graph, name=os.path.splitext(os.path.basename(path))[0])
 

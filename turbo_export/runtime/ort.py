@@ -33,7 +33,7 @@ class OnnxRuntimeRunner:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         session_options: Any = None,
-        custom_ops: bool = False,
+        custom_ops: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -46,20 +46,28 @@ class OnnxRuntimeRunner:
         # Idle ORT worker threads spin for a while after each run; with several sessions on few cores (baseline
         # and Turbo interleaved, pipelines of several graphs) the spinning steals the next session's cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if custom_ops is None:
+            from ..plugin_ops import has_turbo_nodes
+
+            custom_ops = has_turbo_nodes(path)
         if custom_ops:  # turbo.TurboMerge / TurboUnmerge nodes (--merge-impl plugin), Python reference
             from ..plugin_ops import import_turbo_plugin
 
             import_turbo_plugin()
-            from turbo_plugin import ort_ops
-
+            try:
+                from turbo_plugin import ort_ops
+            except ImportError as exc:
+                raise TurboExportError(f"'{path}' holds turbo.TurboMerge nodes (--merge-impl plugin), which ONNX "
+                                       f"Runtime runs through onnxruntime-extensions ({exc}); pip install "
+                                       "'turbo-export[plugin]', or build a TensorRT engine") from None
             ort_ops.session_options(options)
         self.path = path
         self.name = os.path.splitext(os.path.basename(path))[0]
         try:
             self.session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-            hint = ("; it holds turbo.TurboMerge nodes (--merge-impl plugin): open it with custom_ops=True "
-                    "(onnxruntime-extensions) or build a TensorRT engine"
+            hint = ("; it holds turbo.TurboMerge nodes (--merge-impl plugin): leave custom_ops at None (detect) "
+                    "or True, or build a TensorRT engine"
                     if not custom_ops and "Turbo" in str(exc) else "")
             raise TurboExportError(f"cannot load ONNX file '{path}': {str(exc).splitlines()[0]}{hint}") from None
         self.providers = self.session.get_providers()
