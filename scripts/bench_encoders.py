@@ -12,7 +12,6 @@ markdown table with the FLOPs ratio, the measured speedup and their quotient.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import tempfile
 

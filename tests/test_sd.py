@@ -16,7 +16,7 @@ from turbo_export.cli import main
 from turbo_export.errors import TurboExportError
 from turbo_export.metrics import psnr, ssim
 from turbo_export.patch import apply_turbo, remove_turbo
-from turbo_export.patch.unet import apply_turbo_unet, cross_attention_saliency, merged_blocks, remove_turbo_unet
+from turbo_export.patch.unet import apply_turbo_unet, cross_attention_saliency, merged_blocks
 from turbo_export.sd_presets import build_random_sd
 
 

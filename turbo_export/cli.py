@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import click
@@ -70,6 +71,56 @@ def parse_ratio(value: str) -> int | list[int]:
     return parts[0] if len(parts) == 1 and "," not in text else parts
 
 
+@dataclass
+class JobChoices:
+    """What every export command asks the same way; ``run_fields`` is the RunOptions part."""
+
+    backend: str
+    precision: str
+    merge_impl: str
+    out_dir: str | None
+    validate: bool
+    bench: bool
+    runs: int
+    atol: float
+
+    def run_fields(self, out_dir: str) -> dict[str, Any]:
+        return {"out_dir": out_dir, "backend": self.backend, "precision": self.precision, "validate": self.validate,
+                "bench": self.bench, "bench_runs": self.runs, "atol": self.atol}
+
+
+def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerge node per block") -> Callable:
+    """The options every export command shares, handed to the command as one ``job: JobChoices`` argument."""
+    options = [
+        click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                     show_default=True),
+        click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+                     help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt."),
+        click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
+                     help=f"onnx: the merge as standard ops; plugin: {merge_help} (TensorRT plugin)."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+                     help=f"Output folder (default: {out_help})."),
+        click.option("--no-bench", is_flag=True, help="Skip the throughput comparison."),
+        click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check (not recommended)."),
+        click.option("--runs", type=click.IntRange(min=1), default=runs, show_default=True,
+                     help="Timed runs per model."),
+        click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff)."),
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
+                    no_validate: bool, runs: int, atol: float, **kwargs: Any) -> Any:
+            job = JobChoices(backend, precision, merge_impl, out_dir, not no_validate, not no_bench, runs, atol)
+            return command(*args, job=job, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="turbo-export")
 def main() -> None:
@@ -91,22 +142,10 @@ def main() -> None:
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention (log size bias).")
 @click.option("--batch", type=int, default=8, show_default=True, help="Static batch size of the exported graphs.")
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt.")
-@click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
-              help="onnx: the merge as standard ops; plugin: one turbo.TurboMerge node per block (TensorRT plugin).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: engines/<name>-r<ratio>/).")
-@click.option("--no-bench", is_flag=True, help="Skip the throughput comparison.")
-@click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check (not recommended).")
-@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per model.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff).")
+@job_options(runs=20, out_help="engines/<name>-r<ratio>/")
 @user_errors
 def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_tokens: int, no_prop_attn: bool,
-        batch: int, image_size: int | None, backend: str, precision: str, merge_impl: str, out_dir: str | None,
-        no_bench: bool,
-        no_validate: bool, runs: int, atol: float) -> None:
+        batch: int, image_size: int | None, job: JobChoices) -> None:
     """Export a ViT / DeiT / DINOv2 model unaccelerated and with Turbo, check parity, compare throughput."""
     from .export.pipeline import JobOptions, check_backend, run_export, summary_lines
     from .export.specs import SPECS, TurboOptions
@@ -121,7 +160,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_t
         raise TurboExportError(f"batch: must be >= 1, got {batch}")
     if image_size is not None and image_size < 1:
         raise TurboExportError(f"image-size: must be positive, got {image_size}")
-    check_backend(backend, precision)
+    check_backend(job.backend, job.precision)
     spec = SPECS["vit"]
     click.echo(f"loading {model_source} ...", err=True)
     loaded = load_model(model_source, "vit", spec.supported())
@@ -130,12 +169,11 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_t
 
         alpha = defaults_for(type(loaded.model).__name__).alpha
     ratio_tag = ratio.replace(",", "_") + ("d" if schedule == "decreasing" else "")
-    out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio_tag}")
+    out = job.out_dir or os.path.join("engines", f"{loaded.name}-r{ratio_tag}")
     options = JobOptions(
         turbo=TurboOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, prop_attn=not no_prop_attn, batch=batch,
-                           image_size=image_size, merge_impl=merge_impl),
-        out_dir=out, backend=backend, precision=precision, validate=not no_validate, bench=not no_bench,
-        bench_runs=runs, atol=atol,
+                           image_size=image_size, merge_impl=job.merge_impl),
+        **job.run_fields(out),
     )
     result = run_export(spec, loaded, options)
     click.echo("")
@@ -168,23 +206,11 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_t
 @click.option("--question", default=None, help="With --task vqa: the question to ask about each --image.")
 @click.option("--text", "texts", multiple=True, help="With --task retrieval: a text to score against each --image "
                                                       "(repeatable).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt.")
-@click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
-              help="onnx: the merge as standard ops; plugin: one turbo.TurboMerge node per block (TensorRT plugin).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: engines/<name>-<task>-r<ratio>/).")
-@click.option("--no-bench", is_flag=True)
-@click.option("--no-validate", is_flag=True)
-@click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--atol", type=float, default=1e-4, show_default=True)
+@job_options(runs=10, out_help="engines/<name>-<task>-r<ratio>/")
 @user_errors
 def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_tokens: int | None, batch: int,
          image_size: int | None, max_new_tokens: int, num_beams: int, text_len: int, size_aware: bool,
-         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], backend: str, precision: str, merge_impl: str,
-         out_dir: str | None,
-         no_bench: bool, no_validate: bool, runs: int, atol: float) -> None:
+         images: tuple[str, ...], question: str | None, texts: tuple[str, ...], job: JobChoices) -> None:
     """Export BLIP (caption, retrieval, VQA) unaccelerated and with Turbo, check parity, compare throughput."""
     from .export.blip import BlipOptions, check_user_inputs, run_blip_export
     from .export.pipeline import check_backend
@@ -192,7 +218,7 @@ def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_toke
 
     r = parse_ratio(ratio)
     check_user_inputs(task, images, question, texts)
-    check_backend(backend, precision)
+    check_backend(job.backend, job.precision)
     if model_source is None:
         model_source = RANDOM_PREFIX + "blip-base"
         click.echo("no --model given: using random:blip-base (BLIP base configs, seeded random weights; "
@@ -202,13 +228,11 @@ def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_toke
         loaded = build_random_blip(model_source[len(RANDOM_PREFIX):], task)
     else:
         loaded = load_pretrained(model_source, sorted(BLIP_TASK_CLASSES.values()), with_processor="blip")
-    out = out_dir or os.path.join("engines", f"{loaded.name}-r{ratio.replace(',', '_')}")
-    options = BlipOptions(task=task, ratio=r, out_dir=out, alpha=alpha, min_tokens=min_tokens, batch=batch,
+    out = job.out_dir or os.path.join("engines", f"{loaded.name}-r{ratio.replace(',', '_')}")
+    options = BlipOptions(task=task, ratio=r, alpha=alpha, min_tokens=min_tokens, batch=batch,
                           image_size=image_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                          text_len=text_len, size_aware=size_aware, backend=backend, precision=precision,
-                          validate=not no_validate,
-                          bench=not no_bench, bench_runs=runs, atol=atol, images=images, question=question,
-                          texts=texts, merge_impl=merge_impl)
+                          text_len=text_len, size_aware=size_aware, images=images, question=question,
+                          texts=texts, merge_impl=job.merge_impl, **job.run_fields(out))
     report = run_blip_export(loaded, options)
     click.echo("")
     for line in blip_summary(report):

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .cli import main, user_errors
+from .cli import JobChoices, job_options, main, user_errors
 from .errors import TurboExportError
 
 
@@ -37,22 +37,11 @@ def parse_fraction(value: str) -> float:
 @click.option("--resolution", type=int, default=None, help="Image size in pixels (default: the model's).")
 @click.option("--batch", type=int, default=1, show_default=True,
               help="Images per UNet call; the graph's batch is twice this (classifier-free guidance).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt.")
-@click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
-              help="onnx: the merge as standard ops; plugin: one turbo.TurboMerge node per merge and one "
-                   "turbo.TurboUnmerge node per restore (TensorRT plugin).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: engines/<name>-sd-r<ratio>/).")
-@click.option("--no-bench", is_flag=True)
-@click.option("--no-validate", is_flag=True)
-@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed UNet calls per graph.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff).")
+@job_options(runs=5, out_help="engines/<name>-sd-r<ratio>/",
+             merge_help="one turbo.TurboMerge node per merge and one turbo.TurboUnmerge node per restore")
 @user_errors
 def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: int | None, resolution: int | None,
-            batch: int, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
-            no_validate: bool, runs: int, atol: float) -> None:
+            batch: int, job: JobChoices) -> None:
     """Export the Stable Diffusion UNet unaccelerated and with Turbo, check parity, compare UNet-call speed."""
     from .export.sd import SDOptions, run_sd_export, sd_summary_lines
     from .sd_presets import load_sd
@@ -64,14 +53,12 @@ def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: 
         raise TurboExportError(f"resolution: must be positive, got {resolution}")
     from .export.pipeline import check_backend
 
-    check_backend(backend, precision)
+    check_backend(job.backend, job.precision)
     click.echo(f"loading {model_source} ...", err=True)
     components = load_sd(model_source)
-    out = out_dir or os.path.join("engines", f"{components.name}-sd-r{fraction:g}")
-    options = SDOptions(ratio=fraction, out_dir=out, alpha=alpha, blocks=blocks, seed=dst_seed,
-                        resolution=resolution, batch=batch, backend=backend, precision=precision,
-                        merge_impl=merge_impl, validate=not no_validate,
-                        bench=not no_bench, bench_runs=runs, atol=atol)
+    out = job.out_dir or os.path.join("engines", f"{components.name}-sd-r{fraction:g}")
+    options = SDOptions(ratio=fraction, alpha=alpha, blocks=blocks, seed=dst_seed, resolution=resolution,
+                        batch=batch, merge_impl=job.merge_impl, **job.run_fields(out))
     report = run_sd_export(components, options)
     click.echo("")
     for line in sd_summary_lines(report):

@@ -32,8 +32,8 @@ from ..runtime.base import Runner
 from ..runtime.blip import (CaptionPipeline, RetrievalPipeline, RetrievalScores, TokenIds, VqaPipeline, pad_rows,
                             softmax)
 from .blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
-from .onnx import DEFAULT_ATOL, GraphSpec
-from .pipeline import (check_backend, check_ratio, engine_files, environment, export_graphs, log_to_stderr,
+from .onnx import GraphSpec
+from .pipeline import (RunOptions, check_backend, check_ratio, engine_files, environment, export_graphs, log_to_stderr,
                        plugin_graph_benchmarkable, set_tolerances, validate_graphs)
 from .specs import check_image_size, vision_encoder_flops
 
@@ -45,11 +45,10 @@ AGREEMENT_SET = 8  # images and texts ranked against each other for the retrieva
 RANDOM_WEIGHTS_NOTE = "with random weights (random: presets) it is weak evidence of quality"
 
 
-@dataclass
-class BlipOptions:
+@dataclass(kw_only=True)
+class BlipOptions(RunOptions):
     task: str
     ratio: merge.RSchedule
-    out_dir: str
     alpha: float = DEFAULTS["blip"].alpha
     min_tokens: int | None = None  # None: the task's default
     batch: int = 4
@@ -59,14 +58,8 @@ class BlipOptions:
     text_len: int = 32  # static token length of retrieval texts and VQA questions
     size_aware: bool = False
     merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge node per image-encoder block
-    backend: str = "onnxruntime"
-    precision: str = "fp32"  # "fp16": half-precision graphs (needs --backend tensorrt)
-    validate: bool = True
-    bench: bool = True
     bench_runs: int = 10
     bench_warmup: int = 2
-    atol: float = DEFAULT_ATOL
-    progress: bool = True
     images: tuple[str, ...] = ()  # the user's images, run through both pipelines after the export
     question: str | None = None  # vqa
     texts: tuple[str, ...] = ()  # retrieval

@@ -33,9 +33,10 @@ def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@dataclass
-class JobOptions:
-    turbo: TurboOptions
+@dataclass(kw_only=True)
+class RunOptions:
+    """How an export job runs, the same for every family; each family's options add what it exports."""
+
     out_dir: str
     backend: str = "onnxruntime"
     precision: str = "fp32"  # "fp16": the exported graphs (weights and float inputs) are half precision
@@ -45,6 +46,11 @@ class JobOptions:
     bench_warmup: int = 3
     atol: float = DEFAULT_ATOL
     progress: bool = True
+
+
+@dataclass(kw_only=True)
+class JobOptions(RunOptions):
+    turbo: TurboOptions
 
 
 @dataclass

@@ -20,10 +20,9 @@ from ..errors import TurboExportError
 from ..files import staged_output, write_json_atomic
 from ..patch import unet as unet_patch
 from ..plugin_ops import check_merge_impl
-from ..runtime import make_runner
 from ..sd_presets import TEXT_LEN, SDComponents
-from .onnx import DEFAULT_ATOL, GraphSpec, ParityReport, compare_outputs, cosine
-from .pipeline import (Log, check_backend, engine_files, environment, export_graphs, log_to_stderr,
+from .onnx import GraphSpec, ParityReport, compare_outputs, cosine
+from .pipeline import (Log, RunOptions, check_backend, engine_files, environment, export_graphs, log_to_stderr,
                        plugin_graph_benchmarkable, set_tolerances, side_by_side, validate_graphs)
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
@@ -43,24 +42,17 @@ class UNetGraph(nn.Module):
         return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
 
 
-@dataclass
-class SDOptions:
+@dataclass(kw_only=True)
+class SDOptions(RunOptions):
     ratio: float
-    out_dir: str
     alpha: float = 1.0
     blocks: str = "default"
     seed: int | None = None
     resolution: int | None = None
     batch: int = 1
-    backend: str = "onnxruntime"
-    precision: str = "fp32"  # "fp16": half-precision graphs (needs --backend tensorrt)
     merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge / TurboUnmerge node per merge / restore
-    validate: bool = True
-    bench: bool = True
     bench_runs: int = 5
     bench_warmup: int = 1
-    atol: float = DEFAULT_ATOL
-    progress: bool = True
 
 
 def check_resolution(resolution: int, components: SDComponents) -> tuple[int, int]:
