@@ -103,20 +103,8 @@ def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log
     }
     set_tolerances(graphs, options.atol, options.precision, options.backend)
 
-    parity: dict[str, ParityReport] = {}
-    timings = None
     with staged_output(options.out_dir) as stage:
-        runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
-                                precision=options.precision)
-        if options.validate:
-            parity = validate_graphs(graphs, runners, options.out_dir, log)
-
-        if options.bench and plugin_graph_benchmarkable(turbo.merge_impl, options.backend, log):
-            feeds = {name: g.example_inputs for name, g in graphs.items()}
-            timings = bench.interleaved(runners, feeds, turbo.batch, warmup=options.bench_warmup,
-                                        runs=options.bench_runs, progress=options.progress,
-                                        desc=f"benchmark ({options.backend})")
-
+        runners, parity, timings = export_validate_bench(graphs, stage, options, turbo.merge_impl, turbo.batch, log)
         flops = {"baseline": spec.flops(loaded, image_size, layers_base),
                  "turbo": spec.flops(loaded, image_size, layers_turbo)}
         report = build_report(spec, loaded, options, schedule, image_size, layers_base, layers_turbo, flops,
@@ -150,6 +138,20 @@ def half_graph(g: GraphSpec) -> GraphSpec:
     inputs = {k: v.half() if v.is_floating_point() else v for k, v in g.example_inputs.items()}
     return GraphSpec(name=g.name, module=module, example_inputs=inputs, output_names=g.output_names, atol=g.atol,
                      tie_tolerance=g.tie_tolerance)
+
+
+def export_validate_bench(graphs: dict[str, GraphSpec], stage: str, options: RunOptions, merge_impl: str,
+                          rows: int, log: Log) -> tuple[dict[str, Any], dict[str, ParityReport], Any]:
+    """The shared middle of an export job: export every graph into ``stage`` and open runners, check each
+    against PyTorch (``options.validate``), then time them interleaved (``options.bench``; ``rows`` per call)."""
+    runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir, precision=options.precision)
+    parity = validate_graphs(graphs, runners, options.out_dir, log) if options.validate else {}
+    timings = None
+    if options.bench and plugin_graph_benchmarkable(merge_impl, options.backend, log):
+        feeds = {name: g.example_inputs for name, g in graphs.items()}
+        timings = bench.interleaved(runners, feeds, rows, warmup=options.bench_warmup, runs=options.bench_runs,
+                                    progress=options.progress, desc=f"benchmark ({options.backend})")
+    return runners, parity, timings
 
 
 def plugin_graph_benchmarkable(merge_impl: str, backend: str, log: Log) -> bool:

@@ -21,9 +21,9 @@ from ..files import staged_output, write_json_atomic
 from ..patch import unet as unet_patch
 from ..plugin_ops import check_merge_impl
 from ..sd_presets import TEXT_LEN, SDComponents
-from .onnx import GraphSpec, ParityReport, compare_outputs, cosine
-from .pipeline import (Log, RunOptions, check_backend, engine_files, environment, export_graphs, log_to_stderr,
-                       plugin_graph_benchmarkable, set_tolerances, side_by_side, validate_graphs)
+from .onnx import GraphSpec, compare_outputs, cosine
+from .pipeline import (Log, RunOptions, check_backend, engine_files, environment, export_validate_bench,
+                       log_to_stderr, set_tolerances, side_by_side)
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
 OUTPUT_NAMES = ["noise_pred"]
@@ -138,18 +138,9 @@ def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_t
               for name, model in (("baseline", baseline), ("turbo", turbo))}
     set_tolerances(graphs, options.atol, options.precision, options.backend)
 
-    parity: dict[str, ParityReport] = {}
-    timings = None
     with staged_output(options.out_dir) as stage:
-        runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
-                                precision=options.precision)
-        if options.validate:
-            parity = validate_graphs(graphs, runners, options.out_dir, log)
-        if options.bench and plugin_graph_benchmarkable(options.merge_impl, options.backend, log):
-            feeds = {name: inputs for name in graphs}
-            timings = bench.interleaved(runners, feeds, 2 * options.batch, warmup=options.bench_warmup,
-                                        runs=options.bench_runs, progress=options.progress,
-                                        desc=f"benchmark ({options.backend})")
+        runners, parity, timings = export_validate_bench(graphs, stage, options, options.merge_impl,
+                                                         2 * options.batch, log)
         outputs = {name: runners[name].run({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
                    for name in graphs}
         counted = turbo if options.merge_impl == "onnx" else make_turbo(
