@@ -33,9 +33,10 @@ MERGE_OP = "TurboMerge"
 UNMERGE_OP = "TurboUnmerge"
 MERGE_IMPLS = ("onnx", "plugin")
 # The TurboMerge kernel holds a sample's whole matching in one program's registers (an |A| x |B| score tile and
-# an |A| x |A| rank tile, each side rounded up to a power of two): plugins/README.md "Size limit" has the
-# measured PTX compile times and ptxas spills. Beyond this many tokens per side it spills or fails to compile.
-PLUGIN_MAX_TOKENS_PER_SIDE = 256
+# an |A| x |A| rank tile, each side rounded up to a power of two). Measured (plugins/README.md, "Size limit"):
+# 128 x 128 tiles build for sm_80 in 27 s (255 registers, ~0.4 KB spilled per thread); 256 x 256 did not
+# finish within 5 minutes. So at most 128 tokens per side: ViT-B/16 and ViT-L/16 at 224 px (99 / 98) fit.
+PLUGIN_MAX_TOKENS_PER_SIDE = 128
 
 
 def alternate_split(n_tokens: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
