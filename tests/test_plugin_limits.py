@@ -25,6 +25,16 @@ def test_limit_admits_vit_b_and_refuses_stable_diffusion_512():
         plugin_ops.check_plugin_sizes(10, plugin_ops.PLUGIN_MAX_TOKENS_PER_SIDE + 1)
 
 
+def test_plugin_merge_refuses_the_sd_512_grid_before_computing_anything():
+    from turbo_export import merge
+
+    grid = merge.grid_split(64, 64)  # the UNet's finest level at 512 px
+    x = torch.zeros(2, 4096, 320)
+    with pytest.raises(TurboExportError, match=r"tokens \[2, 4096, 320\] splits into 3072 A / 1024 B"):
+        plugin_ops.plugin_merge(x, torch.ones(2, 4096, 1), x, None, 2048, 0.0, protected=0,
+                                split=(grid.a_idx, grid.b_idx))
+
+
 def test_plugin_merge_checks_the_split_it_is_given(monkeypatch):
     monkeypatch.setattr(plugin_ops, "PLUGIN_MAX_TOKENS_PER_SIDE", 8)
     x = torch.randn(1, 17, 4)
