@@ -32,6 +32,11 @@ PLUGIN_VERSION = "1"
 MERGE_OP = "TurboMerge"
 UNMERGE_OP = "TurboUnmerge"
 MERGE_IMPLS = ("onnx", "plugin")
+# The TurboMerge kernel holds a sample's whole matching in one program's registers (an |A| x |B| score tile and
+# an |A| x |A| rank tile, each side rounded up to a power of two). Measured (plugins/README.md, "Size limit"):
+# 128 x 128 tiles build for sm_80 in 27 s (255 registers, ~0.4 KB spilled per thread); 256 x 256 did not
+# finish within 5 minutes. So at most 128 tokens per side: ViT-B/16 and ViT-L/16 at 224 px (99 / 98) fit.
+PLUGIN_MAX_TOKENS_PER_SIDE = 128
 
 
 def alternate_split(n_tokens: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,9 +101,27 @@ def plugin_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, sema
     if semantic is None:
         semantic = x.new_zeros(x.shape[0], x.shape[1])
     a_idx, b_idx = _split_or_alternate(split, x.shape[1], x.device)
+    check_plugin_sizes(a_idx.shape[0], b_idx.shape[0], tuple(x.shape))
     out, out_size, unm, src, dst = merge_op(x, size, metric, semantic, a_idx, b_idx, int(r), float(alpha),
                                             int(protected))
     return out, out_size, merge.MergePlan(unm.long(), src.long(), dst.long())
+
+
+def check_plugin_sizes(num_a: int, num_b: int, x_shape: tuple[int, ...] = ()) -> None:
+    """Refuse a merge the TurboMerge kernel cannot run: more than ``PLUGIN_MAX_TOKENS_PER_SIDE`` A or B tokens.
+
+    Called for every ``plugin_merge``, so each family's ``--merge-impl plugin`` export (ViT, BLIP, the UNet) stops
+    with one line before a graph is written. Refused whatever the backend: a plugin graph exists for TensorRT (in
+    ONNX Runtime its nodes are Python validation code), and one its kernel cannot build is of no use.
+    """
+    if max(int(num_a), int(num_b)) > PLUGIN_MAX_TOKENS_PER_SIDE:
+        from .errors import TurboExportError
+
+        where = f" of tokens {list(x_shape)}" if x_shape else ""
+        raise TurboExportError(
+            f"merge-impl plugin: a merge{where} splits into {num_a} A / {num_b} B tokens, over the TensorRT plugin "
+            f"kernel's limit of {PLUGIN_MAX_TOKENS_PER_SIDE} per side; use --merge-impl onnx for this model "
+            "(or a smaller image size)")
 
 
 def plugin_unmerge(plan: merge.MergePlan, x: torch.Tensor, num_tokens: int, split: Split | None = None

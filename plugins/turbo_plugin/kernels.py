@@ -19,8 +19,12 @@ A order, then every B token, each B the size-weighted average of itself and its 
 
 One program per (sample, channel block): every program recomputes the sample's matching (the metric is the
 small head-averaged key, [N, D]) so that no second kernel or global synchronisation is needed; channel
-block 0 also writes the sizes and the plan. The whole row is one tile (BLOCK_A >= |A|, BLOCK_B >= |B|), so
-register use grows with N^2: fine up to a few hundred tokens per side (ViT-B/16 at 224 px: 99 x 98).
+block 0 also writes the sizes and the plan. The whole row is one tile (BLOCK_A >= |A|, BLOCK_B >= |B|, plus a
+BLOCK_A x BLOCK_A rank tile), so register use and compile time grow with N^2. Measured
+(``scripts/measure_plugin_kernel.py``, plugins/README.md "Size limit"): 128 x 128 tiles (ViT-B/16 at 224 px,
+99 x 98) use 255 registers and spill ~0.4 KB per thread, built in 27 s for sm_80; 256 x 128 spills 2.4 KB in
+101 s; 256 x 256 did not build within 5 minutes. ``turbo_export.plugin_ops.check_plugin_sizes`` therefore
+refuses more than 128 tokens per side at export; Stable Diffusion's 3072 x 1024 would need a tiled kernel.
 Everything accumulates in float32 (no TF32); fp16 inputs and outputs are cast.
 """
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ParityError
+from ..errors import ParityError, TurboExportError
 
 TWO_GB = 2**31
 DEFAULT_ATOL = 1e-4
@@ -53,6 +53,17 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+def _user_error_in(exc: BaseException) -> TurboExportError | None:
+    """The TurboExportError that torch.export wrapped (in its own TorchExportError), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TurboExportError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def export_onnx(spec: GraphSpec, path: str) -> str:
     """Export ``spec`` to ``path`` with static shapes; weights go to external data above 2 GB."""
     import onnx
@@ -62,10 +73,16 @@ def export_onnx(spec: GraphSpec, path: str) -> str:
     module = spec.module.eval()
     args = tuple(spec.example_inputs.values())
     with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(
-            module, args, None, dynamo=True, input_names=list(spec.example_inputs),
-            output_names=spec.output_names, optimize=True, custom_translation_table=custom_translation_table(),
-        )
+        try:
+            program = torch.onnx.export(
+                module, args, None, dynamo=True, input_names=list(spec.example_inputs),
+                output_names=spec.output_names, optimize=True, custom_translation_table=custom_translation_table(),
+            )
+        except Exception as exc:  # a user error raised while tracing (plugin_ops.check_plugin_sizes) stays one
+            user_error = _user_error_in(exc)
+            if user_error is None:
+                raise
+            raise user_error from None
         param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         program.save(path, external_data=param_bytes >= TWO_GB)
     onnx.checker.check_model(path if param_bytes >= TWO_GB else onnx.load(path), full_check=False)
