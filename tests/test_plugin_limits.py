@@ -62,7 +62,6 @@ def test_export_raises_the_user_error_not_torch_exports_wrapper(monkeypatch, tmp
     assert not (tmp_path / "over.onnx").exists()
 
 
-@pytest.mark.slow
 def test_sd_unet_plugin_export_over_the_limit_is_one_line_exit_2(monkeypatch, tmp_path):
     # random:tiny merges an 8 x 8 latent (48 A / 16 B tokens); a lowered limit stands in for SD 512 px
     monkeypatch.setattr(plugin_ops, "PLUGIN_MAX_TOKENS_PER_SIDE", 32)
@@ -72,5 +71,15 @@ def test_sd_unet_plugin_export_over_the_limit_is_one_line_exit_2(monkeypatch, tm
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) >= 1 and "48 A / 16 B" in lines[-1] and "--merge-impl onnx" in lines[-1]
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "exporting" not in result.output  # refused before any export
     assert not out.exists()  # nothing half-written
+
+
+def test_vit_plugin_export_over_the_limit_is_refused_before_exporting(monkeypatch, tmp_path):
+    monkeypatch.setattr(plugin_ops, "PLUGIN_MAX_TOKENS_PER_SIDE", 4)  # random:tiny: 65 tokens -> 33 A / 32 B
+    out = tmp_path / "v"
+    result = CliRunner().invoke(main, ["vit", "--model", "random:tiny", "--ratio", "2", "--merge-impl", "plugin",
+                                       "--no-bench", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "33 A / 32 B" in result.output and "exporting" not in result.output
+    assert not out.exists()

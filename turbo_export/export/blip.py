@@ -180,7 +180,7 @@ def _vision_layers(loaded: LoadedModel, options: BlipOptions, image_size: int):
         schedule = merge.r_schedule(options.ratio, int(cfg.num_hidden_layers))
     except (TypeError, ValueError) as exc:
         raise TurboExportError(f"ratio: {exc}") from None
-    check_ratio(schedule, num_tokens, 1)
+    check_ratio(schedule, num_tokens, 1, options.merge_impl)
     turbo = merge.tokens_per_layer(num_tokens, schedule, 1, options.resolved_min_tokens())
     return schedule, num_tokens, [(num_tokens, 0)] * len(schedule), turbo
 

@@ -60,8 +60,9 @@ class JobResult:
     out_dir: str = ""
 
 
-def check_ratio(schedule: list[int], num_tokens: int, protected: int) -> None:
-    """A ratio that no block could apply is a user mistake, not something to clamp silently."""
+def check_ratio(schedule: list[int], num_tokens: int, protected: int, merge_impl: str = "onnx") -> None:
+    """A ratio that no block could apply is a user mistake, not something to clamp silently; so is a plugin
+    merge the kernel cannot build (said before any export starts, not after the baseline graph)."""
     maximum = (num_tokens - protected) // 2
     if any(r < 0 for r in schedule):
         raise TurboExportError(f"ratio: must be >= 0 (tokens merged per block), got {schedule}")
@@ -70,6 +71,10 @@ def check_ratio(schedule: list[int], num_tokens: int, protected: int) -> None:
             f"ratio: {schedule[0]} is above the maximum {maximum} for this model "
             f"({num_tokens} tokens, {protected} protected)"
         )
+    if merge_impl == "plugin" and any(r > 0 for r in schedule):
+        from ..plugin_ops import check_plugin_sizes
+
+        check_plugin_sizes((num_tokens + 1) // 2, num_tokens // 2, (num_tokens,))  # alternate split, first merge
 
 
 def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log = log_to_stderr) -> JobResult:
@@ -90,7 +95,7 @@ def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log
         schedule = merge.r_schedule(turbo.ratio, spec.num_layers(loaded))
     except (TypeError, ValueError) as exc:
         raise TurboExportError(f"ratio: {exc}") from None
-    check_ratio(schedule, num_tokens, protected)
+    check_ratio(schedule, num_tokens, protected, turbo.merge_impl)
 
     baseline_model = loaded.model
     turbo_model = spec.make_turbo(copy.deepcopy(baseline_model), turbo)

@@ -73,6 +73,17 @@ def largest_sort(turbo_unet: nn.Module, latent_hw: tuple[int, int]) -> int:
                 for b in unet_patch.tokens_per_block(turbo_unet, latent_hw, 1.0) if b["merged"]), default=0)
 
 
+def check_plugin_grid(turbo_unet: nn.Module, latent_hw: tuple[int, int]) -> None:
+    """Before any export: the finest merged level must fit the plugin kernel (one B token per 2x2 cell)."""
+    from ..plugin_ops import check_plugin_sizes
+
+    b = max((b for b in unet_patch.tokens_per_block(turbo_unet, latent_hw, 1.0) if b["merged"]),
+            key=lambda b: b["tokens"], default=None)
+    if b is not None:
+        cells = (b["height"] // 2) * (b["width"] // 2)
+        check_plugin_sizes(b["tokens"] - cells, cells, (b["tokens"],))
+
+
 def check_backend_sort_limit(turbo_unet: nn.Module, latent_hw: tuple[int, int], backend: str) -> None:
     """TensorRT's TopK needs K < 3840: the sort over A in the finest merged level must fit."""
     from ..merge import TENSORRT_TOPK_LIMIT
@@ -133,6 +144,8 @@ def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_t
     turbo = make_turbo(copy.deepcopy(baseline), options)
     if options.merge_impl == "onnx":  # the plugin's kernel ranks by counting: no TopK
         check_backend_sort_limit(turbo, latent_hw, options.backend)
+    else:
+        check_plugin_grid(turbo, latent_hw)
     inputs = example_inputs(components, latent_hw, options.batch)
     graphs = {name: GraphSpec(name, UNetGraph(model), inputs, OUTPUT_NAMES, atol=options.atol)
               for name, model in (("baseline", baseline), ("turbo", turbo))}
