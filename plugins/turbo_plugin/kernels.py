@@ -19,12 +19,15 @@ A order, then every B token, each B the size-weighted average of itself and its 
 
 One program per (sample, channel block): every program recomputes the sample's matching (the metric is the
 small head-averaged key, [N, D]) so that no second kernel or global synchronisation is needed; channel
-block 0 also writes the sizes and the plan. The whole row is one tile (BLOCK_A >= |A|, BLOCK_B >= |B|, plus a
-BLOCK_A x BLOCK_A rank tile), so register use and compile time grow with N^2. Measured
-(``scripts/measure_plugin_kernel.py``, plugins/README.md "Size limit"): 128 x 128 tiles (ViT-B/16 at 224 px,
-99 x 98) use 255 registers and spill ~0.4 KB per thread, built in 27 s for sm_80; 256 x 128 spills 2.4 KB in
-101 s; 256 x 256 did not build within 5 minutes. ``turbo_export.plugin_ops.check_plugin_sizes`` therefore
-refuses more than 128 tokens per side at export; Stable Diffusion's 3072 x 1024 would need a tiled kernel.
+block 0 also writes the sizes and the plan. Only full-length vectors over A (BLOCK_A = next power of two
+>= |A|) stay in registers; the 2-D work loops over tiles: A x TILE_B cosine scores (running max / argmax per A
+token), TILE_J x A rank counts (descending E, the tile's E picked out of the full vector), TILE_J unmerged
+rows at a time, TILE_M x BLOCK_C B sums (the sources added one at a time in their order, as PyTorch's
+scatter_reduce does, so float32 results are bit-identical). Register use therefore grows with |A|, not |A|^2.
+Measured (``scripts/measure_plugin_kernel.py``, plugins/README.md "Size limit"): up to a 2048-row A vector the
+kernel builds in ~5 s for sm_80 and sm_90 with ~128 registers and no spills; a 4096-row vector (SD 1.5 at
+512 px, 3072 / 1024) builds without spills but at the 255-register cap.
+``turbo_export.plugin_ops.check_plugin_sizes`` refuses more than 2048 tokens per side at export.
 Everything accumulates in float32 (no TF32); fp16 inputs and outputs are cast.
 """
 
