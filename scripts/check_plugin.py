@@ -4,7 +4,9 @@
       Triton kernels (Triton's CPU interpreter) vs the PyTorch merge (turbo_export.merge) on random inputs:
       max abs error of merged tokens / sizes / restored tokens, plan equality; fp32, and fp16 against the
       float32 merge of the same fp16-rounded inputs. Also a non-alternate A/B split and exact ties vs the
-      numpy reference. --large adds ViT-B/16 sizes (197 tokens, width 768, metric 64, r = 16).
+      numpy reference (also at 289 / 288 tokens, ties spanning the kernel's tiles). --large adds real widths
+      (metric 64, r = 16): ViT-B/16 at 224 px (197 tokens, 768), DINOv2-S/14 (257, 384), ViT-L/14 at 336 px
+      (577, 1024); ~10 minutes in the interpreter.
       "sd_cases": the Stable Diffusion UNet's use: 2x2-grid splits (merge.grid_split), all-ones sizes, nothing
       protected, metric = the tokens' own width; kernel vs the PyTorch turbo::merge op (merge.split_matching /
       merge_wavg_split / unmerge_split), fp32 and fp16.
@@ -260,7 +262,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=6.0)
-    parser.add_argument("--large", action="store_true", help="kernels: also ViT-B/16 sizes")
+    parser.add_argument("--large", action="store_true", help="kernels: also ViT-B/16, DINOv2-S/14, ViT-L/14-336 sizes")
     parser.add_argument("--sd-ratio", type=float, default=0.5, help="sd-graph: fraction of tokens merged")
     parser.add_argument("--blocks", default="all", help="sd-graph: default or all")
     parser.add_argument("--out", default=os.path.join("/tmp", "turbo-check-plugin"))
