@@ -4,7 +4,9 @@
       Triton kernels (Triton's CPU interpreter) vs the PyTorch merge (turbo_export.merge) on random inputs:
       max abs error of merged tokens / sizes / restored tokens, plan equality; fp32, and fp16 against the
       float32 merge of the same fp16-rounded inputs. Also a non-alternate A/B split and exact ties vs the
-      numpy reference. --large adds ViT-B/16 sizes (197 tokens, width 768, metric 64, r = 16).
+      numpy reference (also at 289 / 288 tokens, ties spanning the kernel's tiles). --large adds real widths
+      (metric 64, r = 16): ViT-B/16 at 224 px (197 tokens, 768), DINOv2-S/14 (257, 384), ViT-L/14 at 336 px
+      (577, 1024); ~10 minutes in the interpreter.
       "sd_cases": the Stable Diffusion UNet's use: 2x2-grid splits (merge.grid_split), all-ones sizes, nothing
       protected, metric = the tokens' own width; kernel vs the PyTorch turbo::merge op (merge.split_matching /
       merge_wavg_split / unmerge_split), fp32 and fp16.
@@ -36,8 +38,14 @@ KERNEL_CASES = [  # (batch, tokens, channels, metric width, r, alpha, protected)
     (2, 21, 24, 8, 6, 6.0, 1),
     (2, 20, 70, 5, 5, 0.0, 2),  # even length, two channel blocks with a ragged tail, ToMe (alpha 0)
     (3, 17, 16, 16, 8, 3.0, 0),  # nothing protected, the largest r
+    (2, 257, 24, 6, 40, 6.0, 1),  # 129 / 128 (DINOv2-S/14 at 224 px): many score, rank and merge tiles
+    (1, 577, 20, 4, 120, 0.0, 1),  # 289 / 288 (ViT-L/14 at 336 px), ToMe
 ]
-LARGE_CASES = [(2, 197, 768, 64, 16, 6.0, 1)]  # ViT-B/16 at 224 px, first block
+LARGE_CASES = [  # real widths
+    (2, 197, 768, 64, 16, 6.0, 1),  # ViT-B/16 at 224 px, first block
+    (1, 257, 384, 64, 16, 6.0, 1),  # DINOv2-S/14 at 224 px
+    (1, 577, 1024, 64, 16, 6.0, 1),  # ViT-L/14 at 336 px
+]
 SD_CASES = [  # (batch, grid height, width, destination seed, channels, ratio, alpha)
     (2, 8, 8, None, 40, 0.5, 0.0),  # ToMe for SD: top-left destinations, E = R
     (2, 6, 10, 3, 70, 0.5, 1.5),  # seeded destinations, the cross-attention merge (E = R - alpha I), ragged channels
@@ -103,6 +111,17 @@ def kernel_errors(cases=KERNEL_CASES) -> dict:
     ref = reference.turbo_merge(x.numpy(), size.numpy(), metric.numpy(), sem.numpy(), a_idx, b_idx, 3, 0.0, 1)
     out["ties"] = {"plan_equal": all(np.array_equal(g.numpy(), e) for g, e in zip(got[2:], ref[2:])),
                    "src": got[3].tolist()}
+    # the same at 289 / 288 tokens: ten distinct metric rows repeated, so equal scores span the kernel's B tiles
+    # and equal E its rank tiles
+    x, size, metric, sem = _inputs((1, 577, 8, 4, 0, 0, 0), seed=4)
+    metric[:] = metric[:, torch.arange(577) % 10]
+    sem.zero_()
+    a_idx, b_idx = kernels.alternate_split(577)
+    got = kernels.launch_merge(x, size, metric, sem, torch.from_numpy(a_idx), torch.from_numpy(b_idx), 100, 0.0, 1)
+    ref = reference.turbo_merge(x.numpy(), size.numpy(), metric.numpy(), sem.numpy(), a_idx, b_idx, 100, 0.0, 1)
+    out["ties_289"] = {"plan_equal": all(np.array_equal(g.numpy(), e) for g, e in zip(got[2:], ref[2:])),
+                       "x_max_abs_err": float(np.abs(got[0].numpy() - ref[0]).max()),
+                       "distinct_dst": len(set(got[4].flatten().tolist()))}
     out["sd_cases"] = sd_kernel_errors()
     fp32 = [c for c in out["cases"] if c["dtype"] == "float32"]
     fp16 = [c for c in out["cases"] if c["dtype"] == "float16"]
@@ -243,7 +262,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=6.0)
-    parser.add_argument("--large", action="store_true", help="kernels: also ViT-B/16 sizes")
+    parser.add_argument("--large", action="store_true", help="kernels: also ViT-B/16, DINOv2-S/14, ViT-L/14-336 sizes")
     parser.add_argument("--sd-ratio", type=float, default=0.5, help="sd-graph: fraction of tokens merged")
     parser.add_argument("--blocks", default="all", help="sd-graph: default or all")
     parser.add_argument("--out", default=os.path.join("/tmp", "turbo-check-plugin"))

@@ -27,11 +27,15 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # name: (num_a, num_b, metric width D, channels C, r)
 CASES = {
     "vit-b16-224": (99, 98, 64, 768, 16),  # 197 tokens (ViT-B/16 and ViT-L/16 at 224 px share the tiles)
-    "dinov2-s14-224": (129, 128, 64, 384, 16),  # 257 tokens: the first 256-row A tile
+    "dinov2-s14-224": (129, 128, 64, 384, 16),  # 257 tokens: the first 256-row A vector
     "256x256": (256, 256, 64, 768, 16),
     "vit-l14-336": (289, 288, 64, 1024, 16),  # 577 tokens (also ViT-B/16 at 384 px)
     "512x512": (512, 512, 64, 1024, 16),
+    "577x576": (577, 576, 64, 1024, 16),  # 1153 tokens: the first 1024-row A vector
     "1024x1024": (1024, 1024, 64, 1024, 16),
+    "1025x1024": (1025, 1024, 64, 1024, 16),  # the first 2048-row A vector
+    "2048x2048": (2048, 2048, 64, 1024, 16),
+    "2049x2048": (2049, 2048, 64, 1024, 16),  # the first 4096-row A vector
     "sd-512": (3072, 1024, 320, 320, 1536),  # SD 1.5 at 512 px: 64x64 latent, 2x2 grid, ratio 0.5
 }
 

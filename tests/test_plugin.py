@@ -42,7 +42,8 @@ def kernel_check():
 
 def test_kernels_fp32_match_pytorch_merge(kernel_check):
     fp32 = [c for c in kernel_check["cases"] if c["dtype"] == "float32"]
-    assert len(fp32) == 3
+    assert len(fp32) == 5
+    assert {c["case"][1] for c in fp32} >= {257, 577}  # 129 / 128 and 289 / 288 tokens per side: many tiles
     for case in fp32:
         assert case["plan_equal"], case
         assert case["x_max_abs_err"] <= 1e-5 and case["size_max_abs_err"] <= 1e-5, case
@@ -64,6 +65,7 @@ def test_kernels_custom_split_and_ties_match_reference(kernel_check):
     assert kernel_check["custom_split"]["x_max_abs_err"] <= 1e-5
     assert kernel_check["custom_split"]["unmerge_max_abs_err"] == 0.0
     assert kernel_check["ties"]["plan_equal"]
+    assert kernel_check["ties_289"]["plan_equal"] and kernel_check["ties_289"]["x_max_abs_err"] <= 1e-5
 
 
 @pytest.mark.parametrize("tokens,r,alpha,protected", [(21, 6, 6.0, 1), (20, 9, 0.0, 2), (17, 8, 3.0, 0)])

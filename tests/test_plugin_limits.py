@@ -13,6 +13,8 @@ from turbo_export.errors import TurboExportError
 
 def test_limit_admits_vit_b_and_refuses_stable_diffusion_512():
     plugin_ops.check_plugin_sizes(99, 98)  # ViT-B/16 at 224 px (and ViT-L/16)
+    plugin_ops.check_plugin_sizes(129, 128)  # DINOv2-S/14 at 224 px
+    plugin_ops.check_plugin_sizes(289, 288)  # ViT-L/14 at 336 px, BLIP at 384 px
     plugin_ops.check_plugin_sizes(plugin_ops.PLUGIN_MAX_TOKENS_PER_SIDE, plugin_ops.PLUGIN_MAX_TOKENS_PER_SIDE)
     # SD 1.5 at 512 px: 64 x 64 latent, 2x2 grid -> 3072 A / 1024 B tokens of width 320
     with pytest.raises(TurboExportError) as err:

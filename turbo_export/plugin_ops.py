@@ -32,11 +32,12 @@ PLUGIN_VERSION = "1"
 MERGE_OP = "TurboMerge"
 UNMERGE_OP = "TurboUnmerge"
 MERGE_IMPLS = ("onnx", "plugin")
-# The TurboMerge kernel holds a sample's whole matching in one program's registers (an |A| x |B| score tile and
-# an |A| x |A| rank tile, each side rounded up to a power of two). Measured (plugins/README.md, "Size limit"):
-# 128 x 128 tiles build for sm_80 in 27 s (255 registers, ~0.4 KB spilled per thread); 256 x 256 did not
-# finish within 5 minutes. So at most 128 tokens per side: ViT-B/16 and ViT-L/16 at 224 px (99 / 98) fit.
-PLUGIN_MAX_TOKENS_PER_SIDE = 128
+# The TurboMerge kernel keeps full-length vectors over A in one program's registers (|A| rounded up to a power of
+# two) and loops over tiles for the 2-D work. Measured (plugins/README.md, "Size limit"): up to a 2048-row A vector
+# it builds in ~5 s for sm_80 and sm_90 with 128 registers and no spills; a 4096-row vector also builds without
+# spills but needs all 255 registers. So at most 2048 tokens per side (ViT-L/14 at 336 px: 289 / 288 fits; SD 1.5
+# at 512 px, 3072 / 1024, does not).
+PLUGIN_MAX_TOKENS_PER_SIDE = 2048
 
 
 def alternate_split(n_tokens: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

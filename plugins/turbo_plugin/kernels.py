@@ -19,12 +19,15 @@ A order, then every B token, each B the size-weighted average of itself and its 
 
 One program per (sample, channel block): every program recomputes the sample's matching (the metric is the
 small head-averaged key, [N, D]) so that no second kernel or global synchronisation is needed; channel
-block 0 also writes the sizes and the plan. The whole row is one tile (BLOCK_A >= |A|, BLOCK_B >= |B|, plus a
-BLOCK_A x BLOCK_A rank tile), so register use and compile time grow with N^2. Measured
-(``scripts/measure_plugin_kernel.py``, plugins/README.md "Size limit"): 128 x 128 tiles (ViT-B/16 at 224 px,
-99 x 98) use 255 registers and spill ~0.4 KB per thread, built in 27 s for sm_80; 256 x 128 spills 2.4 KB in
-101 s; 256 x 256 did not build within 5 minutes. ``turbo_export.plugin_ops.check_plugin_sizes`` therefore
-refuses more than 128 tokens per side at export; Stable Diffusion's 3072 x 1024 would need a tiled kernel.
+block 0 also writes the sizes and the plan. Only full-length vectors over A (BLOCK_A = next power of two
+>= |A|) stay in registers; the 2-D work loops over tiles: A x TILE_B cosine scores (running max / argmax per A
+token), TILE_J x A rank counts (descending E, the tile's E picked out of the full vector), TILE_J unmerged
+rows at a time, TILE_M x BLOCK_C B sums (the sources added one at a time in their order, as PyTorch's
+scatter_reduce does, so float32 results are bit-identical). Register use therefore grows with |A|, not |A|^2.
+Measured (``scripts/measure_plugin_kernel.py``, plugins/README.md "Size limit"): up to a 2048-row A vector the
+kernel builds in ~5 s for sm_80 and sm_90 with ~128 registers and no spills; a 4096-row vector (SD 1.5 at
+512 px, 3072 / 1024) builds without spills but at the 255-register cap.
+``turbo_export.plugin_ops.check_plugin_sizes`` refuses more than 2048 tokens per side at export.
 Everything accumulates in float32 (no TF32); fp16 inputs and outputs are cast.
 """
 
@@ -42,41 +45,48 @@ def turbo_merge_kernel(
     n_tokens, channels, dim, num_a, num_b,
     X_OUT, S_OUT, UNM, SRC, DST,
     R_: tl.constexpr, ALPHA: tl.constexpr, PROTECTED: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_A: tl.constexpr, TILE_B: tl.constexpr, TILE_J: tl.constexpr, TILE_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     sample = tl.program_id(0).to(tl.int64)
     cblock = tl.program_id(1)
     ia = tl.arange(0, BLOCK_A)
-    ib = tl.arange(0, BLOCK_B)
-    idim = tl.arange(0, BLOCK_D)
     va = ia < num_a
-    vb = ib < num_b
-    vd = idim < dim
     rows_a = tl.load(A_IDX + ia, mask=va, other=0)
-    rows_b = tl.load(B_IDX + ib, mask=vb, other=0)
 
-    # matching: cosine of every A token to every B token, one metric channel at a time (outer products in
-    # registers: no tl.dot, whose fp32 "ieee" lowering unrolls into megabytes of PTX and stages its operands
-    # in shared memory)
+    # matching: per A token, the best cosine over the B tokens, one TILE_B-column tile at a time (running max,
+    # strict > so the lowest B index wins a tie); each tile's scores are outer products summed over the metric
+    # channels (no tl.dot, whose fp32 "ieee" lowering unrolls into megabytes of PTX and stages its operands in
+    # shared memory)
     k_base = K + sample * n_tokens * dim
     sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
-    sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
     for d in range(0, dim):
         col_a = tl.load(k_base + rows_a * dim + d, mask=va, other=0.0).to(tl.float32)
-        col_b = tl.load(k_base + rows_b * dim + d, mask=vb, other=0.0).to(tl.float32)
         sq_a += col_a * col_a
-        sq_b += col_b * col_b
     norm_a = tl.where(va, tl.sqrt(sq_a), 1.0)
-    norm_b = tl.where(vb, tl.sqrt(sq_b), 1.0)
-    scores = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    for d in range(0, dim):
-        col_a = tl.load(k_base + rows_a * dim + d, mask=va, other=0.0).to(tl.float32) / norm_a
-        col_b = tl.load(k_base + rows_b * dim + d, mask=vb, other=0.0).to(tl.float32) / norm_b
-        scores += col_a[:, None] * col_b[None, :]
-    allowed_b = vb & (rows_b >= PROTECTED)
-    scores = tl.where(allowed_b[None, :], scores, float("-inf"))
-    redundancy = tl.max(scores, axis=1)
-    dst = tl.argmax(scores, axis=1)
+    redundancy = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+    dst = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for b0 in range(0, num_b, TILE_B):
+        ib = b0 + tl.arange(0, TILE_B)
+        vb = ib < num_b
+        rows_b = tl.load(B_IDX + ib, mask=vb, other=0)
+        sq_b = tl.zeros([TILE_B], dtype=tl.float32)
+        for d in range(0, dim):
+            col_b = tl.load(k_base + rows_b * dim + d, mask=vb, other=0.0).to(tl.float32)
+            sq_b += col_b * col_b
+        norm_b = tl.where(vb, tl.sqrt(sq_b), 1.0)
+        scores = tl.zeros([BLOCK_A, TILE_B], dtype=tl.float32)
+        for d in range(0, dim):
+            col_a = tl.load(k_base + rows_a * dim + d, mask=va, other=0.0).to(tl.float32) / norm_a
+            col_b = tl.load(k_base + rows_b * dim + d, mask=vb, other=0.0).to(tl.float32) / norm_b
+            scores += col_a[:, None] * col_b[None, :]
+        allowed_b = vb & (rows_b >= PROTECTED)
+        scores = tl.where(allowed_b[None, :], scores, float("-inf"))
+        tile_max = tl.max(scores, axis=1)
+        tile_arg = tl.argmax(scores, axis=1).to(tl.int32) + b0
+        better = tile_max > redundancy
+        redundancy = tl.where(better, tile_max, redundancy)
+        dst = tl.where(better, tile_arg, dst)
 
     degree = redundancy
     if ALPHA != 0.0:
@@ -84,55 +94,73 @@ def turbo_merge_kernel(
         degree = redundancy - ALPHA * sem
     degree = tl.where(rows_a < PROTECTED, float("-inf"), degree)
 
-    # selection: rank of every A token by descending E (lower index first on ties); sources = rank < R_
-    e_other = degree[None, :]
-    e_self = degree[:, None]
-    before = ia[None, :] < ia[:, None]
-    beats = ((e_other > e_self) | ((e_other == e_self) & before)) & va[None, :]
-    rank = tl.sum(beats.to(tl.int32), axis=1)
+    # selection: rank of every A token by descending E (lower index first on ties), counted against TILE_J
+    # A tokens at a time (their E picked out of the full vector); sources = rank < R_
+    rank = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for j0 in range(0, num_a, TILE_J):
+        ij = j0 + tl.arange(0, TILE_J)
+        e_j = tl.max(tl.where(ij[:, None] == ia[None, :], degree[None, :], float("-inf")), axis=1)
+        e_other = e_j[:, None]
+        e_self = degree[None, :]
+        beats = ((e_other > e_self) | ((e_other == e_self) & (ij[:, None] < ia[None, :]))) & (ij < num_a)[:, None]
+        rank += tl.sum(beats.to(tl.int32), axis=0)
     is_src = (rank < R_) & va
-    is_unm = va & (rank >= R_)
-    src_before = tl.sum((before & is_src[None, :]).to(tl.int32), axis=1)
-    unm_pos = ia - src_before  # position among the unmerged A tokens
 
     num_unm = num_a - R_
     n_out = n_tokens - R_
     if cblock == 0:
         tl.store(SRC + sample * R_ + rank, ia, mask=is_src)
-        tl.store(DST + sample * R_ + rank, dst.to(tl.int32), mask=is_src)
-        tl.store(UNM + sample * num_unm + unm_pos, ia, mask=is_unm)
+        tl.store(DST + sample * R_ + rank, dst, mask=is_src)
 
-    # merge: size-weighted sum of each B token and its sources (added one source at a time, in the sources'
-    # order, as PyTorch's scatter_reduce does), divided by the summed size
     ic = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
     vc = ic < channels
     x_base = X + sample * n_tokens * channels
-    xa = tl.load(x_base + rows_a[:, None] * channels + ic[None, :], mask=va[:, None] & vc[None, :], other=0.0)
-    xb = tl.load(x_base + rows_b[:, None] * channels + ic[None, :], mask=vb[:, None] & vc[None, :], other=0.0)
-    sa = tl.load(S + sample * n_tokens + rows_a, mask=va, other=1.0).to(tl.float32)
-    sb = tl.load(S + sample * n_tokens + rows_b, mask=vb, other=1.0).to(tl.float32)
-    wa = xa.to(tl.float32) * sa[:, None]
-    b_sum = xb.to(tl.float32) * sb[:, None]
-    b_size = sb
-    for q in range(0, R_):
-        pick = is_src & (rank == q)
-        row = tl.sum(tl.where(pick, rows_a, 0), axis=0)
-        target = tl.sum(tl.where(pick, dst, 0), axis=0)
-        s_q = tl.load(S + sample * n_tokens + row).to(tl.float32)
-        x_q = tl.load(x_base + row * channels + ic, mask=vc, other=0.0).to(tl.float32) * s_q
-        hit = ib == target
-        b_sum += tl.where(hit[:, None], x_q[None, :], 0.0)
-        b_size += tl.where(hit, s_q, 0.0)
-
     out_base = X_OUT + sample * n_out * channels
-    tl.store(out_base + unm_pos[:, None] * channels + ic[None, :], (wa / sa[:, None]).to(X_OUT.dtype.element_ty),
-             mask=is_unm[:, None] & vc[None, :])
-    tl.store(out_base + (num_unm + ib)[:, None] * channels + ic[None, :],
-             (b_sum / b_size[:, None]).to(X_OUT.dtype.element_ty), mask=vb[:, None] & vc[None, :])
-    if cblock == 0:
-        s_base = S_OUT + sample * n_out
-        tl.store(s_base + unm_pos, sa.to(S_OUT.dtype.element_ty), mask=is_unm)
-        tl.store(s_base + num_unm + ib, b_size.to(S_OUT.dtype.element_ty), mask=vb)
+    s_base = S_OUT + sample * n_out
+
+    # unmerged A tokens, TILE_J at a time: output position = A index - number of sources before it
+    src_flag = is_src.to(tl.int32)
+    for i0 in range(0, num_a, TILE_J):
+        ii = i0 + tl.arange(0, TILE_J)
+        vi = ii < num_a
+        src_i = tl.max(tl.where(ii[:, None] == ia[None, :], src_flag[None, :], 0), axis=1)
+        src_before = tl.sum(tl.where(ia[None, :] < ii[:, None], src_flag[None, :], 0), axis=1)
+        unm_i = vi & (src_i == 0)
+        unm_pos = ii - src_before
+        rows_i = tl.load(A_IDX + ii, mask=vi, other=0)
+        s_i = tl.load(S + sample * n_tokens + rows_i, mask=vi, other=1.0).to(tl.float32)
+        x_i = tl.load(x_base + rows_i[:, None] * channels + ic[None, :], mask=unm_i[:, None] & vc[None, :],
+                      other=0.0).to(tl.float32)
+        tl.store(out_base + unm_pos[:, None] * channels + ic[None, :],
+                 (x_i * s_i[:, None] / s_i[:, None]).to(X_OUT.dtype.element_ty), mask=unm_i[:, None] & vc[None, :])
+        if cblock == 0:
+            tl.store(UNM + sample * num_unm + unm_pos, ii, mask=unm_i)
+            tl.store(s_base + unm_pos, s_i.to(S_OUT.dtype.element_ty), mask=unm_i)
+
+    # merge: size-weighted sum of each B token and its sources (added one source at a time, in the sources'
+    # order, as PyTorch's scatter_reduce does), divided by the summed size; TILE_M B tokens at a time
+    for b0 in range(0, num_b, TILE_M):
+        ib = b0 + tl.arange(0, TILE_M)
+        vb = ib < num_b
+        rows_b = tl.load(B_IDX + ib, mask=vb, other=0)
+        xb = tl.load(x_base + rows_b[:, None] * channels + ic[None, :], mask=vb[:, None] & vc[None, :], other=0.0)
+        sb = tl.load(S + sample * n_tokens + rows_b, mask=vb, other=1.0).to(tl.float32)
+        b_sum = xb.to(tl.float32) * sb[:, None]
+        b_size = sb
+        for q in range(0, R_):
+            pick = is_src & (rank == q)
+            target = tl.sum(tl.where(pick, dst, 0), axis=0)
+            if (target >= b0) & (target < b0 + TILE_M):
+                row = tl.sum(tl.where(pick, rows_a, 0), axis=0)
+                s_q = tl.load(S + sample * n_tokens + row).to(tl.float32)
+                x_q = tl.load(x_base + row * channels + ic, mask=vc, other=0.0).to(tl.float32) * s_q
+                hit = ib == target
+                b_sum += tl.where(hit[:, None], x_q[None, :], 0.0)
+                b_size += tl.where(hit, s_q, 0.0)
+        tl.store(out_base + (num_unm + ib)[:, None] * channels + ic[None, :],
+                 (b_sum / b_size[:, None]).to(X_OUT.dtype.element_ty), mask=vb[:, None] & vc[None, :])
+        if cblock == 0:
+            tl.store(s_base + num_unm + ib, b_size.to(S_OUT.dtype.element_ty), mask=vb)
 
 
 def turbo_unmerge_kernel(
@@ -177,9 +205,16 @@ def block(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(int(n)))
 
 
+TILE_ELEMENTS = 4096  # a 2-D tile of 4096 floats is 16 registers per thread at 8 warps
+
+
 def merge_blocks(num_a: int, num_b: int, dim: int, channels: int) -> dict[str, int]:
-    return {"BLOCK_A": block(num_a), "BLOCK_B": block(num_b), "BLOCK_D": block(dim),
-            "BLOCK_C": min(64, block(channels))}
+    """Full A vector (BLOCK_A) plus the 2-D tiles: A x TILE_B scores, TILE_J x A rank counts, TILE_M x BLOCK_C sums."""
+    block_a = block(num_a)
+    block_c = min(64, block(channels))
+    across_a = max(2, min(32, TILE_ELEMENTS // block_a))
+    return {"BLOCK_A": block_a, "TILE_B": min(across_a, block(num_b)), "TILE_J": across_a,
+            "TILE_M": min(block(num_b), max(16, TILE_ELEMENTS // block_c)), "BLOCK_C": block_c}
 
 
 def unmerge_blocks(channels: int) -> dict[str, int]:
