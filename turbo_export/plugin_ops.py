@@ -5,9 +5,9 @@
 by ``merge.split_matching`` / ``merge_wavg_split`` / ``unmerge_split``); exported with
 ``custom_translation_table()`` it becomes one ``turbo.TurboMerge`` ONNX node. TensorRT's ONNX parser turns a
 node into a plugin when its op_type is the plugin's name; it reads ``plugin_namespace`` / ``plugin_version`` and
-``aot`` (use the ahead-of-time kernel) and hands the other attributes to the plugin. The graph runs in ONNX Runtime only with the Python node
-implementations of ``plugins/turbo_plugin/ort_ops.py`` registered (onnxruntime-extensions); see
-``runtime.ort.OnnxRuntimeRunner``, which detects the nodes (``has_turbo_nodes``).
+``aot`` (use the ahead-of-time kernel) and hands the other attributes to the plugin. The graph runs in ONNX
+Runtime only with the Python node implementations of ``plugins/turbo_plugin/ort_ops.py`` registered
+(onnxruntime-extensions); ``runtime.ort.OnnxRuntimeRunner`` detects the nodes (``has_turbo_nodes``) and does so.
 
 Node contract (plugins/README.md has the full statement):
   TurboMerge(x [B,N,C], size [B,N,1], metric [B,N,D], semantic [B,N], a_idx int32 [Na], b_idx int32 [Nb];

@@ -369,7 +369,8 @@ class TritonServer:
         else:
             self.args.append("--allow-grpc=false")
         if metrics_port:
-            self.args += ["--allow-metrics=true", f"--metrics-address={public_host or host}", f"--metrics-port={metrics_port}"]
+            self.args += ["--allow-metrics=true", f"--metrics-address={public_host or host}",
+                          f"--metrics-port={metrics_port}"]
         else:
             self.args.append("--allow-metrics=false")
         self.log_path = log_path or os.path.join(work_dir, "tritonserver.log")

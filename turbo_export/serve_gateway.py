@@ -90,7 +90,8 @@ def check_infer_request(body: bytes, header_length: str | None) -> None:
         raise BadRequest("'parameters' must be a JSON object")
     inputs = request.get("inputs")
     if not isinstance(inputs, list):
-        raise BadRequest(f"'inputs' must be a list of tensors, got {'nothing' if inputs is None else json.dumps(inputs)[:40]}")
+        got = "nothing" if inputs is None else json.dumps(inputs)[:40]
+        raise BadRequest(f"'inputs' must be a list of tensors, got {got}")
     binary_needed = 0
     for i, tensor in enumerate(inputs):
         where = f"inputs[{i}]"
