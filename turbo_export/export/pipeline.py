@@ -159,6 +159,22 @@ def export_validate_bench(graphs: dict[str, GraphSpec], stage: str, options: Run
     return runners, parity, timings
 
 
+def parity_fields(parity: dict[str, ParityReport], options: RunOptions, model: str) -> dict[str, Any]:
+    """report.json's ``parity`` / ``parity_baseline``: what was compared with what (runtime, precision) and the
+    figures; nothing when the parity check was skipped."""
+    if not parity:
+        return {}
+    runtime = "TensorRT engine of " if options.backend == "tensorrt" else ""
+    runtime_end = "" if options.backend == "tensorrt" else " (ONNX Runtime)"
+    precision = ", fp16 graph vs fp32 model" if options.precision == "fp16" else ""
+    return {
+        "parity": {"compared": f"{runtime}turbo.onnx{runtime_end} vs Turbo {model} (PyTorch){precision}",
+                   **parity["turbo"].as_dict()},
+        "parity_baseline": {"compared": f"{runtime}baseline.onnx{runtime_end} vs {model} (PyTorch){precision}",
+                            **parity["baseline"].as_dict()},
+    }
+
+
 def plugin_graph_benchmarkable(merge_impl: str, backend: str, log: Log) -> bool:
     """A plugin-node graph runs in ONNX Runtime only through the Python reference nodes: timing it means nothing."""
     if merge_impl == "plugin" and backend == "onnxruntime":
@@ -246,14 +262,7 @@ def build_report(spec, loaded, options, schedule, image_size, layers_base, layer
     engines = engine_files(runners)
     if engines:
         report["engines"] = engines
-    runtime = "TensorRT engine of " if options.backend == "tensorrt" else ""
-    runtime_end = "" if options.backend == "tensorrt" else " (ONNX Runtime)"
-    precision = ", fp16 graph vs fp32 model" if options.precision == "fp16" else ""
-    if parity:
-        report["parity"] = {"compared": f"{runtime}turbo.onnx{runtime_end} vs Turbo model (PyTorch){precision}",
-                            **parity["turbo"].as_dict()}
-        report["parity_baseline"] = {"compared": f"{runtime}baseline.onnx{runtime_end} vs model (PyTorch)"
-                                                 f"{precision}", **parity["baseline"].as_dict()}
+    report.update(parity_fields(parity, options, "model"))
     if timings:
         ratio = bench.speedup(timings)
         report["bench"] = {

@@ -23,7 +23,7 @@ from ..plugin_ops import check_merge_impl
 from ..sd_presets import TEXT_LEN, SDComponents
 from .onnx import GraphSpec, compare_outputs, cosine
 from .pipeline import (Log, RunOptions, check_backend, engine_files, environment, export_validate_bench,
-                       log_to_stderr, set_tolerances, side_by_side)
+                       log_to_stderr, parity_fields, set_tolerances, side_by_side)
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
 OUTPUT_NAMES = ["noise_pred"]
@@ -206,15 +206,7 @@ def build_sd_report(components, options, resolution, latent_hw, turbo, flops, pa
         },
         "environment": {**environment(), "diffusers": _diffusers_version()},
     }
-    runtime = "TensorRT engine of " if options.backend == "tensorrt" else ""
-    runtime_end = "" if options.backend == "tensorrt" else " (ONNX Runtime)"
-    precision = ", fp16 graph vs fp32 model" if options.precision == "fp16" else ""
-    if parity:
-        report["parity"] = {"compared": f"{runtime}turbo.onnx{runtime_end} vs Turbo UNet (PyTorch){precision}",
-                            **parity["turbo"].as_dict()}
-        report["parity_baseline"] = {"compared": f"{runtime}baseline.onnx{runtime_end} vs UNet (PyTorch)"
-                                                 f"{precision}",
-                                     **parity["baseline"].as_dict()}
+    report.update(parity_fields(parity, options, "UNet"))
     engines = engine_files(runners)
     if engines:
         report["engines"] = engines
