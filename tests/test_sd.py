@@ -255,13 +255,18 @@ def _run(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sd") / "tiny-sd"
+def _export_tiny(tmp_path_factory, name: str, *options: str):
+    """`sd-unet` on random:tiny (ratio 0.5, alpha 2, every block) into a fresh folder; (folder, CLI result)."""
+    out = tmp_path_factory.mktemp(name) / f"tiny-{name}"
     result = _run(["sd-unet", "--model", "random:tiny", "--ratio", "0.5", "--alpha", "2", "--blocks", "all",
-                   "--runs", "2", "--out", str(out)])
+                   *options, "--out", str(out)])
     assert result.exit_code == 0, result.output + result.stderr
     return out, result
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return _export_tiny(tmp_path_factory, "sd", "--runs", "2")
 
 
 @pytest.mark.slow
@@ -431,11 +436,7 @@ def test_plugin_unet_eager_equals_standard_ops(tiny):
 
 @pytest.fixture(scope="module")
 def plugin_exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sd-plugin") / "tiny-sd-plugin"
-    result = _run(["sd-unet", "--model", "random:tiny", "--ratio", "0.5", "--alpha", "2", "--blocks", "all",
-                   "--merge-impl", "plugin", "--out", str(out)])
-    assert result.exit_code == 0, result.output + result.stderr
-    return out, result
+    return _export_tiny(tmp_path_factory, "sd-plugin", "--merge-impl", "plugin")
 
 
 @pytest.mark.slow
