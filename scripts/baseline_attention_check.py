@@ -14,11 +14,10 @@ import tempfile
 
 import click
 
-from turbo_export import bench
+from turbo_export.backends import bench, make_runner
 from turbo_export.export.onnx import export_onnx, require_parity, validate
 from turbo_export.export.specs import SPECS, TurboOptions
-from turbo_export.presets import build_random
-from turbo_export.runtime import make_runner
+from turbo_export.models.presets import build_random
 
 
 @click.command()

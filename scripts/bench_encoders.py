@@ -18,14 +18,15 @@ import tempfile
 import click
 import torch
 
-from turbo_export import apply_turbo, bench, merge
+from turbo_export import apply_turbo
+from turbo_export.backends import bench, make_runner
+from turbo_export.core import merge
 from turbo_export.export.blip import DEFAULT_MIN_TOKENS, _vision_flops
 from turbo_export.export.blip_graphs import VisionGraph
 from turbo_export.export.onnx import GraphSpec, export_onnx, require_parity, validate
 from turbo_export.export.specs import SPECS, TurboOptions
 from turbo_export.files import write_json_atomic
-from turbo_export.presets import RANDOM_PREFIX, BLIP_PRESETS, build_random_blip, load_model
-from turbo_export.runtime import make_runner
+from turbo_export.models.presets import BLIP_PRESETS, RANDOM_PREFIX, build_random_blip, load_model
 
 
 def _encoders(model_source: str, family: str, ratios: list[int], alpha: float, batch: int, min_tokens: int | None):

@@ -1,7 +1,7 @@
 """Measure the Turbo plugin pieces that run without a GPU; print one JSON object.
 
   python scripts/check_plugin.py kernels
-      Triton kernels (Triton's CPU interpreter) vs the PyTorch merge (turbo_export.merge) on random inputs:
+      Triton kernels (Triton's CPU interpreter) vs the PyTorch merge (turbo_export.core.merge) on random inputs:
       max abs error of merged tokens / sizes / restored tokens, plan equality; fp32, and fp16 against the
       float32 merge of the same fp16-rounded inputs. Also a non-alternate A/B split and exact ties vs the
       numpy reference (also at 289 / 288 tokens, ties spanning the kernel's tiles). --large adds real widths
@@ -65,9 +65,9 @@ def _inputs(case, seed):
 def kernel_errors(cases=KERNEL_CASES) -> dict:
     import numpy as np
     import torch
-
-    from turbo_export import merge
     from turbo_plugin import kernels, reference
+
+    from turbo_export.core import merge
 
     out = {"cases": []}
     for i, case in enumerate(cases):
@@ -142,9 +142,9 @@ def kernel_errors(cases=KERNEL_CASES) -> dict:
 def sd_kernel_errors(cases=SD_CASES) -> list:
     """Kernels vs the PyTorch op on the UNet's grid splits (sizes all ones, protected 0, metric = the tokens)."""
     import torch
-
-    from turbo_export import merge, plugin_ops
     from turbo_plugin import kernels
+
+    from turbo_export.core import merge, plugin_ops
 
     out = []
     for i, (batch, height, width, seed, channels, ratio, alpha) in enumerate(cases):
@@ -181,10 +181,10 @@ def graph_errors(model_source: str, ratio: int, batch: int, out_dir: str, alpha:
     import onnx
     import torch
 
+    from turbo_export.backends import make_runner
     from turbo_export.export.onnx import export_onnx, torch_outputs
     from turbo_export.export.specs import SPECS, TurboOptions
-    from turbo_export.presets import load_model
-    from turbo_export.runtime import make_runner
+    from turbo_export.models.presets import load_model
 
     spec = SPECS["vit"]
     loaded = load_model(model_source, "vit", spec.supported())
@@ -223,10 +223,10 @@ def sd_graph_errors(model_source: str, ratio: float, alpha: float, blocks: str, 
     import numpy as np
     import onnx
 
+    from turbo_export.backends import make_runner
     from turbo_export.export.onnx import GraphSpec, export_onnx, torch_outputs
     from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
-    from turbo_export.runtime import make_runner
-    from turbo_export.sd_presets import load_sd
+    from turbo_export.models.sd_presets import load_sd
 
     components = load_sd(model_source)
     latent = components.resolution // components.vae_scale

@@ -490,11 +490,11 @@ def _attempt(report: Report, name: str, fn: Callable[[], Any], expect: Callable[
 def onnx_node_attributes(r: int, alpha: float, protected: int, merge: bool = True) -> dict[str, tuple[str, Any]]:
     """The attributes the exporter writes on a TurboMerge / TurboUnmerge node: name -> (ONNX type, value).
 
-    Types come from turbo_export.plugin_ops.register_schemas() (the schema the exporter builds its nodes with),
+    Types come from turbo_export.core.plugin_ops.register_schemas() (the schema the exporter builds its nodes with),
     values as in plugin_ops.custom_translation_table()."""
     from onnx import defs
 
-    from turbo_export import plugin_ops
+    from turbo_export.core import plugin_ops
 
     plugin_ops.register_schemas()
     op = plugin_ops.MERGE_OP if merge else plugin_ops.UNMERGE_OP

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from turbo_export.runtime import make_runner  # noqa: E402
+from turbo_export.backends import make_runner  # noqa: E402
 
 MODELS = ("turbo", "baseline")
 
@@ -142,7 +142,7 @@ def main() -> None:
     if args.url:
         results = measure(args.url)
     else:
-        from turbo_export.serve import ServeOptions, free_port, serving
+        from turbo_export.serve.server import ServeOptions, free_port, serving
 
         options = ServeOptions(max_batch=args.max_batch, instances=args.instances, threads=args.threads,
                                pipelines=False, max_request_mb=64)

@@ -13,7 +13,7 @@ def pytest_collection_modifyitems(config, items):
         return
     import pytest
 
-    from turbo_export.runtime import tensorrt_unavailable_reason
+    from turbo_export.backends import tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason()
     if reason:

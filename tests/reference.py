@@ -1,6 +1,6 @@
 """Independent plain-loop references for the Turbo semantics (the issue's "exact semantics").
 
-Written from the specification, not from turbo_export.merge: per sample, Python loops and lists.
+Written from the specification, not from turbo_export.core.merge: per sample, Python loops and lists.
 """
 
 from __future__ import annotations

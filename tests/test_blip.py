@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from turbo_export import apply_turbo, remove_turbo
+from turbo_export.backends.torch_runner import TorchRunner
 from turbo_export.cli import main
 from turbo_export.export.blip import BlipOptions, caption_graphs
-from turbo_export.presets import build_random_blip
-from turbo_export.runtime.blip import CaptionPipeline, TokenIds, cross_bias
-from turbo_export.runtime.torch_runner import TorchRunner
+from turbo_export.models.presets import build_random_blip
+from turbo_export.pipelines.blip import CaptionPipeline, TokenIds, cross_bias
 
 
 def _pixels(batch=3, seed=5):

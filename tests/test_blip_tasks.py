@@ -15,13 +15,21 @@ from click.testing import CliRunner
 from PIL import Image
 
 from turbo_export import apply_turbo
+from turbo_export.backends import make_runner
+from turbo_export.backends.torch_runner import TorchRunner
 from turbo_export.cli import main
-from turbo_export.export.blip import (BlipOptions, TaskInputs, retrieval_graphs, retrieval_parity,
-                                      retrieval_pipelines, vqa_graphs, vqa_parity, vqa_pipelines)
-from turbo_export.presets import build_random_blip
-from turbo_export.runtime import make_runner
-from turbo_export.runtime.blip import TokenIds
-from turbo_export.runtime.torch_runner import TorchRunner
+from turbo_export.export.blip import (
+    BlipOptions,
+    TaskInputs,
+    retrieval_graphs,
+    retrieval_parity,
+    retrieval_pipelines,
+    vqa_graphs,
+    vqa_parity,
+    vqa_pipelines,
+)
+from turbo_export.models.presets import build_random_blip
+from turbo_export.pipelines.blip import TokenIds
 
 TEXTS = ["a dog on the grass", "two people riding bikes", "a red bus"]
 QUESTION = "what color is the dog?"

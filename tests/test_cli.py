@@ -5,9 +5,9 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import SHARED
 
 from turbo_export.cli import main
-from conftest import SHARED
 
 
 def _run(args):

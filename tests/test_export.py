@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_patch import _models
 
+from turbo_export.backends import make_runner
+from turbo_export.errors import ParityError
 from turbo_export.export.onnx import export_onnx, require_parity, validate
 from turbo_export.export.specs import SPECS, TurboOptions
-from turbo_export.errors import ParityError
-from turbo_export.presets import LoadedModel, build_random
-from turbo_export.runtime import make_runner
-from test_patch import _models
+from turbo_export.models.presets import LoadedModel, build_random
 
 SPEC = SPECS["vit"]
 
@@ -58,7 +58,7 @@ def test_validation_fails_loudly_on_a_wrong_graph(tmp_path):
 
 
 def test_flops_and_tokens():
-    from turbo_export import merge
+    from turbo_export.core import merge
 
     tiny = build_random("tiny", "vit")
     base = SPEC.flops(tiny, 32, [(65, 0)] * 4)

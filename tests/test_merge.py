@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
-
-from turbo_export import merge
 from reference import reference_merge, tome_bipartite_matching, tome_merge_wavg
+
+from turbo_export.core import merge
 
 
 def _inputs(batch=3, tokens=17, channels=8, dim=5, seed=0, uneven_sizes=True):

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from reference import reference_merge
 from torch import nn
 
 from turbo_export import TurboExportError, apply_turbo, remove_turbo
-from turbo_export.presets import build_random
-from reference import reference_merge
+from turbo_export.models.presets import build_random
 
 PRESETS = {
     "ViTForImageClassification": "tiny",

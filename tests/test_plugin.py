@@ -13,11 +13,11 @@ import onnx
 import pytest
 import torch
 
-from turbo_export import merge, plugin_ops
+from turbo_export.backends import make_runner, tensorrt_unavailable_reason
+from turbo_export.core import merge, plugin_ops
 from turbo_export.export.onnx import export_onnx, torch_outputs
 from turbo_export.export.specs import SPECS, TurboOptions
-from turbo_export.presets import LoadedModel, build_random
-from turbo_export.runtime import make_runner, tensorrt_unavailable_reason
+from turbo_export.models.presets import LoadedModel, build_random
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 plugin_ops.import_turbo_plugin()
@@ -187,7 +187,6 @@ def test_tensorrt_engine_with_plugin_matches_onnxruntime(tmp_path):
     if reason:
         pytest.skip(f"TensorRT engine with the Turbo plugin: {reason}")
     import tensorrt as trt
-
     from turbo_plugin import register_tensorrt_plugins
 
     register_tensorrt_plugins()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from turbo_export import plugin_ops
 from turbo_export.cli import main
+from turbo_export.core import plugin_ops
 from turbo_export.errors import TurboExportError
 
 
@@ -28,7 +28,7 @@ def test_limit_admits_vit_b_and_refuses_stable_diffusion_512():
 
 
 def test_plugin_merge_refuses_the_sd_512_grid_before_computing_anything():
-    from turbo_export import merge
+    from turbo_export.core import merge
 
     grid = merge.grid_split(64, 64)  # the UNet's finest level at 512 px
     x = torch.zeros(2, 4096, 320)

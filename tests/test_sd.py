@@ -11,13 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from turbo_export import merge
 from turbo_export.cli import main
+from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
 from turbo_export.metrics import psnr, ssim
+from turbo_export.models.sd_presets import build_random_sd
 from turbo_export.patch import apply_turbo, remove_turbo
 from turbo_export.patch.unet import apply_turbo_unet, cross_attention_saliency, merged_blocks
-from turbo_export.sd_presets import build_random_sd
 
 
 @pytest.fixture(scope="module")
@@ -290,10 +290,10 @@ def test_sd_unet_cli_exports_validated_graphs(exported):
 def test_sd_generate_pipeline_matches_pytorch_and_writes_pngs(exported, tiny, tmp_path):
     from PIL import Image
 
+    from turbo_export.backends import make_runner
+    from turbo_export.backends.torch_runner import TorchRunner
     from turbo_export.export.sd import OUTPUT_NAMES, UNetGraph
-    from turbo_export.runtime import make_runner
-    from turbo_export.runtime.sd import generate
-    from turbo_export.runtime.torch_runner import TorchRunner
+    from turbo_export.pipelines.sd import generate
 
     out, _ = exported
     # the ONNX Turbo UNet inside the pipeline gives the PyTorch Turbo UNet's latents
@@ -353,7 +353,7 @@ def test_local_diffusers_folder_loads(tiny, tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from turbo_export.sd_presets import load_sd
+    from turbo_export.models.sd_presets import load_sd
 
     chars = list(bytes_to_unicode().values())
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
@@ -384,7 +384,7 @@ def _grid_inputs(split, batch=2, channels=6, seed=0):
 def test_split_op_equals_grid_merge_and_restore(height, width, seed, alpha):
     """turbo::merge / unmerge with the 2x2-grid split, all-ones sizes, nothing protected == merge_mean /
     unmerge_grid: the same plan and values; only the unmerged A rows come in A order instead of descending E."""
-    from turbo_export import plugin_ops
+    from turbo_export.core import plugin_ops
 
     plugin_ops.import_turbo_plugin()
     from turbo_plugin import reference
@@ -443,7 +443,7 @@ def plugin_exported(tmp_path_factory):
 def test_sd_unet_plugin_cli_one_node_per_merge_validated_with_custom_ops(plugin_exported):
     import onnx
 
-    from turbo_export.export.trt_lint import lint_file
+    from turbo_export.backends.trt_lint import lint_file
 
     out, result = plugin_exported
     report = json.loads((out / "report.json").read_text())
@@ -464,9 +464,9 @@ def test_sd_unet_plugin_cli_one_node_per_merge_validated_with_custom_ops(plugin_
 
 @pytest.mark.slow
 def test_sd_plugin_graph_equals_standard_graph_and_pytorch(plugin_exported, exported, tiny):
+    from turbo_export.backends import make_runner
     from turbo_export.export.onnx import GraphSpec, torch_outputs
     from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
-    from turbo_export.runtime import make_runner
 
     inputs = example_inputs(tiny, (8, 8), 1)  # both exports' example input
     feed = {k: v.numpy() for k, v in inputs.items()}
@@ -516,11 +516,11 @@ def test_fp16_sd_graph_matches_fp32_model(impl, tiny, tmp_path):
     import onnx
     import onnxruntime as ort
 
+    from turbo_export.backends.trt_lint import lint_file
+    from turbo_export.core.plugin_ops import import_turbo_plugin
     from turbo_export.export.onnx import GraphSpec, compare_outputs, export_onnx, torch_outputs
     from turbo_export.export.pipeline import FP16_ATOL, half_graph, set_tolerances
     from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
-    from turbo_export.export.trt_lint import lint_file
-    from turbo_export.plugin_ops import import_turbo_plugin
 
     inputs = example_inputs(tiny, (8, 8), 1)
     options = SDOptions(ratio=0.5, out_dir="", alpha=2.0, blocks="default", merge_impl=impl)
@@ -553,7 +553,7 @@ def test_fp16_sd_graph_matches_fp32_model(impl, tiny, tmp_path):
     (["--precision", "fp16", "--merge-impl", "plugin", "--backend", "tensorrt"], ("backend tensorrt:",)),
 ])
 def test_sd_unet_precision_and_merge_impl_errors(args, fragments, tmp_path):
-    from turbo_export.runtime import tensorrt_unavailable_reason
+    from turbo_export.backends import tensorrt_unavailable_reason
 
     if "tensorrt" in args and tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present")

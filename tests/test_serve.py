@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from turbo_export.errors import TurboExportError
-from turbo_export.triton_repo import onnx_signature, plan_repository, write_repository
+from turbo_export.serve.triton_repo import onnx_signature, plan_repository, write_repository
 
 HAVE_TRITON = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="nvidia-pytriton / tritonclient not installed "
@@ -36,7 +36,7 @@ LIMIT_MB = 0.06  # 3 rows of 3x32x32 float32 (37 KB) pass, 8 rows (98 KB) are ov
 def vit_export(tmp_path_factory):
     from turbo_export.export.pipeline import JobOptions, run_export
     from turbo_export.export.specs import SPECS, TurboOptions
-    from turbo_export.presets import build_random
+    from turbo_export.models.presets import build_random
 
     out = str(tmp_path_factory.mktemp("serve") / "vit")
     options = JobOptions(turbo=TurboOptions(ratio=4, batch=2), out_dir=out, validate=False, bench=False)
@@ -48,7 +48,7 @@ def vit_export(tmp_path_factory):
 def server(vit_export):
     if not HAVE_TRITON:
         pytest.skip("nvidia-pytriton / tritonclient not installed (pip install 'turbo-export[serve]')")
-    from turbo_export.serve import ServeOptions, free_port, serving
+    from turbo_export.serve.server import ServeOptions, free_port, serving
 
     options = ServeOptions(max_batch=8, max_request_mb=LIMIT_MB, threads=1)
     with serving(vit_export, options, http_port=free_port(), grpc_port=free_port()) as (srv, bindings):
@@ -57,7 +57,7 @@ def server(vit_export):
 
 @pytest.fixture(scope="module")
 def runners(vit_export):
-    from turbo_export.runtime import make_runner
+    from turbo_export.backends import make_runner
 
     return {n: make_runner(os.path.join(vit_export, f"{n}.onnx")) for n in ("turbo", "baseline")}
 
@@ -170,7 +170,7 @@ def test_turbo_and_baseline_differ(server):
 def test_vit_classify_pipeline(server, runners, flavour):
     import tritonclient.http as httpclient
 
-    from turbo_export.serve_handlers import decode_image
+    from turbo_export.serve.handlers import decode_image
 
     images = [png(1), png(2, size=(64, 20))]
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
@@ -295,14 +295,14 @@ BINARY_HEADER = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "p
      None),
 ])
 def test_gateway_accepts_valid_requests(body, header_length):
-    from turbo_export.serve_gateway import check_infer_request
+    from turbo_export.serve.gateway import check_infer_request
 
     check_infer_request(body, header_length)
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_gateway_check_names_the_problem(case):
-    from turbo_export.serve_gateway import BadRequest, check_infer_request
+    from turbo_export.serve.gateway import BadRequest, check_infer_request
 
     body, headers, words = MALFORMED[case]
     with pytest.raises(BadRequest, match=re.escape(words)):
@@ -313,7 +313,7 @@ def test_gateway_check_names_the_problem(case):
                                             ("/v2/models/turbo", False), ("/v2/models/m/versions/1/ready", False),
                                             ("/v2/repository/index", False), ("/v2/models/infer", False)])
 def test_gateway_infer_paths(path, expected):
-    from turbo_export.serve_gateway import is_infer_path
+    from turbo_export.serve.gateway import is_infer_path
 
     assert is_infer_path(path) is expected
 
@@ -342,7 +342,7 @@ def test_binary_request_passes_the_gateway(server, runners):
 
 @needs_triton
 def test_body_over_the_gateway_limit_is_413(server, runners):
-    from turbo_export.serve import ServeOptions, gateway_body_limit
+    from turbo_export.serve.server import ServeOptions, gateway_body_limit
 
     limit = gateway_body_limit(ServeOptions(max_request_mb=LIMIT_MB))
     status, answer = post(server, "/v2/models/turbo/infer", b" " * (limit + 1), {})
@@ -424,7 +424,7 @@ def test_bounded_load_all_answers_correct(server, runners):
 
 @needs_triton
 def test_cli_serve_stops_cleanly_on_sigterm(vit_export):
-    from turbo_export.serve import free_port
+    from turbo_export.serve.server import free_port
 
     port, grpc = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -569,8 +569,8 @@ def blip_server(tmp_path_factory):
     if not HAVE_TRITON:
         pytest.skip("nvidia-pytriton / tritonclient not installed (pip install 'turbo-export[serve]')")
     from turbo_export.export.blip import BlipOptions, run_blip_export
-    from turbo_export.presets import build_random_blip
-    from turbo_export.serve import ServeOptions, free_port, serving
+    from turbo_export.models.presets import build_random_blip
+    from turbo_export.serve.server import ServeOptions, free_port, serving
 
     out = str(tmp_path_factory.mktemp("serve") / "blip")
     run_blip_export(build_random_blip("tiny", "caption"),
@@ -586,9 +586,9 @@ def blip_server(tmp_path_factory):
 def test_blip_caption_pipeline_equals_onnx_pipeline(blip_server, flavour):
     import tritonclient.http as httpclient
 
-    from turbo_export.runtime import make_runner
-    from turbo_export.runtime.blip import CaptionPipeline, TokenIds
-    from turbo_export.serve_handlers import decode_image
+    from turbo_export.backends import make_runner
+    from turbo_export.pipelines.blip import CaptionPipeline, TokenIds
+    from turbo_export.serve.handlers import decode_image
 
     server, folder, bindings = blip_server
     assert {b.name for b in bindings} >= {"turbo", "baseline", f"blip-caption-{flavour}"}
@@ -628,7 +628,7 @@ def sd_export(tmp_path_factory):
 def sd_server(sd_export):
     if not HAVE_TRITON:
         pytest.skip("nvidia-pytriton / tritonclient not installed (pip install 'turbo-export[serve]')")
-    from turbo_export.serve import ServeOptions, free_port, serving
+    from turbo_export.serve.server import ServeOptions, free_port, serving
 
     with serving(sd_export, ServeOptions(max_batch=4, threads=1), http_port=free_port(), grpc_port=None) as (srv, b):
         yield srv
@@ -636,7 +636,7 @@ def sd_server(sd_export):
 
 @pytest.fixture(scope="module")
 def sd_components(sd_export):
-    from turbo_export.sd_presets import load_sd
+    from turbo_export.models.sd_presets import load_sd
 
     return load_sd("random:tiny", with_unet=False)
 
@@ -699,8 +699,8 @@ def test_sd_generate_equals_onnx_pipeline(sd_server, sd_export, sd_components, f
     same ONNX UNet, prompt, seed, steps and guidance."""
     import tritonclient.http as httpclient
 
-    from turbo_export.runtime import make_runner
-    from turbo_export.runtime.sd import generate
+    from turbo_export.backends import make_runner
+    from turbo_export.pipelines.sd import generate
 
     prompts, seeds = ["a red cube on a table", "a photograph of an astronaut riding a horse"], [3, 11]
     client = httpclient.InferenceServerClient(sd_server.url.removeprefix("http://"))
@@ -719,9 +719,9 @@ def test_sd_generate_equals_onnx_pipeline(sd_server, sd_export, sd_components, f
 def test_sd_generate_defaults_when_optional_inputs_left_out(sd_server, sd_export, sd_components):
     import tritonclient.http as httpclient
 
-    from turbo_export.runtime import make_runner
-    from turbo_export.runtime.sd import generate
-    from turbo_export.serve import SD_DEFAULT_GUIDANCE, SD_DEFAULT_STEPS
+    from turbo_export.backends import make_runner
+    from turbo_export.pipelines.sd import generate
+    from turbo_export.serve.server import SD_DEFAULT_GUIDANCE, SD_DEFAULT_STEPS
 
     client = httpclient.InferenceServerClient(sd_server.url.removeprefix("http://"))
     image = decode_png(client.infer("sd-generate-turbo", sd_inputs(["a cat"], [5])).as_numpy("image")[0, 0])
@@ -736,7 +736,7 @@ def test_sd_generate_defaults_when_optional_inputs_left_out(sd_server, sd_export
 def test_sd_tensor_level_unet_equals_runner(sd_server, sd_export):
     import tritonclient.http as httpclient
 
-    from turbo_export.runtime import make_runner
+    from turbo_export.backends import make_runner
 
     runner = make_runner(os.path.join(sd_export, "turbo.onnx"))
     shapes = {t.name: [int(d) for d in t.shape] for t in runner.inputs}
@@ -788,7 +788,7 @@ def test_gateway_on_a_taken_port_is_one_clear_error():
     pytest.importorskip("aiohttp")
     import socket
 
-    from turbo_export.serve_gateway import Gateway
+    from turbo_export.serve.gateway import Gateway
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

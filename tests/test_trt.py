@@ -19,15 +19,22 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from turbo_export import apply_turbo, bench
+from turbo_export import apply_turbo
+from turbo_export.backends import bench, tensorrt_unavailable_reason
+from turbo_export.backends.trt_lint import (
+    NEEDS_PLUGIN,
+    NEEDS_PLUGIN_LIBRARY,
+    NEEDS_TURBO_PLUGIN,
+    REJECTED,
+    WARNING,
+    lint_file,
+    lint_model,
+)
 from turbo_export.cli import main
 from turbo_export.errors import TurboExportError
-from turbo_export.export import tensorrt as trt_export
+from turbo_export.backends import trt_build as trt_export
 from turbo_export.export.onnx import export_onnx
-from turbo_export.export.trt_lint import (NEEDS_PLUGIN, NEEDS_PLUGIN_LIBRARY, NEEDS_TURBO_PLUGIN, REJECTED, WARNING,
-                                          lint_file, lint_model)
 from turbo_export.files import staged_output
-from turbo_export.runtime import tensorrt_unavailable_reason
 
 
 def _cli(args):
@@ -202,7 +209,7 @@ def test_check_trt_cli_exit_codes_and_json(tmp_path):
 
 def _vit_graph_files(preset, folder, names=("baseline", "turbo")):
     from turbo_export.export.specs import SPECS, TurboOptions
-    from turbo_export.presets import load_model
+    from turbo_export.models.presets import load_model
 
     spec = SPECS["vit"]
     loaded = load_model(f"random:{preset}", "vit", spec.supported())
@@ -220,7 +227,7 @@ BLIP_LINTED = {"caption": ("turbo_vision", "turbo_cross_kv", "turbo_decoder", "b
 
 def _blip_graph_files(task, folder):
     from turbo_export.export.blip import TASKS, BlipOptions, _vision_layers
-    from turbo_export.presets import build_random_blip
+    from turbo_export.models.presets import build_random_blip
 
     loaded = build_random_blip("tiny", task)
     options = BlipOptions(task=task, ratio=8, out_dir=str(folder), batch=2, max_new_tokens=4, text_len=8,
@@ -574,7 +581,7 @@ def test_benchmark_uses_cuda_event_timing_when_every_runner_has_it():
 
 
 def test_compare_runs_polygraphy_comparator_with_onnxruntime_alone(tiny_export):
-    from turbo_export.compare import compare_folder
+    from turbo_export.evaluate.compare import compare_folder
 
     results = compare_folder(str(tiny_export))
     assert results.ok and results.runners == (["onnxruntime"] if tensorrt_unavailable_reason() else
@@ -616,7 +623,7 @@ def test_engines_build_run_match_onnxruntime_and_benchmark(precision, tmp_path):
     assert report["bench"]["speedup"] > 0
     again = _cli(args)  # the second export reuses the cached engines
     assert again.exit_code == 0 and "cached" in again.stderr
-    from turbo_export.compare import compare_folder
+    from turbo_export.evaluate.compare import compare_folder
 
     results = compare_folder(str(out), atol=5e-2 if precision == "fp16" else 1e-3, rtol=1e-2)
     assert "tensorrt" in results.runners and results.ok, "\n".join(results.lines())
@@ -624,7 +631,7 @@ def test_engines_build_run_match_onnxruntime_and_benchmark(precision, tmp_path):
 
 @pytest.mark.gpu
 def test_tensorrt_runner_cuda_graph_replay_matches_plain_execution(tmp_path):
-    from turbo_export.runtime import make_runner
+    from turbo_export.backends import make_runner
 
     files = _vit_graph_files("tiny", tmp_path)
     turbo = next(f for f in files if f.endswith("turbo.onnx"))
@@ -645,7 +652,7 @@ def test_fp16_export_gives_half_graphs_checked_against_the_fp32_model(tmp_path):
     from turbo_export.export.onnx import compare_outputs, torch_outputs
     from turbo_export.export.pipeline import FP16_ATOL, half_graph, set_tolerances
     from turbo_export.export.specs import SPECS, TurboOptions
-    from turbo_export.presets import load_model
+    from turbo_export.models.presets import load_model
 
     spec = SPECS["vit"]
     loaded = load_model("random:tiny", "vit", spec.supported())
@@ -672,7 +679,7 @@ def test_fp16_export_gives_half_graphs_checked_against_the_fp32_model(tmp_path):
 
 
 def test_engine_tensor_types_map_to_numpy_without_tensorrt():
-    from turbo_export.runtime.trt import _numpy_dtype
+    from turbo_export.backends.trt import _numpy_dtype
 
     enum = lambda name: types.SimpleNamespace(name=name)  # noqa: E731
     assert _numpy_dtype(None, enum("HALF")) == np.float16 and _numpy_dtype(None, enum("INT64")) == np.int64
@@ -682,14 +689,14 @@ def test_engine_tensor_types_map_to_numpy_without_tensorrt():
 
 @pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT and a GPU are present")
 def test_make_runner_on_an_engine_says_what_is_missing(tmp_path):
-    from turbo_export.runtime import make_runner
+    from turbo_export.backends import make_runner
 
     with pytest.raises(TurboExportError, match="backend tensorrt: .*--backend onnxruntime works"):
         make_runner(str(tmp_path / "model.plan"), "tensorrt")
 
 
 def test_require_backend_only_checks_the_backend():
-    from turbo_export.runtime import require_backend
+    from turbo_export.backends import require_backend
 
     assert require_backend("onnxruntime") is None
     with pytest.raises(TurboExportError, match="backend: unknown 'tvm'"):

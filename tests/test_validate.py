@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import SHARED
-from turbo_export.defaults import DEFAULTS
-from turbo_export import datasets, merge, metrics
+
+from turbo_export import metrics
 from turbo_export.cli import main
+from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
-from turbo_export.validate import fit_linear_probe, pad_batch, probe_parity, run_batched, split_indices
-from turbo_export.visualize import compose_plans
+from turbo_export.evaluate import datasets
+from turbo_export.evaluate.validate import fit_linear_probe, pad_batch, probe_parity, run_batched, split_indices
+from turbo_export.evaluate.visualize import compose_plans
+from turbo_export.families.defaults import DEFAULTS
 
 DIGITS = os.path.join(os.path.dirname(__file__), "data", "mnist")
 MNIST_VIT = os.path.join(SHARED, "weights", "vit-mnist")

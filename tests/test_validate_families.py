@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from turbo_export.cli import main
-from turbo_export.runtime.blip import TokenIds
-from turbo_export.validate import DEFAULT_PROMPTS, generation_parity, retrieval_parity
+from turbo_export.evaluate.validate import DEFAULT_PROMPTS, generation_parity, retrieval_parity
+from turbo_export.pipelines.blip import TokenIds
 
 DIGITS = os.path.join(os.path.dirname(__file__), "data", "mnist")
 IDS = TokenIds(bos=1, eos=2, pad=0)

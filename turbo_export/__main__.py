@@ -1,5 +1,5 @@
 """`python -m turbo_export ...` runs the same CLI as `turbo-export ...`."""
 
-from .cli import main
+from turbo_export.cli import main
 
 main()

@@ -56,7 +56,7 @@ def staged_output(out_dir: str) -> Iterator[str]:
 
 def read_report(export_dir: str, made_by: str = "turbo-export") -> dict[str, Any]:
     """The report.json of an export folder, or a one-line error saying what is wrong with the folder."""
-    from .errors import TurboExportError
+    from turbo_export.errors import TurboExportError
 
     path = os.path.join(export_dir, "report.json")
     if not os.path.isdir(export_dir):

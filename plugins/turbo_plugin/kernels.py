@@ -8,7 +8,7 @@ are only interpretable then). See ``jit_kernel`` / ``interpreted_kernel`` / ``ke
 Argument order is TensorRT's AOT plugin calling convention: input pointers, then int32 scalars, then output
 pointers, then the compile-time constants (attributes and block sizes).
 
-Node semantics (``reference.py`` is the numpy statement of them, ``turbo_export.merge`` the PyTorch one):
+Node semantics (``reference.py`` is the numpy statement of them, ``turbo_export.core.merge`` the PyTorch one):
 A tokens are the rows ``a_idx`` of the sequence, B tokens the rows ``b_idx`` (ViT: even / odd positions;
 the UNet: a fixed destination per 2x2 cell). A token is protected when its row is below ``PROTECTED``:
 never a source (A) and never a destination (B). Per A token: R = max cosine to the B tokens, dst = argmax
@@ -27,7 +27,7 @@ scatter_reduce does, so float32 results are bit-identical). Register use therefo
 Measured (``scripts/measure_plugin_kernel.py``, plugins/README.md "Size limit"): up to a 2048-row A vector the
 kernel builds in ~5 s for sm_80 and sm_90 with ~128 registers and no spills; a 4096-row vector (SD 1.5 at
 512 px, 3072 / 1024) builds without spills but at the 255-register cap.
-``turbo_export.plugin_ops.check_plugin_sizes`` refuses more than 2048 tokens per side at export.
+``turbo_export.core.plugin_ops.check_plugin_sizes`` refuses more than 2048 tokens per side at export.
 Everything accumulates in float32 (no TF32); fp16 inputs and outputs are cast.
 """
 

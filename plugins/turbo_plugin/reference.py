@@ -1,7 +1,7 @@
 """The TurboMerge / TurboUnmerge node semantics in numpy (float32 arithmetic, like the PyTorch merge).
 
 The ONNX Runtime implementations of the nodes (``ort_ops.py``) call these; the kernels are tested against
-``turbo_export.merge`` directly. Ties in E are broken by the lower A index (ONNX TopK's rule).
+``turbo_export.core.merge`` directly. Ties in E are broken by the lower A index (ONNX TopK's rule).
 """
 
 from __future__ import annotations

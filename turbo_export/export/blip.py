@@ -21,21 +21,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import bench, merge
-from ..defaults import DEFAULTS
-from ..errors import ParityError, TurboExportError
-from ..metrics import corpus_bleu, strip_special
-from ..files import staged_output, write_json_atomic
-from ..patch import apply_turbo
-from ..presets import BLIP_TASK_CLASSES, LoadedModel
-from ..runtime.base import Runner
-from ..runtime.blip import (CaptionPipeline, RetrievalPipeline, RetrievalScores, TokenIds, VqaPipeline, pad_rows,
-                            softmax)
-from .blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
-from .onnx import GraphSpec
-from .pipeline import (RunOptions, check_backend, check_ratio, engine_files, environment, export_graphs, log_to_stderr,
-                       plugin_graph_benchmarkable, set_tolerances, validate_graphs)
-from .specs import check_image_size, vision_encoder_flops
+from turbo_export.backends import bench
+from turbo_export.backends.base import Runner
+from turbo_export.core import merge
+from turbo_export.errors import ParityError, TurboExportError
+from turbo_export.export.blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
+from turbo_export.export.onnx import GraphSpec
+from turbo_export.export.pipeline import (
+    RunOptions,
+    check_backend,
+    check_ratio,
+    engine_files,
+    environment,
+    export_graphs,
+    log_to_stderr,
+    plugin_graph_benchmarkable,
+    set_tolerances,
+    validate_graphs,
+)
+from turbo_export.export.specs import check_image_size, vision_encoder_flops
+from turbo_export.families.defaults import DEFAULTS
+from turbo_export.files import staged_output, write_json_atomic
+from turbo_export.metrics import corpus_bleu, strip_special
+from turbo_export.models.presets import BLIP_TASK_CLASSES, LoadedModel
+from turbo_export.patch import apply_turbo
+from turbo_export.pipelines.blip import (
+    CaptionPipeline,
+    RetrievalPipeline,
+    RetrievalScores,
+    TokenIds,
+    VqaPipeline,
+    pad_rows,
+    softmax,
+)
 
 Log = Callable[[str], None]
 NAMES = ("baseline", "turbo")

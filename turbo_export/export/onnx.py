@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ParityError, TurboExportError
+from turbo_export.errors import ParityError, TurboExportError
 
 TWO_GB = 2**31
 DEFAULT_ATOL = 1e-4
@@ -68,7 +68,7 @@ def export_onnx(spec: GraphSpec, path: str) -> str:
     """Export ``spec`` to ``path`` with static shapes; weights go to external data above 2 GB."""
     import onnx
 
-    from ..plugin_ops import custom_translation_table
+    from turbo_export.core.plugin_ops import custom_translation_table
 
     module = spec.module.eval()
     args = tuple(spec.example_inputs.values())
@@ -198,7 +198,7 @@ def validate(spec: GraphSpec, path: str, runner: Any, inputs: dict[str, torch.Te
 def _tied_samples(spec: GraphSpec, inputs: dict[str, torch.Tensor], actual: list[np.ndarray],
                   reference: list[np.ndarray]) -> dict[int, float]:
     """The differing samples if every one of them has a merge decision within the tie tolerance, else {}."""
-    from ..patch.blocks import sample_margins
+    from turbo_export.patch.blocks import sample_margins
 
     if any(a.shape != r.shape for a, r in zip(actual, reference)):
         return {}

@@ -11,13 +11,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .. import __version__, bench, merge
-from ..errors import TurboExportError
-from ..files import staged_output, write_json_atomic
-from ..presets import LoadedModel
-from ..runtime import make_runner, require_backend
-from .onnx import DEFAULT_ATOL, GraphSpec, ParityReport, export_onnx, file_size, require_parity, validate
-from .specs import TurboOptions, VitSpec
+from turbo_export import __version__
+from turbo_export.backends import bench, make_runner, require_backend
+from turbo_export.core import merge
+from turbo_export.errors import TurboExportError
+from turbo_export.export.onnx import (
+    DEFAULT_ATOL,
+    GraphSpec,
+    ParityReport,
+    export_onnx,
+    file_size,
+    require_parity,
+    validate,
+)
+from turbo_export.export.specs import TurboOptions, VitSpec
+from turbo_export.files import staged_output, write_json_atomic
+from turbo_export.models.presets import LoadedModel
 
 Log = Callable[[str], None]
 PRECISIONS = ("fp32", "fp16")
@@ -72,7 +81,7 @@ def check_ratio(schedule: list[int], num_tokens: int, protected: int, merge_impl
             f"({num_tokens} tokens, {protected} protected)"
         )
     if merge_impl == "plugin" and any(r > 0 for r in schedule):
-        from ..plugin_ops import check_plugin_sizes
+        from turbo_export.core.plugin_ops import check_plugin_sizes
 
         check_plugin_sizes((num_tokens + 1) // 2, num_tokens // 2, (num_tokens,))  # alternate split, first merge
 
@@ -80,7 +89,7 @@ def check_ratio(schedule: list[int], num_tokens: int, protected: int, merge_impl
 def run_export(spec: VitSpec, loaded: LoadedModel, options: JobOptions, log: Log = log_to_stderr) -> JobResult:
     turbo = options.turbo
     if turbo.alpha is None:
-        from ..defaults import defaults_for
+        from turbo_export.families.defaults import defaults_for
 
         turbo = options.turbo = dataclasses.replace(turbo, alpha=defaults_for(type(loaded.model).__name__).alpha)
     check_backend(options.backend, options.precision)
@@ -201,8 +210,8 @@ def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: L
         log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
     if backend != "tensorrt":
         return {name: make_runner(p, backend) for name, p in paths.items()}
-    from .tensorrt import BuildOptions
-    from .trt_lint import lint_file
+    from turbo_export.backends.trt_build import BuildOptions
+    from turbo_export.backends.trt_lint import lint_file
 
     engine_options = engine_options or BuildOptions(precision=precision)
     runners = {}

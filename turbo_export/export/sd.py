@@ -15,15 +15,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import bench
-from ..errors import TurboExportError
-from ..files import staged_output, write_json_atomic
-from ..patch import unet as unet_patch
-from ..plugin_ops import check_merge_impl
-from ..sd_presets import TEXT_LEN, SDComponents
-from .onnx import GraphSpec, compare_outputs, cosine
-from .pipeline import (Log, RunOptions, check_backend, engine_files, environment, export_validate_bench,
-                       log_to_stderr, parity_fields, set_tolerances, side_by_side)
+from turbo_export.backends import bench
+from turbo_export.core.plugin_ops import check_merge_impl
+from turbo_export.errors import TurboExportError
+from turbo_export.export.onnx import GraphSpec, compare_outputs, cosine
+from turbo_export.export.pipeline import (
+    Log,
+    RunOptions,
+    check_backend,
+    engine_files,
+    environment,
+    export_validate_bench,
+    log_to_stderr,
+    parity_fields,
+    set_tolerances,
+    side_by_side,
+)
+from turbo_export.files import staged_output, write_json_atomic
+from turbo_export.models.sd_presets import TEXT_LEN, SDComponents
+from turbo_export.patch import unet as unet_patch
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
 OUTPUT_NAMES = ["noise_pred"]
@@ -75,7 +85,7 @@ def largest_sort(turbo_unet: nn.Module, latent_hw: tuple[int, int]) -> int:
 
 def check_plugin_grid(turbo_unet: nn.Module, latent_hw: tuple[int, int]) -> None:
     """Before any export: the finest merged level must fit the plugin kernel (one B token per 2x2 cell)."""
-    from ..plugin_ops import check_plugin_sizes
+    from turbo_export.core.plugin_ops import check_plugin_sizes
 
     b = max((b for b in unet_patch.tokens_per_block(turbo_unet, latent_hw, 1.0) if b["merged"]),
             key=lambda b: b["tokens"], default=None)
@@ -86,7 +96,7 @@ def check_plugin_grid(turbo_unet: nn.Module, latent_hw: tuple[int, int]) -> None
 
 def check_backend_sort_limit(turbo_unet: nn.Module, latent_hw: tuple[int, int], backend: str) -> None:
     """TensorRT's TopK needs K < 3840: the sort over A in the finest merged level must fit."""
-    from ..merge import TENSORRT_TOPK_LIMIT
+    from turbo_export.core.merge import TENSORRT_TOPK_LIMIT
 
     k = largest_sort(turbo_unet, latent_hw)
     if backend == "tensorrt" and k >= TENSORRT_TOPK_LIMIT:

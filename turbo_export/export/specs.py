@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import merge
-from ..errors import TurboExportError
-from ..patch import adapter_for, apply_turbo
-from ..patch import vit as vit_patch
-from ..presets import LoadedModel
-from .onnx import GraphSpec
+from turbo_export.core import merge
+from turbo_export.errors import TurboExportError
+from turbo_export.export.onnx import GraphSpec
+from turbo_export.models.presets import LoadedModel
+from turbo_export.patch import adapter_for, apply_turbo
+from turbo_export.patch import vit as vit_patch
 
 
 def check_image_size(image_size: int, patch_size: int) -> int:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import merge
-from ..defaults import defaults_for
-from ..errors import TurboExportError
-from . import blip, blocks, unet, vit
+from turbo_export.core import merge
+from turbo_export.errors import TurboExportError
+from turbo_export.families.defaults import defaults_for
+from turbo_export.patch import blip, blocks, unet, vit
 
 ADAPTERS: dict[str, blocks.FamilyAdapter] = {**vit.ADAPTERS, **blip.ADAPTERS}
 
@@ -43,7 +43,7 @@ def apply_turbo(
     through the ``turbo::merge`` custom op (same values; one TurboMerge node per block when exported).
     A diffusers UNet takes a fraction of tokens instead: use ``patch.unet.apply_turbo_unet``.
     """
-    from ..plugin_ops import merge_fn
+    from turbo_export.core.plugin_ops import merge_fn
 
     if alpha is None and not unet.is_unet(model):
         alpha = defaults_for(type(model).__name__).alpha

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .blocks import TURBO_ATTR, BlockLayout, FamilyAdapter, TurboSettings, fused_qkv, run_blocks
+from turbo_export.patch.blocks import TURBO_ATTR, BlockLayout, FamilyAdapter, TurboSettings, fused_qkv, run_blocks
 
 BLIP_VISION_BLOCK = BlockLayout(
     attention="self_attn", norm1="layer_norm1", norm2="layer_norm2", qkv=fused_qkv, out_proj="projection",

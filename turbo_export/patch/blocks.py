@@ -14,8 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import merge
-from ..errors import TurboExportError
+from turbo_export.core import merge
+from turbo_export.errors import TurboExportError
 
 TURBO_ATTR = "_turbo"
 ORIGINAL_CLASS_ATTR = "_turbo_original_class"

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import merge
-from ..errors import TurboExportError
+from turbo_export.core import merge
+from turbo_export.errors import TurboExportError
 
 SETTINGS_ATTR = "_turbo_sd"
 HOOK_ATTR = "_turbo_sd_hook"
@@ -178,7 +178,7 @@ def _plugin_site(metric: torch.Tensor, split: merge.GridSplit, r: int, semantic:
     channel block anyway). All-ones sizes make the node's size-weighted mean the plain mean, nothing is protected;
     the node lists unmerged A tokens in A order (not descending E), which its restore inverts.
     """
-    from .. import plugin_ops
+    from turbo_export.core import plugin_ops
 
     indices = (split.a_idx.to(torch.int32), split.b_idx.to(torch.int32))
     batch, tokens, _ = metric.shape
@@ -221,7 +221,7 @@ def apply_turbo_unet(unet: nn.Module, ratio: float, alpha: float = 1.0, blocks: 
     merge_impl: "onnx" (standard ops) or "plugin" (each merge one TurboMerge node, each restore one TurboUnmerge
     node when exported; same tokens after restore, see ``_plugin_site``). Calling it again replaces the settings.
     """
-    from ..plugin_ops import check_merge_impl
+    from turbo_export.core.plugin_ops import check_merge_impl
 
     if not is_unet(unet):
         raise TurboExportError(f"model class {type(unet).__name__} is not a diffusers UNet2DConditionModel")

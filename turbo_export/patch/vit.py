@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .blocks import TURBO_ATTR, BlockLayout, FamilyAdapter, TurboSettings, run_blocks, separate_qkv
+from turbo_export.patch.blocks import TURBO_ATTR, BlockLayout, FamilyAdapter, TurboSettings, run_blocks, separate_qkv
 
 VIT_BLOCK = BlockLayout(
     attention="attention", norm1="layernorm_before", norm2="layernorm_after", qkv=separate_qkv, out_proj="o_proj",

@@ -1,0 +1,90 @@
+"""ONNX Runtime runner: CPU by default, the CUDA / TensorRT execution providers when present."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from turbo_export.backends.base import TensorInfo, to_numpy
+from turbo_export.errors import TurboExportError
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8,
+}
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in available]
+
+
+class OnnxRuntimeRunner:
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        session_options: Any = None,
+        custom_ops: bool | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        if not os.path.isfile(path):
+            raise TurboExportError(f"ONNX file '{path}' does not exist")
+        options = session_options or ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3
+        # Idle ORT worker threads spin for a while after each run; with several sessions on few cores (baseline
+        # and Turbo interleaved, pipelines of several graphs) the spinning steals the next session's cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if custom_ops is None:
+            from turbo_export.core.plugin_ops import has_turbo_nodes
+
+            custom_ops = has_turbo_nodes(path)
+        if custom_ops:  # turbo.TurboMerge / TurboUnmerge nodes (--merge-impl plugin), Python reference
+            from turbo_export.core.plugin_ops import import_turbo_plugin
+
+            import_turbo_plugin()
+            try:
+                from turbo_plugin import ort_ops
+            except ImportError as exc:
+                raise TurboExportError(f"'{path}' holds turbo.TurboMerge nodes (--merge-impl plugin), which ONNX "
+                                       f"Runtime runs through onnxruntime-extensions ({exc}); pip install "
+                                       "'turbo-export[plugin]', or build a TensorRT engine") from None
+            ort_ops.session_options(options)
+        self.path = path
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        try:
+            self.session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
+            hint = ("; it holds turbo.TurboMerge nodes (--merge-impl plugin): leave custom_ops at None (detect) "
+                    "or True, or build a TensorRT engine"
+                    if not custom_ops and "Turbo" in str(exc) else "")
+            raise TurboExportError(f"cannot load ONNX file '{path}': {str(exc).splitlines()[0]}{hint}") from None
+        self.providers = self.session.get_providers()
+
+    @staticmethod
+    def _info(args: Sequence[Any]) -> list[TensorInfo]:
+        return [TensorInfo(a.name, tuple(a.shape), np.dtype(_ORT_TYPES.get(a.type, np.float32))) for a in args]
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self._info(self.session.get_inputs())
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self._info(self.session.get_outputs())
+
+    def run(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        arrays = {name: to_numpy(value) for name, value in feed.items()}
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, arrays)))

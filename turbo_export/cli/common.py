@@ -1,0 +1,121 @@
+"""What every command shares: one-line user errors with exit code 2, the ratio parser, the export-job options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import click
+
+from turbo_export.errors import ParityError, TurboExportError
+
+EXIT_USAGE = 2
+EXIT_PARITY = 1
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"turbo-export: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TurboExportError as exc:
+            _fail(str(exc))
+        except ParityError as exc:
+            _fail(f"parity check failed, nothing was written: {exc}", EXIT_PARITY)
+        except KeyboardInterrupt:
+            _fail("interrupted, nothing was written", 130)
+
+    return wrapper
+
+
+class OneLineErrorGroup(click.Group):
+    """click's own usage errors (unknown option, bad type) as one line with exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click.UsageError as exc:
+            _fail(exc.format_message().replace("\n", " "))
+        except click.exceptions.Abort:
+            _fail("aborted", 130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+
+
+def parse_ratio(value: str) -> int | list[int]:
+    """`16` -> 16; `16,16,8` -> a per-layer list."""
+    text = str(value).strip()
+    try:
+        parts = [int(p) for p in text.split(",") if p.strip() != ""]
+    except ValueError:
+        raise TurboExportError(f"ratio: expected an integer or a comma-separated list of integers, got '{value}'") from None
+    if not parts:
+        raise TurboExportError("ratio: empty")
+    if any(p < 0 for p in parts):
+        raise TurboExportError(f"ratio: must be >= 0 (tokens merged per block), got '{value}'")
+    return parts[0] if len(parts) == 1 and "," not in text else parts
+
+
+@dataclass
+class JobChoices:
+    """What every export command asks the same way; ``run_fields`` is the RunOptions part."""
+
+    backend: str
+    precision: str
+    merge_impl: str
+    out_dir: str | None
+    validate: bool
+    bench: bool
+    runs: int
+    atol: float
+
+    def run_fields(self, out_dir: str) -> dict[str, Any]:
+        return {"out_dir": out_dir, "backend": self.backend, "precision": self.precision, "validate": self.validate,
+                "bench": self.bench, "bench_runs": self.runs, "atol": self.atol}
+
+
+def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerge node per block") -> Callable:
+    """The options every export command shares, handed to the command as one ``job: JobChoices`` argument."""
+    options = [
+        click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                     show_default=True),
+        click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+                     help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt."),
+        click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
+                     help=f"onnx: the merge as standard ops; plugin: {merge_help} (TensorRT plugin)."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+                     help=f"Output folder (default: {out_help})."),
+        click.option("--no-bench", is_flag=True, help="Skip the throughput comparison."),
+        click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check (not recommended)."),
+        click.option("--runs", type=click.IntRange(min=1), default=runs, show_default=True,
+                     help="Timed runs per model."),
+        click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff)."),
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
+                    no_validate: bool, runs: int, atol: float, **kwargs: Any) -> Any:
+            job = JobChoices(backend, precision, merge_impl, out_dir, not no_validate, not no_bench, runs, atol)
+            return command(*args, job=job, **kwargs)
+
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+

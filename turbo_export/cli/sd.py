@@ -1,0 +1,162 @@
+"""`turbo-export sd-unet` (export + benchmark the SD UNet) and `turbo-export sd-generate` (images from both UNets)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from turbo_export.cli.common import JobChoices, job_options, user_errors
+from turbo_export.errors import TurboExportError
+
+
+def parse_fraction(value: str) -> float:
+    from turbo_export.patch.unet import MAX_RATIO
+
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise TurboExportError(f"ratio: expected a fraction of tokens in (0, {MAX_RATIO}], got '{value}'") from None
+    if not 0.0 < ratio <= MAX_RATIO:
+        raise TurboExportError(f"ratio: must be a fraction of tokens in (0, {MAX_RATIO}], got {value}")
+    return ratio
+
+
+@click.command("sd-unet")
+@click.option("--model", "model_source", required=True,
+              help="random:sd-1.5 (SD 1.5 UNet config, seeded random weights), random:tiny, or a local diffusers "
+                   "Stable Diffusion folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/).")
+@click.option("--ratio", required=True, help="Fraction of tokens merged in each chosen block, in (0, 0.75].")
+@click.option("--alpha", type=float, default=1.0, show_default=True,
+              help="Weight of the semantic value in the cross-attention merge (0 = ToMe for SD).")
+@click.option("--blocks", type=click.Choice(["default", "all"]), default="default", show_default=True,
+              help="default: the highest-resolution blocks (as ToMe for SD); all: every transformer block.")
+@click.option("--dst-seed", type=int, default=None,
+              help="Seeded random destination inside each 2x2 cell (default: top-left), fixed in the graph.")
+@click.option("--resolution", type=int, default=None, help="Image size in pixels (default: the model's).")
+@click.option("--batch", type=int, default=1, show_default=True,
+              help="Images per UNet call; the graph's batch is twice this (classifier-free guidance).")
+@job_options(runs=5, out_help="engines/<name>-sd-r<ratio>/",
+             merge_help="one turbo.TurboMerge node per merge and one turbo.TurboUnmerge node per restore")
+@user_errors
+def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: int | None, resolution: int | None,
+            batch: int, job: JobChoices) -> None:
+    """Export the Stable Diffusion UNet unaccelerated and with Turbo, check parity, compare UNet-call speed."""
+    from turbo_export.export.sd import SDOptions, run_sd_export, sd_summary_lines
+    from turbo_export.models.sd_presets import load_sd
+
+    fraction = parse_fraction(ratio)
+    if batch < 1:
+        raise TurboExportError(f"batch: must be >= 1, got {batch}")
+    if resolution is not None and resolution < 1:
+        raise TurboExportError(f"resolution: must be positive, got {resolution}")
+    from turbo_export.export.pipeline import check_backend
+
+    check_backend(job.backend, job.precision)
+    click.echo(f"loading {model_source} ...", err=True)
+    components = load_sd(model_source)
+    out = job.out_dir or os.path.join("engines", f"{components.name}-sd-r{fraction:g}")
+    options = SDOptions(ratio=fraction, alpha=alpha, blocks=blocks, seed=dst_seed, resolution=resolution,
+                        batch=batch, merge_impl=job.merge_impl, **job.run_fields(out))
+    report = run_sd_export(components, options)
+    click.echo("")
+    for line in sd_summary_lines(report):
+        click.echo(line)
+    files = ["baseline.onnx", "turbo.onnx", *report.get("engines", {}).values(), "report.json"]
+    click.echo(f"\nwrote {os.path.abspath(out)}/: {', '.join(files)}")
+
+
+def read_export_dir(path: str) -> dict[str, Any]:
+    from turbo_export.files import read_report
+
+    report = read_report(path, made_by="turbo-export sd-unet")
+    if report.get("family") != "sd-unet":
+        raise TurboExportError(f"DIR: '{path}' holds a {report.get('family')!r} export, not an sd-unet one")
+    for name in ("baseline.onnx", "turbo.onnx"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise TurboExportError(f"DIR: '{path}' has no {name}")
+    return report
+
+
+def side_by_side(baseline, turbo):
+    """[B, H, W, 3] x 2 -> one image: each row is baseline | turbo."""
+    import numpy as np
+
+    gap = np.full((baseline.shape[1], 8, 3), 255, dtype=np.uint8)
+    return np.concatenate([np.concatenate([b, gap, t], axis=1) for b, t in zip(baseline, turbo)], axis=0)
+
+
+@click.command("sd-generate")
+@click.argument("export_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--prompt", required=True, help="The text prompt.")
+@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--out", "out_png", type=click.Path(dir_okay=False), default=None,
+              help="Side-by-side PNG (baseline | Turbo); <stem>-baseline.png and <stem>-turbo.png beside it "
+                   "[default: DIR/generated.png].")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@user_errors
+def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: float, out_png: str | None,
+                backend: str) -> None:
+    """Generate with the exported baseline and Turbo UNets (same seed) and compare latents and images."""
+    import numpy as np
+    from PIL import Image
+
+    from turbo_export.backends import make_runner
+    from turbo_export.files import write_json_atomic
+    from turbo_export.metrics import psnr, ssim
+    from turbo_export.models.sd_presets import load_sd
+    from turbo_export.pipelines.sd import check_prompt, generate
+
+    check_prompt(prompt)
+    report = read_export_dir(export_dir)
+    out_png = out_png or os.path.join(export_dir, "generated.png")
+    if not out_png.lower().endswith(".png"):
+        raise TurboExportError(f"out: '{out_png}' must end in .png")
+    click.echo(f"loading {report['model']} (text encoder, VAE) ...", err=True)
+    components = load_sd(report["model"], with_unet=False)
+    results = {}
+    for name in ("baseline", "turbo"):
+        # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
+        runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend)
+        results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
+                                 desc=f"{name} UNet")
+        del runner
+    base, tur = results["baseline"], results["turbo"]
+    metrics: dict[str, Any] = {
+        "prompt": prompt, "steps": steps, "seed": seed, "guidance": guidance,
+        "latents_psnr_db": psnr(base.latents, tur.latents),
+        "images_psnr_db": psnr(base.images, tur.images, data_range=255.0),
+        "images_ssim": float(np.mean([ssim(b, t, data_range=255.0) for b, t in zip(base.images, tur.images)])),
+    }
+    try:
+        metrics["latents_ssim"] = float(np.mean([ssim(b.transpose(1, 2, 0), t.transpose(1, 2, 0))
+                                                 for b, t in zip(base.latents, tur.latents)]))
+    except ValueError:
+        metrics["latents_ssim"] = None  # latents smaller than the SSIM window
+    if str(report["model"]).startswith("random:"):
+        metrics["note"] = "random weights: agreement figures are weak evidence of quality"
+
+    stem = out_png[:-4]
+    folder = os.path.dirname(os.path.abspath(out_png))
+    os.makedirs(folder, exist_ok=True)
+    paths = {"baseline": stem + "-baseline.png", "turbo": stem + "-turbo.png", "side_by_side": out_png}
+    images = {"baseline": np.concatenate(list(base.images), axis=1), "turbo": np.concatenate(list(tur.images), axis=1),
+              "side_by_side": side_by_side(base.images, tur.images)}
+    for key, path in paths.items():
+        tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
+        Image.fromarray(images[key]).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    write_json_atomic(stem + ".json", {**metrics, "files": paths})
+
+    click.echo(f"prompt: {prompt}  ({steps} steps, seed {seed}, guidance {guidance:g})")
+    latents_ssim = "n/a (latents smaller than the 11-px window)" if metrics["latents_ssim"] is None \
+        else f"{metrics['latents_ssim']:.4f}"
+    click.echo(f"turbo vs baseline, final latents: PSNR {metrics['latents_psnr_db']:.2f} dB, SSIM {latents_ssim}")
+    click.echo(f"turbo vs baseline, images:        PSNR {metrics['images_psnr_db']:.2f} dB, "
+               f"SSIM {metrics['images_ssim']:.4f}")
+    if "note" in metrics:
+        click.echo(f"[{metrics['note']}]")
+    click.echo(f"wrote {out_png} (baseline | turbo), {paths['baseline']}, {paths['turbo']}, {stem}.json")

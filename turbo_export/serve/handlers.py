@@ -1,0 +1,346 @@
+"""What a served model does with a batch of requests; runs inside Triton's Python-backend stub process.
+
+A handler takes the requests Triton's dynamic batcher grouped (each a dict of numpy inputs, batch axis first) and
+returns, per request, a dict of outputs or a `RequestError` (answered with HTTP 400 / gRPC INVALID_ARGUMENT, the
+other requests of the batch unaffected). Only numpy, onnxruntime and PIL are imported at module level; the BLIP
+and SD handlers import transformers / torch / diffusers when they are built.
+
+Static batch: every exported graph has a fixed batch B. Requests of any size up to the model's max_batch_size are
+concatenated, run in chunks of B (the last chunk padded with zeros, its padding rows dropped) and split back.
+
+A new pipeline = one handler class registered in HANDLERS (and one bindings function in serve.py).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+Feed = dict[str, np.ndarray]
+
+
+class RequestError(Exception):
+    """A bad request: the client gets the message with a 4xx status."""
+
+
+def request_bytes(feed: Feed) -> int:
+    total = 0
+    for value in feed.values():
+        if value.dtype == np.object_:
+            total += sum(len(v) if isinstance(v, (bytes, str)) else 0 for v in value.reshape(-1))
+        else:
+            total += value.nbytes
+    return total
+
+
+def open_runner(path: str, backend: str, threads: int = 0) -> Any:
+    from turbo_export.backends import make_runner
+
+    kwargs = {"intra_op_threads": threads} if backend == "onnxruntime" and threads else {}
+    return make_runner(path, backend, **kwargs)
+
+
+def static_batch(runner: Any) -> int:
+    dims = runner.inputs[0].shape
+    return int(dims[0]) if dims and isinstance(dims[0], int) and dims[0] > 0 else 0
+
+
+def run_padded(runner: Any, feed: Feed, batch: int) -> dict[str, np.ndarray]:
+    """Run any number of rows through a graph of static batch ``batch`` (0: dynamic, one call)."""
+    rows = len(next(iter(feed.values())))
+    if batch == 0:
+        return runner.run(feed)
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, rows, batch):
+        chunk = {k: v[start:start + batch] for k, v in feed.items()}
+        real = len(next(iter(chunk.values())))
+        if real < batch:
+            chunk = {k: np.concatenate([v, np.zeros((batch - real, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+        out = runner.run(chunk)
+        parts.append({k: v[:real] for k, v in out.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def split_rows(outputs: dict[str, np.ndarray], counts: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    result, start = [], 0
+    for n in counts:
+        result.append({k: v[start:start + n] for k, v in outputs.items()})
+        start += n
+    return result
+
+
+class Handler:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.max_request_bytes = int(spec.get("max_request_bytes", 0))
+
+    def handle(self, feeds: list[Feed]) -> list[dict[str, np.ndarray] | RequestError]:
+        results: list[Any] = [None] * len(feeds)
+        valid: list[int] = []
+        for i, feed in enumerate(feeds):
+            size = request_bytes(feed)
+            if self.max_request_bytes and size > self.max_request_bytes:
+                results[i] = RequestError(f"payload: the request's inputs are {size} bytes, over this server's limit "
+                                          f"of {self.max_request_bytes} bytes")
+                continue
+            try:
+                feeds[i] = self.prepare(feed)
+                valid.append(i)
+            except RequestError as exc:
+                results[i] = exc
+        if valid:
+            for i, out in zip(valid, self.run([feeds[i] for i in valid])):
+                results[i] = out
+        return results
+
+    def prepare(self, feed: Feed) -> Feed:
+        """Check and decode one request (raise RequestError); the default passes it through."""
+        return feed
+
+    def run(self, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+
+class TensorHandler(Handler):
+    """An exported graph as it is: its ONNX inputs in, its ONNX outputs out."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self.runner = open_runner(spec["onnx"], spec["backend"], spec.get("threads", 0))
+        self.batch = static_batch(self.runner)
+        self.batched = spec.get("batched", True)  # False: served with its full shapes (max_batch_size 0)
+        self.check_finite = spec.get("check_finite", True)
+
+    def prepare(self, feed: Feed) -> Feed:
+        if self.check_finite:
+            for name, value in feed.items():
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
+                    raise RequestError(f"input '{name}': contains NaN or infinity")
+        return feed
+
+    def run(self, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+        if not self.batched:
+            return [self.runner.run(f) for f in feeds]
+        counts = [len(next(iter(f.values()))) for f in feeds]
+        merged = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        return split_rows(run_padded(self.runner, merged, self.batch), counts)
+
+
+def decode_image(data: Any, size: int, mean: Sequence[float], std: Sequence[float], resample: int = 2
+                 ) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) -> normalised [3, size, size] float32, or RequestError."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(data, str):
+        data = data.encode("latin-1")
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise RequestError("input 'image': expected the bytes of an encoded image (PNG, JPEG, ...), got nothing")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB").resize((size, size), resample)
+    except UnidentifiedImageError:
+        raise RequestError(f"input 'image': {len(data)} bytes that are not an image PIL can read (PNG, JPEG, "
+                           "WebP, ...)") from None
+    except Image.DecompressionBombError as exc:
+        raise RequestError(f"input 'image': {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data
+        raise RequestError(f"input 'image': corrupt image ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else 'unreadable data'})") from None
+    x = np.asarray(rgb, np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _one(feed: Feed, name: str) -> list[Any]:
+    """A BYTES input as a flat list (one element per row)."""
+    return list(feed[name].reshape(len(feed[name]), -1)[:, 0])
+
+
+class ImagePipelineHandler(Handler):
+    def decode_images(self, feed: Feed) -> np.ndarray:
+        pre = self.spec["preprocess"]
+        return np.stack([decode_image(d, pre["size"], pre["mean"], pre["std"], pre.get("resample", 2))
+                         for d in _one(feed, "image")])
+
+
+class VitClassifyHandler(ImagePipelineHandler):
+    """image bytes -> top-k labels, scores (softmax) and class ids."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self.runner = open_runner(spec["onnx"], spec["backend"], spec.get("threads", 0))
+        self.batch = static_batch(self.runner)
+        self.labels = spec["labels"]
+        self.top_k = int(spec["top_k"])
+
+    def prepare(self, feed: Feed) -> Feed:
+        return {"pixel_values": self.decode_images(feed)}
+
+    def run(self, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+        counts = [len(f["pixel_values"]) for f in feeds]
+        logits = run_padded(self.runner, {"pixel_values": np.concatenate([f["pixel_values"] for f in feeds])},
+                            self.batch)["logits"].astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :self.top_k]
+        scores = np.take_along_axis(probs, ids, -1).astype(np.float32)
+        labels = np.array([[self.labels[j].encode() for j in row] for row in ids], dtype=np.object_)
+        return split_rows({"labels": labels, "scores": scores, "class_ids": ids.astype(np.int64)}, counts)
+
+
+class BlipHandler(ImagePipelineHandler):
+    """BLIP caption (image bytes -> text) and VQA (image bytes + question -> answer) over the exported graphs."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        from transformers import BertTokenizer
+
+        from turbo_export.pipelines.blip import CaptionPipeline, TokenIds, VqaPipeline
+
+        folder, flavour, backend = spec["export_dir"], spec["flavour"], spec["backend"]
+
+        def runner(name: str) -> Any:
+            return open_runner(os.path.join(folder, f"{name}.onnx"), backend, spec.get("threads", 0))
+
+        ids = TokenIds(**spec["token_ids"])
+        self.tokenizer = BertTokenizer.from_pretrained(spec["tokenizer_dir"])
+        self.task = spec["task"]
+        size_aware = bool(spec.get("size_aware")) and flavour == "turbo"
+        if self.task == "caption":
+            self.pipeline = CaptionPipeline(runner(f"{flavour}_vision"), runner(f"{flavour}_cross_kv"),
+                                            runner(f"{flavour}_decoder"), ids, size_aware=size_aware)
+        else:
+            self.pipeline = VqaPipeline(runner(f"{flavour}_vision"), runner(f"{flavour}_question"),
+                                        runner("answer_cross_kv"), runner("answer_decoder"), ids,
+                                        size_aware=size_aware)
+        self.batch = static_batch(self.pipeline.vision)
+        self.text_len = int(spec.get("text_len", 0))
+
+    def prepare(self, feed: Feed) -> Feed:
+        out = {"pixel_values": self.decode_images(feed)}
+        if self.task == "vqa":
+            questions = [q.decode("utf-8", "replace") if isinstance(q, bytes) else str(q)
+                         for q in _one(feed, "question")]
+            if any(not q.strip() for q in questions):
+                raise RequestError("input 'question': empty; ask a question about the image")
+            enc = self.tokenizer(questions)["input_ids"]
+            too_long = [len(t) for t in enc if len(t) > self.text_len]
+            if too_long:
+                raise RequestError(f"input 'question': {too_long[0]} tokens, longer than the exported "
+                                   f"{self.text_len}-token question graph")
+            enc = self.tokenizer(questions, padding="max_length", max_length=self.text_len, return_tensors="np")
+            out["input_ids"] = enc["input_ids"].astype(np.int64)
+            out["attention_mask"] = enc["attention_mask"].astype(np.int64)
+        return out
+
+    def run(self, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+        counts = [len(f["pixel_values"]) for f in feeds]
+        merged = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        rows = len(merged["pixel_values"])
+        texts: list[bytes] = []
+        for start in range(0, rows, self.batch):
+            chunk = {k: v[start:start + self.batch] for k, v in merged.items()}
+            real = len(chunk["pixel_values"])
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], self.batch - real, 0)]) for k, v in chunk.items()}
+            if self.task == "caption":
+                tokens = self.pipeline.generate(chunk["pixel_values"], self.spec["max_new_tokens"],
+                                                self.spec["num_beams"])
+            else:
+                tokens = self.pipeline.generate(chunk["pixel_values"], chunk["input_ids"], chunk["attention_mask"],
+                                                self.spec["max_new_tokens"], self.spec["num_beams"])
+            texts += [self.tokenizer.decode(t, skip_special_tokens=True).encode() for t in tokens[:real]]
+        name = "text" if self.task == "caption" else "answer"
+        return split_rows({name: np.array(texts, dtype=np.object_).reshape(-1, 1)}, counts)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class SdGenerateHandler(Handler):
+    """Stable Diffusion text-to-image: prompt + seed (+ steps, guidance) -> PNG bytes, one image per row.
+
+    runtime/sd.py's pipeline as `sd-generate` runs it: PyTorch text encoder and VAE, a diffusers scheduler, the
+    exported UNet through a Runner. The UNet's batch B images per call all get the row's prompt; the first is
+    answered (B = 1, the export default, wastes nothing)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        import torch
+
+        from turbo_export.models.sd_presets import load_sd
+        from turbo_export.pipelines.sd import generate
+
+        threads = int(spec.get("threads", 0))
+        if threads:
+            torch.set_num_threads(threads)
+        self.runner = open_runner(spec["onnx"], spec["backend"], threads)
+        self.components = load_sd(spec["model"], with_unet=False)
+        self.generate = generate
+        self.text_len = int(spec["text_len"])
+        self.max_steps = int(spec["max_steps"])
+
+    def prepare(self, feed: Feed) -> Feed:
+        prompts = []
+        for p in _one(feed, "prompt"):
+            try:
+                text = p.decode("utf-8") if isinstance(p, bytes) else str(p)
+            except UnicodeDecodeError:
+                raise RequestError("input 'prompt': not UTF-8 text") from None
+            if not text.strip():
+                raise RequestError("input 'prompt': empty; describe the image to generate")
+            tokens = self.components.prompt_tokens(text)
+            if tokens > self.text_len:
+                raise RequestError(f"input 'prompt': {tokens} tokens, longer than the text encoder's "
+                                   f"{self.text_len}; shorten the prompt")
+            prompts.append(text)
+        rows = len(prompts)
+
+        def column(name: str, default: float, dtype: Any) -> np.ndarray:
+            if name not in feed:
+                return np.full(rows, default, dtype)
+            value = feed[name].reshape(-1)
+            if len(value) != rows:
+                raise RequestError(f"input '{name}': {len(value)} values for {rows} prompts; give one per prompt")
+            return value.astype(dtype)
+
+        seeds = column("seed", 0, np.int64)
+        steps = column("steps", self.spec["default_steps"], np.int64)
+        bad = [int(s) for s in steps if not 1 <= s <= self.max_steps]
+        if bad:
+            raise RequestError(f"input 'steps': must be in 1..{self.max_steps}, got {bad[0]}")
+        guidance = column("guidance", self.spec["default_guidance"], np.float64)
+        if not np.isfinite(guidance).all():
+            raise RequestError("input 'guidance': contains NaN or infinity; give a finite scale (e.g. 7.5)")
+        return {"prompt": np.array(prompts, dtype=np.object_), "seed": seeds, "steps": steps, "guidance": guidance}
+
+    def run(self, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
+        results = []
+        for f in feeds:
+            images = []
+            for prompt, seed, steps, guidance in zip(f["prompt"], f["seed"], f["steps"], f["guidance"]):
+                generation = self.generate(self.runner, self.components, str(prompt), steps=int(steps),
+                                           seed=int(seed), guidance=float(guidance), progress=False)
+                images.append(encode_png(generation.images[0]))
+            results.append({"image": np.array(images, dtype=np.object_).reshape(-1, 1)})
+        return results
+
+
+HANDLERS: dict[str, Callable[[dict[str, Any]], Handler]] = {
+    "tensor": TensorHandler,
+    "vit-classify": VitClassifyHandler,
+    "blip": BlipHandler,
+    "sd-generate": SdGenerateHandler,
+}
+
+
+def make_handler(spec: dict[str, Any]) -> Handler:
+    return HANDLERS[spec["handler"]](spec)

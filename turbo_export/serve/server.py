@@ -1,0 +1,494 @@
+"""Serve an export folder with Triton Inference Server over the KServe v2 / Open Inference Protocol.
+
+The engine is the real `tritonserver` that the `nvidia-pytriton` wheel bundles (2.51, Python backend only): this
+module writes a Triton model repository of Python-backend models (one `config.pbtxt` + `1/model.py` per served
+model, the handlers in `serve_handlers.py`) and runs that server as a child process. PyTriton's own Python layer
+is not used: its proxy answers every error of a batch with HTTP 500 for all requests of the batch, where a
+Python-backend model of our own can answer a bad request with 400 and leave the others alone.
+
+Served models (each in a Turbo and an unaccelerated flavour, so users can A/B):
+- tensor level: the exported graphs, inputs and outputs named as in the ONNX files: ``turbo`` and ``baseline``
+  (BLIP: the image encoders; its other graphs under their file names);
+- pipeline level: ``vit-classify-<flavour>`` (image bytes -> labels, scores, class ids) for classifier exports,
+  ``blip-caption-<flavour>`` (image bytes -> text), ``blip-vqa-<flavour>`` (image bytes + question -> answer),
+  ``sd-generate-<flavour>`` (prompt + seed, optional steps and guidance -> PNG bytes);
+  a family's pipelines are one function in PIPELINES.
+
+HTTP goes through a gateway (`serve_gateway.py`) that answers malformed request bodies with 400 where
+tritonserver 2.51 would answer 500, and forwards everything else; gRPC and metrics are tritonserver's own.
+
+Batching: the exports have a static batch B; Triton's dynamic batcher groups requests of any size up to
+``--max-batch`` rows, the handler runs them in chunks of B (the last padded) and splits the answers back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from turbo_export.errors import TurboExportError
+from turbo_export.files import read_report
+from turbo_export.serve.triton_repo import ModelConfig, TensorSpec, onnx_signature, to_pbtxt
+
+FLAVOURS = ("turbo", "baseline")
+DEFAULT_MAX_REQUEST_MB = 16.0
+SERVE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(SERVE_DIR)  # turbo_export/, imported in the stub without its __init__
+
+
+@dataclass
+class Binding:
+    """One served model: its Triton signature and what its handler needs (JSON, read in the stub)."""
+
+    name: str
+    inputs: list[TensorSpec]  # per-row dims when max_batch > 0, full shapes otherwise
+    outputs: list[TensorSpec]
+    max_batch: int
+    handler: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServeOptions:
+    backend: str = "onnxruntime"
+    max_batch: int = 8
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB
+    queue_delay_us: int = 500
+    instances: int = 1
+    threads: int = 0  # ONNX Runtime intra-op threads per model instance (0: its default)
+    top_k: int = 5
+    pipelines: bool = True
+
+
+def tritonserver_unavailable_reason() -> str | None:
+    try:
+        from pytriton.utils.distribution import get_root_module_path  # noqa: F401
+    except Exception as exc:
+        return (f"the nvidia-pytriton package (which bundles tritonserver) cannot be imported "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]}); pip install 'turbo-export[serve]'")
+    return None
+
+
+# ---- what to serve --------------------------------------------------------------------------------------------
+
+
+def tensor_binding(name: str, onnx_path: str, batch: int, options: ServeOptions) -> Binding:
+    inputs, outputs, _ = onnx_signature(onnx_path)
+    batch_first = all(t.dims and t.dims[0] in (batch, -1) for t in inputs + outputs)
+    if batch_first:
+        inputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in inputs]
+        outputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in outputs]
+    return Binding(name, inputs, outputs, options.max_batch if batch_first else 0,
+                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": batch_first})
+
+
+def vit_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions) -> list[Binding]:
+    files, batch = report["files"], int(report["batch"])
+    bindings = [tensor_binding(f, os.path.join(export_dir, files[f]), batch, options) for f in FLAVOURS]
+    if not options.pipelines:
+        return bindings
+    outputs = [t.name for t in bindings[0].outputs]
+    if outputs != ["logits"]:
+        return bindings  # a backbone (DINOv2, ViTModel): features only, served at the tensor level
+    labels, preprocess = vit_labels_and_preprocess(report, bindings[0].outputs[0].dims[-1])
+    k = min(options.top_k, len(labels))
+    for flavour in FLAVOURS:
+        bindings.append(Binding(
+            f"vit-classify-{flavour}", [TensorSpec("image", "bytes", (1,))],
+            [TensorSpec("labels", "bytes", (k,)), TensorSpec("scores", "float32", (k,)),
+             TensorSpec("class_ids", "int64", (k,))],
+            options.max_batch,
+            {"handler": "vit-classify", "onnx": os.path.abspath(os.path.join(export_dir, files[flavour])),
+             "labels": labels, "top_k": k, "preprocess": preprocess}))
+    return bindings
+
+
+def vit_labels_and_preprocess(report: dict[str, Any], num_classes: int) -> tuple[list[str], dict[str, Any]]:
+    """Class names and the image preprocessing of the exported checkpoint (ViT's 0.5/0.5 for random: presets)."""
+    from turbo_export.models.presets import RANDOM_PREFIX, VIT_PRESETS
+
+    source = report["model"]
+    preprocess = {"size": int(report["image_size"]), "mean": [0.5] * 3, "std": [0.5] * 3, "resample": 2}
+    id2label: dict[int, str] = {}
+    try:
+        import transformers
+
+        if source.startswith(RANDOM_PREFIX) and source[len(RANDOM_PREFIX):] in VIT_PRESETS:
+            preset = VIT_PRESETS[source[len(RANDOM_PREFIX):]]
+            id2label = getattr(transformers, preset.config_class)(**preset.config).id2label
+        elif os.path.isdir(os.path.expanduser(source)):
+            path = os.path.expanduser(source)
+            id2label = transformers.AutoConfig.from_pretrained(path).id2label
+            with contextlib.suppress(Exception):
+                proc = transformers.AutoImageProcessor.from_pretrained(path)
+                preprocess.update(mean=list(proc.image_mean), std=list(proc.image_std),
+                                  resample=int(getattr(proc, "resample", 2)))
+    except Exception:  # labels are a convenience: fall back to class indices
+        id2label = {}
+    labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_classes)]
+    return labels, preprocess
+
+
+def blip_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, work_dir: str) -> list[Binding]:
+    files, batch, task = report["files"], int(report["batch"]), report["task"]
+    bindings = []
+    for key, filename in files.items():
+        name = key[:-len("_vision")] if key.endswith("_vision") else key  # the image encoders: turbo, baseline
+        bindings.append(tensor_binding(name, os.path.join(export_dir, filename), batch, options))
+    if not options.pipelines or task["name"] not in ("caption", "vqa"):
+        return bindings
+    tokenizer_dir, preprocess, token_ids = blip_processor_files(report, work_dir)
+    common = {"handler": "blip", "export_dir": os.path.abspath(export_dir), "task": task["name"],
+              "tokenizer_dir": tokenizer_dir, "preprocess": preprocess, "token_ids": token_ids,
+              "max_new_tokens": int(task["max_new_tokens"]), "num_beams": int(task["num_beams"]),
+              "size_aware": bool(task.get("size_aware_cross_attention")), "text_len": int(task.get("text_len", 0))}
+    for flavour in FLAVOURS:
+        if task["name"] == "caption":
+            bindings.append(Binding(f"blip-caption-{flavour}", [TensorSpec("image", "bytes", (1,))],
+                                    [TensorSpec("text", "bytes", (1,))], options.max_batch,
+                                    {**common, "flavour": flavour}))
+        else:
+            bindings.append(Binding(f"blip-vqa-{flavour}", [TensorSpec("image", "bytes", (1,)),
+                                                            TensorSpec("question", "bytes", (1,))],
+                                    [TensorSpec("answer", "bytes", (1,))], options.max_batch,
+                                    {**common, "flavour": flavour}))
+    return bindings
+
+
+def blip_processor_files(report: dict[str, Any], work_dir: str) -> tuple[str, dict[str, Any], dict[str, int]]:
+    """Save the checkpoint's tokenizer for the stub; the image preprocessing and token ids as JSON."""
+    from turbo_export.models.presets import BLIP_PRESETS, RANDOM_PREFIX
+
+    source = report["model"]
+    if source.startswith(RANDOM_PREFIX):
+        import copy
+
+        from transformers import BlipConfig
+
+        from turbo_export.models.tokenizer import offline_blip_processor
+
+        name = source[len(RANDOM_PREFIX):]
+        if name not in BLIP_PRESETS:
+            raise TurboExportError(f"report.json: unknown BLIP preset '{source}'")
+        config = BlipConfig(**copy.deepcopy(BLIP_PRESETS[name]))
+        text = config.text_config
+        processor = offline_blip_processor(text.vocab_size, text.bos_token_id, int(report["image_size"]))
+    else:
+        from transformers import AutoConfig, AutoProcessor
+
+        path = os.path.expanduser(source)
+        if not os.path.isdir(path):
+            raise TurboExportError(f"report.json: the BLIP model '{source}' is not a local folder here; serving "
+                                   "needs its tokenizer and image processor")
+        text = AutoConfig.from_pretrained(path).text_config
+        processor = AutoProcessor.from_pretrained(path)
+    tokenizer_dir = os.path.join(work_dir, "tokenizer")
+    processor.tokenizer.save_pretrained(tokenizer_dir)
+    image_proc = processor.image_processor
+    preprocess = {"size": int(report["image_size"]), "mean": list(image_proc.image_mean),
+                  "std": list(image_proc.image_std), "resample": int(getattr(image_proc, "resample", 3))}
+    token_ids = {"bos": int(text.bos_token_id), "eos": int(text.sep_token_id), "pad": int(text.pad_token_id)}
+    return tokenizer_dir, preprocess, token_ids
+
+
+SD_MAX_STEPS = 100
+SD_DEFAULT_STEPS = 25
+SD_DEFAULT_GUIDANCE = 7.5
+
+
+def unbatched_tensor_binding(name: str, onnx_path: str) -> Binding:
+    """A graph served with its full shapes (max_batch_size 0): its first dimension is not a request batch."""
+    inputs, outputs, _ = onnx_signature(onnx_path)
+    return Binding(name, inputs, outputs, 0,
+                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": False})
+
+
+def sd_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, work_dir: str) -> list[Binding]:
+    """The SD UNets (``turbo``, ``baseline``; their batch 2B holds classifier-free guidance pairs, so they are not
+    batched across requests) and ``sd-generate-<flavour>``: prompt + seed (+ steps, guidance) -> PNG bytes."""
+    files = report["files"]
+    bindings = [unbatched_tensor_binding(f, os.path.join(export_dir, files[f])) for f in FLAVOURS]
+    if not options.pipelines:
+        return bindings
+    source = str(report["model"])
+    if importlib.util.find_spec("diffusers") is None:
+        raise TurboExportError("serving sd-generate needs diffusers (a dependency of turbo-export): "
+                               "pip install 'diffusers>=0.30', or pass --no-pipelines for the UNets alone")
+    from turbo_export.models.sd_presets import RANDOM_PREFIX, SD_PRESETS
+
+    if source.startswith(RANDOM_PREFIX):
+        if source[len(RANDOM_PREFIX):] not in SD_PRESETS:
+            raise TurboExportError(f"report.json: unknown SD preset '{source}'")
+    elif not os.path.isdir(os.path.expanduser(source)):
+        raise TurboExportError(f"report.json: the SD model '{source}' is not a local folder here; serving "
+                               "sd-generate needs its text encoder, tokenizer, VAE and scheduler")
+    common = {"handler": "sd-generate", "model": source, "text_len": int(report.get("text_len", 77)),
+              "max_steps": SD_MAX_STEPS, "default_steps": SD_DEFAULT_STEPS,
+              "default_guidance": SD_DEFAULT_GUIDANCE}
+    for flavour in FLAVOURS:
+        bindings.append(Binding(
+            f"sd-generate-{flavour}",
+            [TensorSpec("prompt", "bytes", (1,)), TensorSpec("seed", "int64", (1,)),
+             TensorSpec("steps", "int32", (1,), optional=True), TensorSpec("guidance", "float32", (1,), optional=True)],
+            [TensorSpec("image", "bytes", (1,))], options.max_batch,
+            {**common, "onnx": os.path.abspath(os.path.join(export_dir, files[flavour]))}))
+    return bindings
+
+
+# A family's bindings: export folder, its report, options, a scratch folder -> models to serve (handlers in
+# serve_handlers.HANDLERS).
+PIPELINES: dict[str, Callable[..., list[Binding]]] = {
+    "vit": lambda export_dir, report, options, work_dir: vit_bindings(export_dir, report, options),
+    "blip": blip_bindings,
+    "sd-unet": sd_bindings,
+}
+
+
+def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[Binding]:
+    report = read_report(export_dir)
+    family = report.get("family")
+    if family not in PIPELINES:
+        raise TurboExportError(f"'{export_dir}': serving a '{family}' export is not supported yet; "
+                               f"supported: {', '.join(PIPELINES)}")
+    if options.max_batch < 1:
+        raise TurboExportError(f"max-batch: must be >= 1, got {options.max_batch}")
+    if options.max_request_mb <= 0:
+        raise TurboExportError(f"max-request-mb: must be positive, got {options.max_request_mb}")
+    from turbo_export.backends import require_backend
+
+    require_backend(options.backend)
+    bindings = PIPELINES[family](export_dir, report, options, work_dir)
+    numpy_major = int(__import__("numpy").__version__.split(".")[0])
+    if numpy_major >= 2 and any(t.dtype == "bytes" for b in bindings for t in b.inputs + b.outputs):
+        # tritonserver 2.51's Python-backend stub decodes BYTES tensors with numpy 1's C ABI: under numpy 2 a
+        # BYTES input crashes the stub. Numeric tensors go through DLPack and work with either numpy.
+        skipped = [b.name for b in bindings if any(t.dtype == "bytes" for t in b.inputs + b.outputs)]
+        print(f"turbo-export serve: note: numpy {__import__('numpy').__version__} here; the pipeline models "
+              f"({', '.join(skipped)}) take text/image bytes, which tritonserver 2.51's Python backend only "
+              "handles with numpy < 2; serving the tensor-level models only", file=sys.stderr)
+        bindings = [b for b in bindings if b.name not in skipped]
+    limit = int(options.max_request_mb * 1024 * 1024)
+    for b in bindings:
+        b.handler.update(backend=options.backend, threads=options.threads, max_request_bytes=limit)
+    return bindings
+
+
+# ---- the model repository of the server --------------------------------------------------------------------------
+
+
+def write_serving_repo(bindings: list[Binding], repo: str, options: ServeOptions) -> None:
+    template = os.path.join(SERVE_DIR, "triton_python_model.py")
+    sys_path = [p for p in sys.path if p and os.path.isdir(p)]
+    package_dir = PACKAGE_DIR
+    for b in bindings:
+        spec = {**b.handler, "package_dir": package_dir,
+                "inputs": [{"name": t.name, "dtype": t.dtype} for t in b.inputs],
+                "outputs": [{"name": t.name, "dtype": t.dtype} for t in b.outputs]}
+        config = ModelConfig(name=b.name, inputs=b.inputs, outputs=b.outputs, backend="python",
+                             max_batch_size=b.max_batch, dynamic_batching=b.max_batch > 0,
+                             max_queue_delay_us=options.queue_delay_us, instance_kind="KIND_CPU",
+                             instance_count=options.instances, parameters={"turbo_export": json.dumps(spec)})
+        os.makedirs(os.path.join(repo, b.name, "1"), exist_ok=True)
+        with open(os.path.join(repo, b.name, "config.pbtxt"), "w") as f:
+            f.write(to_pbtxt(config))
+        shutil.copyfile(template, os.path.join(repo, b.name, "1", "model.py"))
+        with open(os.path.join(repo, b.name, "1", "sys_path.json"), "w") as f:
+            json.dump([os.path.dirname(package_dir), *sys_path], f)
+
+
+# ---- the server process --------------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _server_env() -> dict[str, str]:
+    """The stub links libpython; put the running interpreter's first, or it may load the system's (another
+    3.11.x, whose standard library does not match: `'_thread.RLock' object has no attribute '_recursion_count'`)."""
+    from pytriton.utils.distribution import get_libs_path
+
+    env = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    paths = [libdir, str(get_libs_path()), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _backend_dir(work_dir: str) -> str:
+    """tritonserver's Python backend with the stub built for this interpreter's Python version."""
+    from pytriton.utils.distribution import get_root_module_path, get_stub_path
+
+    dist = get_root_module_path() / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    try:
+        stub = get_stub_path(version)
+    except Exception:
+        raise TurboExportError(f"serve: nvidia-pytriton has no Python-backend stub for Python {version}") from None
+    backend = os.path.join(work_dir, "backends", "python")
+    os.makedirs(backend, exist_ok=True)
+    for name in os.listdir(dist / "backends" / "python"):
+        if name.endswith((".so", ".py")):
+            os.symlink(dist / "backends" / "python" / name, os.path.join(backend, name))
+    shutil.copy(stub, os.path.join(backend, "triton_python_backend_stub"))
+    return os.path.join(work_dir, "backends")
+
+
+class TritonServer:
+    """tritonserver on a model repository, as a child process: start(), wait_ready(), stop() (SIGTERM, then
+    Triton drains in-flight requests for up to ``exit_timeout`` seconds). HTTP listens on ``host``; gRPC and
+    metrics on ``public_host`` (default: ``host``)."""
+
+    def __init__(self, repo: str, work_dir: str, host: str = "127.0.0.1", http_port: int = 8000,
+                 grpc_port: int | None = 8001, metrics_port: int | None = None, log_path: str | None = None,
+                 exit_timeout: int = 10, verbose: bool = False, public_host: str | None = None) -> None:
+        from pytriton.utils.distribution import get_root_module_path
+
+        self.binary = str(get_root_module_path() / "tritonserver" / "bin" / "tritonserver")
+        self.host, self.http_port, self.grpc_port = host, http_port, grpc_port
+        self.args = [self.binary, f"--model-repository={repo}", f"--backend-directory={_backend_dir(work_dir)}",
+                     f"--http-address={host}", f"--http-port={http_port}", f"--exit-timeout-secs={exit_timeout}",
+                     "--strict-readiness=true", "--exit-on-error=true", f"--log-verbose={int(verbose)}"]
+        if grpc_port:
+            self.args += ["--allow-grpc=true", f"--grpc-address={public_host or host}", f"--grpc-port={grpc_port}"]
+        else:
+            self.args.append("--allow-grpc=false")
+        if metrics_port:
+            self.args += ["--allow-metrics=true", f"--metrics-address={public_host or host}",
+                          f"--metrics-port={metrics_port}"]
+        else:
+            self.args.append("--allow-metrics=false")
+        self.log_path = log_path or os.path.join(work_dir, "tritonserver.log")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.args, env=_server_env(), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TurboExportError(f"serve: tritonserver exited with code {self.process.returncode} while "
+                                       f"loading the models; last lines of {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        raise TurboExportError(f"serve: tritonserver not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@dataclass
+class Endpoint:
+    """Where a running `serve` answers: ``url`` (KServe v2 over HTTP, through the gateway), ``grpc`` (host:port of
+    tritonserver's gRPC, or None) and the tritonserver child process behind them."""
+
+    url: str
+    grpc: str | None
+    server: TritonServer
+
+
+def gateway_body_limit(options: ServeOptions) -> int:
+    """Bytes a request body may have at the HTTP front: JSON spells a float in up to ~20 characters where the
+    models' limit counts 4 bytes, so the front is generous and the models refuse oversized tensors with 400."""
+    return int(options.max_request_mb * 1024 * 1024) * 8 + 1024 * 1024
+
+
+@contextlib.contextmanager
+def serving(export_dir: str, options: ServeOptions, host: str = "127.0.0.1", http_port: int = 8000,
+            grpc_port: int | None = 8001, metrics_port: int | None = None, ready_timeout: float = 300.0,
+            log_path: str | None = None) -> Iterator[tuple[Endpoint, list[Binding]]]:
+    """Write the serving repository, start tritonserver (HTTP on a private 127.0.0.1 port, gRPC on
+    ``host:grpc_port``) and the HTTP gateway on ``host:http_port``; yield once every model is ready; stop both
+    on exit, the gateway first so no new request reaches a stopping server."""
+    from turbo_export.serve.gateway import Gateway
+
+    work_dir = tempfile.mkdtemp(prefix="turbo-serve-")
+    server = gateway = None
+    try:
+        bindings = bindings_for(export_dir, options, work_dir)
+        reason = tritonserver_unavailable_reason()
+        if reason:
+            raise TurboExportError(f"serve: {reason}")
+        repo = os.path.join(work_dir, "models")
+        write_serving_repo(bindings, repo, options)
+        server = TritonServer(repo, work_dir, "127.0.0.1", free_port(), grpc_port, metrics_port, log_path=log_path,
+                              public_host=host)
+        server.start()
+        server.wait_ready(ready_timeout)
+        gateway = Gateway(server.url, host, http_port, gateway_body_limit(options))
+        gateway.start()
+        yield Endpoint(gateway.url, f"{host}:{grpc_port}" if grpc_port else None, server), bindings
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def serve_forever(export_dir: str, options: ServeOptions, host: str, http_port: int, grpc_port: int | None,
+                  metrics_port: int | None, on_ready: Callable[[Endpoint, list[Binding]], None]) -> int:
+    """Serve until SIGTERM / SIGINT (then stop the gateway and tritonserver cleanly); returns tritonserver's exit
+    code."""
+    stop = {"signal": None}
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with serving(export_dir, options, host, http_port, grpc_port, metrics_port) as (endpoint, bindings):
+            on_ready(endpoint, bindings)
+            process = endpoint.server.process
+            while stop["signal"] is None:
+                if process is not None and process.poll() is not None:
+                    raise TurboExportError(f"serve: tritonserver exited with code {process.returncode}:\n"
+                                           f"{endpoint.server.log_tail()}")
+                time.sleep(0.2)
+        return int(endpoint.server.process.returncode or 0) if endpoint.server.process else 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,81 @@
+"""Triton Python-backend model (copied into the serving repository as ``<model>/1/model.py``).
+
+It runs inside tritonserver's stub process: it puts the serving interpreter's sys.path in place, imports
+`turbo_export.serve.handlers` without the package's ``__init__`` (which would import torch), and answers each
+request of a dynamic batch on its own: outputs, or an INVALID_ARG error (HTTP 400) for that request only.
+
+Numeric tensors cross the stub boundary through DLPack: the stub of tritonserver 2.51 is built against numpy 1's
+C ABI, and `pb_utils.Tensor(name, ndarray)` gets the item size wrong under numpy 2 (HTTP 500 "output tensor shape
+does not match size of output"); DLPack carries dtype and shape without that ABI. BYTES tensors have no such
+route (under numpy 2 a BYTES input crashes the stub), so serve.py drops BYTES models when numpy >= 2.
+"""
+
+import json
+import os
+import sys
+import types
+
+# The serving interpreter's sys.path, first, before the stub imports numpy for triton_python_backend_utils
+# (that import follows this module's import, precedes initialize()).
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sys_path.json")) as _f:
+    for _path in reversed(json.load(_f)):
+        if _path not in sys.path:
+            sys.path.insert(0, _path)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        spec = json.loads(config["parameters"]["turbo_export"]["string_value"])
+        if "turbo_export" not in sys.modules:
+            package = types.ModuleType("turbo_export")
+            package.__path__ = [spec["package_dir"]]
+            sys.modules["turbo_export"] = package
+        import numpy as np
+        import triton_python_backend_utils as pb_utils
+
+        from turbo_export.serve.handlers import RequestError, make_handler
+
+        self.np, self.pb, self.RequestError = np, pb_utils, RequestError
+        self.numpy2 = int(np.__version__.split(".")[0]) >= 2
+        self.inputs = {t["name"]: t["dtype"] for t in spec["inputs"]}
+        self.outputs = {t["name"]: t["dtype"] for t in spec["outputs"]}
+        self.handler = make_handler(spec)
+        print(f"turbo-export: {config['name']} ready ({spec['handler']}, numpy {np.__version__})", file=sys.stderr,
+              flush=True)
+
+    def _input(self, request, name):
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return None
+        if self.inputs[name] == "bytes":
+            return tensor.as_numpy()
+        return self.np.array(self.np.from_dlpack(tensor), copy=True)
+
+    def _output(self, name, value):
+        np = self.np
+        if self.outputs[name] == "bytes":
+            return self.pb.Tensor(name, np.asarray(value, dtype=np.object_))
+        value = np.ascontiguousarray(value, dtype=self.outputs[name])
+        if self.numpy2:
+            return self.pb.Tensor.from_dlpack(name, value.__dlpack__())
+        return self.pb.Tensor(name, value)
+
+    def execute(self, requests):
+        pb = self.pb
+        feeds = [{n: v for n in self.inputs if (v := self._input(r, n)) is not None} for r in requests]
+        try:
+            results = self.handler.handle(feeds)
+        except Exception as exc:  # a server-side failure: every request of the batch gets it (HTTP 500)
+            message = f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return [pb.InferenceResponse(error=pb.TritonError(message)) for _ in requests]
+        responses = []
+        for result in results:
+            if isinstance(result, self.RequestError):
+                responses.append(pb.InferenceResponse(error=pb.TritonError(str(result), pb.TritonError.INVALID_ARG)))
+            else:
+                responses.append(pb.InferenceResponse([self._output(n, v) for n, v in result.items()]))
+        return responses
+
+    def finalize(self):
+        self.handler = None
