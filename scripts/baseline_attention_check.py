@@ -15,9 +15,11 @@ import tempfile
 import click
 
 from turbo_export.backends import bench, make_runner
-from turbo_export.export.onnx import export_onnx, require_parity, validate
-from turbo_export.export.specs import SPECS, TurboOptions
-from turbo_export.models.presets import build_random
+from turbo_export.export.onnx import export_onnx
+from turbo_export.export.parity import check_graph as validate
+from turbo_export.export.parity import require_parity
+from turbo_export.families import get_family
+from turbo_export.families.vit import VitOptions as TurboOptions
 
 
 @click.command()
@@ -25,12 +27,12 @@ from turbo_export.models.presets import build_random
 @click.option("--batch", default=8, show_default=True)
 @click.option("--runs", default=20, show_default=True)
 def main(preset: str, batch: int, runs: int) -> None:
-    spec = SPECS["vit"]
+    spec = get_family("vit")
     options = TurboOptions(ratio=0, batch=batch)
     runners, feeds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for attention in ("eager", "sdpa"):
-            loaded = build_random(preset, "vit")
+            loaded = get_family("vit").load(f"random:{preset}")
             loaded.model.config._attn_implementation = attention
             graph = spec.graph(attention, loaded.model, loaded, options)
             path = export_onnx(graph, os.path.join(tmp, f"{attention}.onnx"))

@@ -21,20 +21,24 @@ import torch
 from turbo_export import apply_turbo
 from turbo_export.backends import bench, make_runner
 from turbo_export.core import merge
-from turbo_export.export.blip import DEFAULT_MIN_TOKENS, _vision_flops
-from turbo_export.export.blip_graphs import VisionGraph
-from turbo_export.export.onnx import GraphSpec, export_onnx, require_parity, validate
-from turbo_export.export.specs import SPECS, TurboOptions
+from turbo_export.export.onnx import export_onnx
+from turbo_export.export.parity import check_graph as validate
+from turbo_export.export.parity import require_parity
+from turbo_export.families import get_family
+from turbo_export.families.base import GraphSpec
+from turbo_export.families.blip import DEFAULT_MIN_TOKENS, PRESETS, build_random_blip, vision_flops
+from turbo_export.families.blip_graphs import VisionGraph
+from turbo_export.families.vit import VitOptions as TurboOptions
 from turbo_export.files import write_json_atomic
-from turbo_export.models.presets import BLIP_PRESETS, RANDOM_PREFIX, build_random_blip, load_model
+from turbo_export.models.presets import RANDOM_PREFIX
 
 
 def _encoders(model_source: str, family: str, ratios: list[int], alpha: float, batch: int, min_tokens: int | None):
     """Yield (name, GraphSpec, flops, tokens) for the baseline and every r."""
     name = model_source[len(RANDOM_PREFIX):] if model_source.startswith(RANDOM_PREFIX) else None
     if family == "blip":
-        if name not in BLIP_PRESETS:
-            raise click.UsageError(f"--family blip takes a random: BLIP preset ({', '.join(BLIP_PRESETS)})")
+        if name not in PRESETS:
+            raise click.UsageError(f"--family blip takes a random: BLIP preset ({', '.join(PRESETS)})")
         loaded = build_random_blip(name, "caption")
         size = loaded.image_size
         min_tokens = DEFAULT_MIN_TOKENS["caption"] if min_tokens is None else min_tokens
@@ -47,10 +51,10 @@ def _encoders(model_source: str, family: str, ratios: list[int], alpha: float, b
             layers = merge.tokens_per_layer(num_tokens, [r] * cfg.num_hidden_layers, 1, min_tokens)
             graph = GraphSpec(f"r{r}", VisionGraph(model.vision_model), pixels, ["image_embeds", "image_sizes"],
                               merge_model=model if r else None)
-            yield f"r{r}", graph, _vision_flops(loaded, size, layers), [n for n, _ in layers]
+            yield f"r{r}", graph, vision_flops(loaded, size, layers), [n for n, _ in layers]
         return
-    spec = SPECS["vit"]
-    loaded = load_model(model_source, "vit", spec.supported())
+    spec = get_family("vit")
+    loaded = spec.load(model_source)
     size = loaded.image_size
     num_tokens = spec.num_tokens(loaded, size)
     protected = spec.protected(loaded)

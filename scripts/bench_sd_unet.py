@@ -26,9 +26,12 @@ import numpy as np
 import torch
 
 from turbo_export.backends import bench, make_runner
-from turbo_export.export.onnx import GraphSpec, compare_outputs, export_onnx, torch_outputs
-from turbo_export.export.pipeline import environment
-from turbo_export.export.sd import OUTPUT_NAMES, UNetGraph, count_flops, example_inputs
+from turbo_export.export.onnx import export_onnx
+from turbo_export.export.parity import torch_outputs
+from turbo_export.export.report import environment
+from turbo_export.families.base import GraphSpec
+from turbo_export.families.sd import OUTPUT_NAMES, UNetGraph, count_flops, example_inputs
+from turbo_export.metrics import compare_outputs
 from turbo_export.models.sd_presets import build_random_sd
 from turbo_export.patch.unet import apply_turbo_unet, merged_blocks
 

@@ -183,11 +183,11 @@ def graph_errors(model_source: str, ratio: int, batch: int, out_dir: str, alpha:
 
     from turbo_export.backends import make_runner
     from turbo_export.export.onnx import export_onnx, torch_outputs
-    from turbo_export.export.specs import SPECS, TurboOptions
-    from turbo_export.models.presets import load_model
+    from turbo_export.families import get_family
+    from turbo_export.families.vit import VitOptions as TurboOptions
 
-    spec = SPECS["vit"]
-    loaded = load_model(model_source, "vit", spec.supported())
+    spec = get_family("vit")
+    loaded = spec.load(model_source)
     os.makedirs(out_dir, exist_ok=True)
     outputs, reference, nodes = {}, None, {}
     for impl in ("onnx", "plugin"):
@@ -224,8 +224,10 @@ def sd_graph_errors(model_source: str, ratio: float, alpha: float, blocks: str, 
     import onnx
 
     from turbo_export.backends import make_runner
-    from turbo_export.export.onnx import GraphSpec, export_onnx, torch_outputs
-    from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
+    from turbo_export.export.onnx import export_onnx
+    from turbo_export.export.parity import torch_outputs
+    from turbo_export.families.base import GraphSpec
+    from turbo_export.families.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
     from turbo_export.models.sd_presets import load_sd
 
     components = load_sd(model_source)
@@ -235,7 +237,7 @@ def sd_graph_errors(model_source: str, ratio: float, alpha: float, blocks: str, 
     os.makedirs(out_dir, exist_ok=True)
     outputs, nodes = {}, {}
     for impl in ("onnx", "plugin"):
-        options = SDOptions(ratio=ratio, out_dir="", alpha=alpha, blocks=blocks, merge_impl=impl)
+        options = SDOptions(ratio=ratio, alpha=alpha, blocks=blocks, merge_impl=impl)
         graph = GraphSpec(impl, UNetGraph(make_turbo(copy.deepcopy(components.unet), options)), inputs, OUTPUT_NAMES)
         path = export_onnx(graph, os.path.join(out_dir, f"sd-turbo-{impl}.onnx"))
         runner = make_runner(path, "onnxruntime")

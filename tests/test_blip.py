@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from turbo_export import apply_turbo, remove_turbo
 from turbo_export.backends.torch_runner import TorchRunner
 from turbo_export.cli import main
-from turbo_export.export.blip import BlipOptions, caption_graphs
-from turbo_export.models.presets import build_random_blip
+from turbo_export.families.blip import BlipOptions, build_random_blip
+from turbo_export.families.blip_tasks import caption_graphs
 from turbo_export.pipelines.blip import CaptionPipeline, TokenIds, cross_bias
 
 
@@ -37,7 +37,7 @@ def test_blip_remove_turbo_restores_bit_for_bit(task):
 def _torch_pipelines(num_beams: int, max_new_tokens: int = 12):
     model = build_random_blip("tiny", "caption").model
     turbo = apply_turbo(copy.deepcopy(model), 8, min_tokens=0)
-    options = BlipOptions(task="caption", ratio=8, out_dir="unused", batch=3, max_new_tokens=max_new_tokens,
+    options = BlipOptions(task="caption", ratio=8, batch=3, max_new_tokens=max_new_tokens,
                           num_beams=num_beams, min_tokens=0)
     graphs = caption_graphs(model, turbo, options, 32, {"baseline": 65, "turbo": 65 - 16})
     runners = {k: TorchRunner(g.module, g.example_inputs, g.output_names, k) for k, g in graphs.items()}
@@ -121,7 +121,7 @@ def test_blip_caption_cli_end_to_end(tmp_path):
 def test_caption_text_flops_hand_count():
     from transformers import BlipConfig
 
-    from turbo_export.export.blip import PROMPT_ALLOWANCE, caption_text_flops
+    from turbo_export.families.blip_tasks import PROMPT_ALLOWANCE, caption_text_flops
 
     cfg = BlipConfig()  # BERT-base text side: width 768, MLP 3072, 12 layers, vocab 30524
     w, m, v, n, t = 768, 3072, 30524, 100, 2

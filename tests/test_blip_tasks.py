@@ -18,8 +18,8 @@ from turbo_export import apply_turbo
 from turbo_export.backends import make_runner
 from turbo_export.backends.torch_runner import TorchRunner
 from turbo_export.cli import main
-from turbo_export.export.blip import (
-    BlipOptions,
+from turbo_export.families.blip import BlipOptions, build_random_blip
+from turbo_export.families.blip_tasks import (
     TaskInputs,
     retrieval_graphs,
     retrieval_parity,
@@ -28,7 +28,6 @@ from turbo_export.export.blip import (
     vqa_parity,
     vqa_pipelines,
 )
-from turbo_export.models.presets import build_random_blip
 from turbo_export.pipelines.blip import TokenIds
 
 TEXTS = ["a dog on the grass", "two people riding bikes", "a red bus"]
@@ -145,7 +144,7 @@ def test_retrieval_onnx_pipeline_equals_transformers(retrieval_run):
     """Any number of images and texts (3 x 4 against graphs of batch 2): ITC and ITM within 1e-4."""
     out, report, _ = retrieval_run
     loaded, models = _models("retrieval", 0)
-    options = BlipOptions(task="retrieval", ratio=8, out_dir=out, batch=2, min_tokens=0)
+    options = BlipOptions(task="retrieval", ratio=8, batch=2, min_tokens=0)
     pipelines = retrieval_pipelines(_onnx_runners(out, report), TokenIds.from_text_config(
         loaded.model.config.text_config), options)
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
@@ -163,7 +162,7 @@ def test_retrieval_onnx_pipeline_equals_transformers(retrieval_run):
 def test_retrieval_size_aware_only_changes_turbo_and_has_no_transformers_check(retrieval_run):
     out, report, _ = retrieval_run
     loaded, models = _models("retrieval", 0)
-    options = BlipOptions(task="retrieval", ratio=8, out_dir=out, batch=2, min_tokens=0, size_aware=True)
+    options = BlipOptions(task="retrieval", ratio=8, batch=2, min_tokens=0, size_aware=True)
     ids = TokenIds.from_text_config(loaded.model.config.text_config)
     onnx = _onnx_runners(out, report)
     pipelines = retrieval_pipelines(onnx, ids, options)
@@ -178,7 +177,7 @@ def test_retrieval_size_aware_only_changes_turbo_and_has_no_transformers_check(r
 
     feed = inputs.feed()
     aware = pipelines["turbo"].scores(*feed.values())
-    plain = retrieval_pipelines(onnx, ids, BlipOptions(task="retrieval", ratio=8, out_dir=out, batch=2))
+    plain = retrieval_pipelines(onnx, ids, BlipOptions(task="retrieval", ratio=8, batch=2))
     assert np.abs(aware.itm - plain["turbo"].scores(*feed.values()).itm).max() > 1e-6  # merged tokens weigh more
     np.testing.assert_array_equal(aware.itc, plain["turbo"].scores(*feed.values()).itc)  # ITC never sees the image
     # the size-aware ONNX pipeline equals the same pipeline run on the PyTorch modules
@@ -246,7 +245,7 @@ def test_vqa_cli_answers_the_users_question_like_transformers(vqa_run, images):
 def test_vqa_onnx_pipeline_equals_transformers_generate(vqa_run):
     out, report, _ = vqa_run
     loaded, models = _models("vqa", 40)
-    options = BlipOptions(task="vqa", ratio=8, out_dir=out, batch=2, max_new_tokens=6)
+    options = BlipOptions(task="vqa", ratio=8, batch=2, max_new_tokens=6)
     pipelines = vqa_pipelines(_onnx_runners(out, report), TokenIds.from_text_config(loaded.model.config.text_config),
                               options)
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(11))
@@ -262,7 +261,7 @@ def test_vqa_onnx_pipeline_equals_transformers_generate(vqa_run):
 def test_vqa_size_aware_only_changes_turbo_and_has_no_transformers_check(vqa_run):
     out, report, _ = vqa_run
     loaded, models = _models("vqa", 40)
-    options = BlipOptions(task="vqa", ratio=8, out_dir=out, batch=2, max_new_tokens=6, size_aware=True)
+    options = BlipOptions(task="vqa", ratio=8, batch=2, max_new_tokens=6, size_aware=True)
     ids = TokenIds.from_text_config(loaded.model.config.text_config)
     onnx = _onnx_runners(out, report)
     pipelines = vqa_pipelines(onnx, ids, options)
@@ -274,7 +273,7 @@ def test_vqa_size_aware_only_changes_turbo_and_has_no_transformers_check(vqa_run
 
     feed = inputs.feed()
     aware = pipelines["turbo"].encode(*feed.values())
-    plain = vqa_pipelines(onnx, ids, BlipOptions(task="vqa", ratio=8, out_dir=out, batch=2))["turbo"]
+    plain = vqa_pipelines(onnx, ids, BlipOptions(task="vqa", ratio=8, batch=2))["turbo"]
     assert np.abs(aware[0] - plain.encode(*feed.values())[0]).max() > 1e-6
     assert (aware[2] == 0).all()  # the answer decoder attends to every question position either way
     graphs = vqa_graphs(models["baseline"], models["turbo"], options, 32, {"baseline": 65, "turbo": 57})
@@ -292,7 +291,7 @@ def test_vqa_beam_search_and_early_stop_match_transformers():
     token_ids = TokenIds.from_text_config(models["baseline"].config.text_config)
 
     def pipelines(num_beams):
-        options = BlipOptions(task="vqa", ratio=8, out_dir="unused", batch=2, max_new_tokens=8, num_beams=num_beams,
+        options = BlipOptions(task="vqa", ratio=8, batch=2, max_new_tokens=8, num_beams=num_beams,
                               min_tokens=0)
         graphs = vqa_graphs(models["baseline"], models["turbo"], options, 32, {"baseline": 65, "turbo": 49})
         runners = {k: TorchRunner(g.module, g.example_inputs, g.output_names, k) for k, g in graphs.items()}

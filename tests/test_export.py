@@ -10,11 +10,14 @@ from test_patch import _models
 
 from turbo_export.backends import make_runner
 from turbo_export.errors import ParityError
-from turbo_export.export.onnx import export_onnx, require_parity, validate
-from turbo_export.export.specs import SPECS, TurboOptions
-from turbo_export.models.presets import LoadedModel, build_random
+from turbo_export.export.onnx import export_onnx
+from turbo_export.export.parity import check_graph as validate
+from turbo_export.export.parity import require_parity
+from turbo_export.families import get_family
+from turbo_export.families.vit import VitOptions as TurboOptions
+from turbo_export.models.presets import LoadedModel
 
-SPEC = SPECS["vit"]
+SPEC = get_family("vit")
 
 
 def _loaded(model):
@@ -45,7 +48,7 @@ def test_turbo_onnx_matches_pytorch(model, tmp_path):
 
 
 def test_validation_fails_loudly_on_a_wrong_graph(tmp_path):
-    loaded = build_random("tiny", "vit")
+    loaded = get_family("vit").load("random:tiny")
     options = TurboOptions(ratio=8, batch=1)
     baseline = SPEC.graph("baseline", loaded.model, loaded, options)
     path = export_onnx(baseline, str(tmp_path / "baseline.onnx"))
@@ -60,7 +63,7 @@ def test_validation_fails_loudly_on_a_wrong_graph(tmp_path):
 def test_flops_and_tokens():
     from turbo_export.core import merge
 
-    tiny = build_random("tiny", "vit")
+    tiny = get_family("vit").load("random:tiny")
     base = SPEC.flops(tiny, 32, [(65, 0)] * 4)
     layers = merge.tokens_per_layer(65, [8] * 4)
     turbo = SPEC.flops(tiny, 32, layers)
@@ -89,7 +92,7 @@ class _PerturbedRunner:
 def test_validation_tolerates_only_near_tie_samples(tmp_path, monkeypatch, margin, tolerated):
     import turbo_export.patch.blocks as blocks
 
-    loaded = build_random("tiny", "vit")
+    loaded = get_family("vit").load("random:tiny")
     options = TurboOptions(ratio=8, batch=3)
     turbo = SPEC.graph("turbo", SPEC.make_turbo(copy.deepcopy(loaded.model), options), loaded, options)
     assert turbo.merge_model is not None
@@ -105,7 +108,7 @@ def test_validation_tolerates_only_near_tie_samples(tmp_path, monkeypatch, margi
 def test_sample_margins_come_from_the_patched_model():
     from turbo_export.patch.blocks import sample_margins
 
-    loaded = build_random("tiny", "vit")
+    loaded = get_family("vit").load("random:tiny")
     model = SPEC.make_turbo(copy.deepcopy(loaded.model), TurboOptions(ratio=8))
     pixels = torch.randn(2, 3, 32, 32)
     margins = sample_margins(model, lambda: model(pixel_values=pixels))

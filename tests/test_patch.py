@@ -4,7 +4,7 @@ from reference import reference_merge
 from torch import nn
 
 from turbo_export import TurboExportError, apply_turbo, remove_turbo
-from turbo_export.models.presets import build_random
+from turbo_export.families import get_family
 
 PRESETS = {
     "ViTForImageClassification": "tiny",
@@ -23,8 +23,8 @@ def _models():
 
     built = []
     for preset in PRESETS.values():
-        built.append(build_random(preset, "vit").model)
-    cfg = build_random("tiny", "vit").model.config
+        built.append(get_family("vit").load(f"random:{preset}").model)
+    cfg = get_family("vit").load("random:tiny").model.config
     for cls in ("ViTModel", "DeiTModel", "DeiTForImageClassification"):
         config = getattr(transformers, cls.replace("Model", "Config").replace("ForImageClassification", "Config"))(
             **{k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -87,7 +87,7 @@ def _reference_vit_forward(model, pixels, r, alpha, prop_attn=True):
 
 @pytest.mark.parametrize("alpha", [0.0, 6.0, 150.0])
 def test_patched_vit_matches_handwritten_turbo_forward(alpha):
-    model = build_random("tiny", "vit").model
+    model = get_family("vit").load("random:tiny").model
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = _reference_vit_forward(model, pixels, 8, alpha)
@@ -97,7 +97,7 @@ def test_patched_vit_matches_handwritten_turbo_forward(alpha):
 
 
 def test_min_tokens_and_schedule_shapes():
-    model = build_random("tiny-dinov2", "vit").model
+    model = get_family("vit").load("random:tiny-dinov2").model
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         apply_turbo(model, 8, min_tokens=50)
@@ -109,7 +109,7 @@ def test_min_tokens_and_schedule_shapes():
 
 
 def test_deit_keeps_distillation_token():
-    model = build_random("tiny-deit", "vit").model
+    model = get_family("vit").load("random:tiny-deit").model
     pixels = torch.randn(2, 3, 32, 32)
     apply_turbo(model, 16)
     model._turbo.record_plans = True

@@ -15,9 +15,11 @@ import torch
 
 from turbo_export.backends import make_runner, tensorrt_unavailable_reason
 from turbo_export.core import merge, plugin_ops
-from turbo_export.export.onnx import export_onnx, torch_outputs
-from turbo_export.export.specs import SPECS, TurboOptions
-from turbo_export.models.presets import LoadedModel, build_random
+from turbo_export.export.onnx import export_onnx
+from turbo_export.export.parity import torch_outputs
+from turbo_export.families import get_family
+from turbo_export.families.vit import VitOptions as TurboOptions
+from turbo_export.models.presets import LoadedModel
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 plugin_ops.import_turbo_plugin()
@@ -115,7 +117,7 @@ class _MergeUnmerge(torch.nn.Module):
 
 def test_plugin_nodes_contract_and_ort(tmp_path):
     from turbo_export.errors import TurboExportError
-    from turbo_export.export.onnx import GraphSpec
+    from turbo_export.families.base import GraphSpec
 
     args = _inputs(2, 13, 8, 4, seed=1)
     names = ["x", "size", "metric", "semantic"]
@@ -150,7 +152,7 @@ def _micro_vit() -> LoadedModel:
 
 
 def test_tiny_vit_plugin_graph_equals_standard_graph_and_pytorch(tmp_path):
-    spec = SPECS["vit"]
+    spec = get_family("vit")
     loaded = _micro_vit()
     outputs = {}
     inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))}
@@ -190,8 +192,8 @@ def test_tensorrt_engine_with_plugin_matches_onnxruntime(tmp_path):
     from turbo_plugin import register_tensorrt_plugins
 
     register_tensorrt_plugins()
-    spec = SPECS["vit"]
-    loaded = build_random("tiny", "vit")
+    spec = get_family("vit")
+    loaded = get_family("vit").load("random:tiny")
     options = TurboOptions(ratio=8, alpha=6.0, batch=2, merge_impl="plugin")
     graph = spec.graph("turbo", spec.make_turbo(copy.deepcopy(loaded.model), options), loaded, options)
     path = export_onnx(graph, str(tmp_path / "turbo.onnx"))

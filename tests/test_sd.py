@@ -11,12 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from turbo_export import apply_turbo, remove_turbo
 from turbo_export.cli import main
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
 from turbo_export.metrics import psnr, ssim
 from turbo_export.models.sd_presets import build_random_sd
-from turbo_export.patch import apply_turbo, remove_turbo
 from turbo_export.patch.unet import apply_turbo_unet, cross_attention_saliency, merged_blocks
 
 
@@ -292,7 +292,7 @@ def test_sd_generate_pipeline_matches_pytorch_and_writes_pngs(exported, tiny, tm
 
     from turbo_export.backends import make_runner
     from turbo_export.backends.torch_runner import TorchRunner
-    from turbo_export.export.sd import OUTPUT_NAMES, UNetGraph
+    from turbo_export.families.sd import OUTPUT_NAMES, UNetGraph
     from turbo_export.pipelines.sd import generate
 
     out, _ = exported
@@ -465,12 +465,13 @@ def test_sd_unet_plugin_cli_one_node_per_merge_validated_with_custom_ops(plugin_
 @pytest.mark.slow
 def test_sd_plugin_graph_equals_standard_graph_and_pytorch(plugin_exported, exported, tiny):
     from turbo_export.backends import make_runner
-    from turbo_export.export.onnx import GraphSpec, torch_outputs
-    from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
+    from turbo_export.export.parity import torch_outputs
+    from turbo_export.families.base import GraphSpec
+    from turbo_export.families.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
 
     inputs = example_inputs(tiny, (8, 8), 1)  # both exports' example input
     feed = {k: v.numpy() for k, v in inputs.items()}
-    options = SDOptions(ratio=0.5, out_dir="", alpha=2.0, blocks="all")  # both exports' settings
+    options = SDOptions(ratio=0.5, alpha=2.0, blocks="all")  # both exports' settings
     standard = GraphSpec("turbo", UNetGraph(make_turbo(copy.deepcopy(tiny.unet), options)), inputs, OUTPUT_NAMES)
     got = {"onnx": make_runner(str(exported[0] / "turbo.onnx")).run(feed)["noise_pred"],
            "plugin": make_runner(str(plugin_exported[0] / "turbo.onnx")).run(feed)["noise_pred"]}
@@ -518,12 +519,15 @@ def test_fp16_sd_graph_matches_fp32_model(impl, tiny, tmp_path):
 
     from turbo_export.backends.trt_lint import lint_file
     from turbo_export.core.plugin_ops import import_turbo_plugin
-    from turbo_export.export.onnx import GraphSpec, compare_outputs, export_onnx, torch_outputs
-    from turbo_export.export.pipeline import FP16_ATOL, half_graph, set_tolerances
-    from turbo_export.export.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
+    from turbo_export.export.job import FP16_ATOL, half_graph, set_tolerances
+    from turbo_export.export.onnx import export_onnx
+    from turbo_export.export.parity import torch_outputs
+    from turbo_export.families.base import GraphSpec
+    from turbo_export.families.sd import OUTPUT_NAMES, SDOptions, UNetGraph, example_inputs, make_turbo
+    from turbo_export.metrics import compare_outputs
 
     inputs = example_inputs(tiny, (8, 8), 1)
-    options = SDOptions(ratio=0.5, out_dir="", alpha=2.0, blocks="default", merge_impl=impl)
+    options = SDOptions(ratio=0.5, alpha=2.0, blocks="default", merge_impl=impl)
     graphs = {"turbo": GraphSpec("turbo", UNetGraph(make_turbo(copy.deepcopy(tiny.unet), options)), inputs,
                                  OUTPUT_NAMES)}
     set_tolerances(graphs, 1e-4, "fp16", "tensorrt")

@@ -34,13 +34,14 @@ LIMIT_MB = 0.06  # 3 rows of 3x32x32 float32 (37 KB) pass, 8 rows (98 KB) are ov
 
 @pytest.fixture(scope="module")
 def vit_export(tmp_path_factory):
-    from turbo_export.export.pipeline import JobOptions, run_export
-    from turbo_export.export.specs import SPECS, TurboOptions
-    from turbo_export.models.presets import build_random
+    from turbo_export.export.job import RunOptions, run_export
+    from turbo_export.families import get_family
+    from turbo_export.families.vit import VitOptions
 
     out = str(tmp_path_factory.mktemp("serve") / "vit")
-    options = JobOptions(turbo=TurboOptions(ratio=4, batch=2), out_dir=out, validate=False, bench=False)
-    run_export(SPECS["vit"], build_random("tiny", "vit"), options, log=lambda m: None)
+    vit = get_family("vit")
+    run_export(vit, vit.load("random:tiny"), VitOptions(ratio=4, batch=2),
+               RunOptions(out_dir=out, validate=False, bench=False), log=lambda m: None)
     return out
 
 
@@ -568,14 +569,15 @@ def test_triton_repo_cli(vit_export, tmp_path):
 def blip_server(tmp_path_factory):
     if not HAVE_TRITON:
         pytest.skip("nvidia-pytriton / tritonclient not installed (pip install 'turbo-export[serve]')")
-    from turbo_export.export.blip import BlipOptions, run_blip_export
-    from turbo_export.models.presets import build_random_blip
+    from turbo_export.export.job import RunOptions, run_export
+    from turbo_export.families import get_family
+    from turbo_export.families.blip import BlipOptions, build_random_blip
     from turbo_export.serve.server import ServeOptions, free_port, serving
 
     out = str(tmp_path_factory.mktemp("serve") / "blip")
-    run_blip_export(build_random_blip("tiny", "caption"),
-                    BlipOptions(task="caption", ratio=4, out_dir=out, min_tokens=0, batch=2, max_new_tokens=5,
-                                validate=False, bench=False, progress=False), log=lambda m: None)
+    run_export(get_family("blip"), build_random_blip("tiny", "caption"),
+               BlipOptions(task="caption", ratio=4, min_tokens=0, batch=2, max_new_tokens=5),
+               RunOptions(out_dir=out, validate=False, bench=False, progress=False), log=lambda m: None)
     with serving(out, ServeOptions(max_batch=4, threads=1), http_port=free_port(), grpc_port=None) as (srv, b):
         yield srv, out, b
 

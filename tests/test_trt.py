@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from turbo_export import apply_turbo
 from turbo_export.backends import bench, tensorrt_unavailable_reason
+from turbo_export.backends import trt_build as trt_export
 from turbo_export.backends.trt_lint import (
     NEEDS_PLUGIN,
     NEEDS_PLUGIN_LIBRARY,
@@ -32,7 +33,6 @@ from turbo_export.backends.trt_lint import (
 )
 from turbo_export.cli import main
 from turbo_export.errors import TurboExportError
-from turbo_export.backends import trt_build as trt_export
 from turbo_export.export.onnx import export_onnx
 from turbo_export.files import staged_output
 
@@ -208,11 +208,11 @@ def test_check_trt_cli_exit_codes_and_json(tmp_path):
 
 
 def _vit_graph_files(preset, folder, names=("baseline", "turbo")):
-    from turbo_export.export.specs import SPECS, TurboOptions
-    from turbo_export.models.presets import load_model
+    from turbo_export.families import get_family
+    from turbo_export.families.vit import VitOptions as TurboOptions
 
-    spec = SPECS["vit"]
-    loaded = load_model(f"random:{preset}", "vit", spec.supported())
+    spec = get_family("vit")
+    loaded = spec.load(f"random:{preset}")
     options = TurboOptions(ratio=8, batch=2)
     models = {"baseline": loaded.model, "turbo": spec.make_turbo(copy.deepcopy(loaded.model), options)}
     return [export_onnx(spec.graph(n, models[n], loaded, options), str(folder / f"{preset}-{n}.onnx")) for n in names]
@@ -226,14 +226,15 @@ BLIP_LINTED = {"caption": ("turbo_vision", "turbo_cross_kv", "turbo_decoder", "b
 
 
 def _blip_graph_files(task, folder):
-    from turbo_export.export.blip import TASKS, BlipOptions, _vision_layers
-    from turbo_export.models.presets import build_random_blip
+    from turbo_export.families import get_family
+    from turbo_export.families.blip import BlipOptions, build_random_blip
+    from turbo_export.families.blip_tasks import TASKS
 
     loaded = build_random_blip("tiny", task)
-    options = BlipOptions(task=task, ratio=8, out_dir=str(folder), batch=2, max_new_tokens=4, text_len=8,
+    options = BlipOptions(task=task, ratio=8, batch=2, max_new_tokens=4, text_len=8,
                           min_tokens=40)  # retrieval's default (100) would merge nothing in 65 tokens
-    _, num_tokens, _, layers = _vision_layers(loaded, options, loaded.image_size)
-    final = {"baseline": num_tokens, "turbo": num_tokens - sum(r for _, r in layers)}
+    tokens = get_family("blip").token_plan(loaded, options, loaded.image_size)
+    num_tokens, final = tokens.num_tokens, tokens.final_tokens()
     assert final["turbo"] < num_tokens  # Turbo merges in these graphs
     turbo = apply_turbo(copy.deepcopy(loaded.model), 8, alpha=6.0, min_tokens=options.resolved_min_tokens())
     graphs = TASKS[task].graphs(loaded.model, turbo, options, loaded.image_size, final)
@@ -649,13 +650,14 @@ def test_tensorrt_runner_cuda_graph_replay_matches_plain_execution(tmp_path):
 def test_fp16_export_gives_half_graphs_checked_against_the_fp32_model(tmp_path):
     import onnxruntime as ort
 
-    from turbo_export.export.onnx import compare_outputs, torch_outputs
-    from turbo_export.export.pipeline import FP16_ATOL, half_graph, set_tolerances
-    from turbo_export.export.specs import SPECS, TurboOptions
-    from turbo_export.models.presets import load_model
+    from turbo_export.export.job import FP16_ATOL, half_graph, set_tolerances
+    from turbo_export.export.parity import torch_outputs
+    from turbo_export.families import get_family
+    from turbo_export.families.vit import VitOptions as TurboOptions
+    from turbo_export.metrics import compare_outputs
 
-    spec = SPECS["vit"]
-    loaded = load_model("random:tiny", "vit", spec.supported())
+    spec = get_family("vit")
+    loaded = spec.load("random:tiny")
     options = TurboOptions(ratio=8, batch=2)
     graphs = {"baseline": spec.graph("baseline", loaded.model, loaded, options),
               "turbo": spec.graph("turbo", spec.make_turbo(copy.deepcopy(loaded.model), options), loaded, options)}

@@ -19,7 +19,7 @@ from turbo_export.errors import TurboExportError
 from turbo_export.evaluate import datasets
 from turbo_export.evaluate.validate import fit_linear_probe, pad_batch, probe_parity, run_batched, split_indices
 from turbo_export.evaluate.visualize import compose_plans
-from turbo_export.families.defaults import DEFAULTS
+from turbo_export.families.vit import CLASSIFIER
 
 DIGITS = os.path.join(os.path.dirname(__file__), "data", "mnist")
 MNIST_VIT = os.path.join(SHARED, "weights", "vit-mnist")
@@ -204,7 +204,7 @@ def test_validate_cli_on_real_mnist_vit(tmp_path):
     result = _run(["validate", str(out), "--data", DIGITS, "--json", str(report_path)])
     assert result.exit_code == 0, result.output + result.stderr
     report = json.loads(report_path.read_text())
-    assert report["images"] == 32 and report["labelled"] and report["alpha"] == DEFAULTS["vit-classifier"].alpha
+    assert report["images"] == 32 and report["labelled"] and report["alpha"] == CLASSIFIER.alpha
     for key in ("baseline_top1", "turbo_top1", "agreement"):
         assert 0.0 <= report[key] <= 1.0
     assert report["baseline_top1"] >= 0.9  # a real classifier (98.4% on 5,000 digits)

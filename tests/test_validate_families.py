@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from turbo_export.cli import main
-from turbo_export.evaluate.validate import DEFAULT_PROMPTS, generation_parity, retrieval_parity
+from turbo_export.evaluate.validate_diffusion import DEFAULT_PROMPTS
+from turbo_export.evaluate.validate_vl import generation_parity, retrieval_parity
 from turbo_export.pipelines.blip import TokenIds
 
 DIGITS = os.path.join(os.path.dirname(__file__), "data", "mnist")

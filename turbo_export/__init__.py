@@ -17,7 +17,7 @@ _LAZY = {"apply_turbo", "remove_turbo", "supported_classes"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from turbo_export import patch
+        from turbo_export import api, families
 
-        return getattr(patch, name)
+        return getattr(families if name == "supported_classes" else api, name)
     raise AttributeError(f"module 'turbo_export' has no attribute {name!r}")

@@ -1,13 +1,47 @@
 """Agreement metrics between accelerated and unaccelerated outputs (pure Python / numpy): BLEU, CIDEr-D,
-top-1 and prediction agreement, cosine statistics, recall@k."""
+top-1 and prediction agreement, cosine statistics, recall@k, and the per-output closeness of two runs."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    shape: tuple[int, ...]
+    reference_shape: tuple[int, ...]
+    max_abs_diff: float
+    cosine: float
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.shape == self.reference_shape and self.max_abs_diff <= self.atol
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denom = np.linalg.norm(a64) * np.linalg.norm(b64)
+    return float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))
+
+
+def compare_outputs(
+    names: Sequence[str], actual: Sequence[np.ndarray], reference: Sequence[np.ndarray], atol: float
+) -> list[OutputCheck]:
+    checks = []
+    for name, got, ref in zip(names, actual, reference):
+        same_shape = tuple(got.shape) == tuple(ref.shape)
+        diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if same_shape else float("inf")
+        cos = cosine(got, ref) if same_shape else 0.0
+        checks.append(OutputCheck(name, tuple(got.shape), tuple(ref.shape), diff, cos, atol))
+    return checks
+
 
 
 def _ngrams(tokens: Sequence[int], n: int) -> Counter:

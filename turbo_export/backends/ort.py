@@ -47,11 +47,11 @@ class OnnxRuntimeRunner:
         # and Turbo interleaved, pipelines of several graphs) the spinning steals the next session's cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if custom_ops is None:
-            from turbo_export.core.plugin_ops import has_turbo_nodes
+            from turbo_export.core.plugin_contract import has_turbo_nodes
 
             custom_ops = has_turbo_nodes(path)
         if custom_ops:  # turbo.TurboMerge / TurboUnmerge nodes (--merge-impl plugin), Python reference
-            from turbo_export.core.plugin_ops import import_turbo_plugin
+            from turbo_export.core.plugin_contract import import_turbo_plugin
 
             import_turbo_plugin()
             try:

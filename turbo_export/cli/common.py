@@ -82,9 +82,26 @@ class JobChoices:
     runs: int
     atol: float
 
-    def run_fields(self, out_dir: str) -> dict[str, Any]:
-        return {"out_dir": out_dir, "backend": self.backend, "precision": self.precision, "validate": self.validate,
-                "bench": self.bench, "bench_runs": self.runs, "atol": self.atol}
+    def run_options(self) -> Any:
+        from turbo_export.export.job import RunOptions
+
+        return RunOptions(out_dir=self.out_dir or "", backend=self.backend, precision=self.precision,
+                          validate=self.validate, bench=self.bench, bench_runs=self.runs, atol=self.atol)
+
+
+def export_and_print(family_name: str, source: str, options: Any, job: JobChoices) -> dict[str, Any]:
+    """The body of every export command: the one export job, then the family's summary and the files written."""
+    from turbo_export.export.job import export_model
+    from turbo_export.families import get_family
+
+    family = get_family(family_name)
+    result = export_model(family, source, options, job.run_options())
+    click.echo("")
+    for line in family.summary_lines(result.report):
+        click.echo(line)
+    files = [*result.report["files"].values(), *result.report.get("engines", {}).values(), "report.json"]
+    click.echo(f"\nwrote {result.out_dir}/: {', '.join(files)}")
+    return result.report
 
 
 def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerge node per block") -> Callable:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from turbo_export.cli.common import JobChoices, job_options, user_errors
+from turbo_export.cli.common import JobChoices, export_and_print, job_options, user_errors
 from turbo_export.errors import TurboExportError
 
 
@@ -43,28 +43,11 @@ def parse_fraction(value: str) -> float:
 def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: int | None, resolution: int | None,
             batch: int, job: JobChoices) -> None:
     """Export the Stable Diffusion UNet unaccelerated and with Turbo, check parity, compare UNet-call speed."""
-    from turbo_export.export.sd import SDOptions, run_sd_export, sd_summary_lines
-    from turbo_export.models.sd_presets import load_sd
+    from turbo_export.families.sd import SDOptions
 
-    fraction = parse_fraction(ratio)
-    if batch < 1:
-        raise TurboExportError(f"batch: must be >= 1, got {batch}")
-    if resolution is not None and resolution < 1:
-        raise TurboExportError(f"resolution: must be positive, got {resolution}")
-    from turbo_export.export.pipeline import check_backend
-
-    check_backend(job.backend, job.precision)
-    click.echo(f"loading {model_source} ...", err=True)
-    components = load_sd(model_source)
-    out = job.out_dir or os.path.join("engines", f"{components.name}-sd-r{fraction:g}")
-    options = SDOptions(ratio=fraction, alpha=alpha, blocks=blocks, seed=dst_seed, resolution=resolution,
-                        batch=batch, merge_impl=job.merge_impl, **job.run_fields(out))
-    report = run_sd_export(components, options)
-    click.echo("")
-    for line in sd_summary_lines(report):
-        click.echo(line)
-    files = ["baseline.onnx", "turbo.onnx", *report.get("engines", {}).values(), "report.json"]
-    click.echo(f"\nwrote {os.path.abspath(out)}/: {', '.join(files)}")
+    options = SDOptions(ratio=parse_fraction(ratio), alpha=alpha, blocks=blocks, seed=dst_seed,
+                        resolution=resolution, batch=batch, merge_impl=job.merge_impl)
+    export_and_print("sd-unet", model_source, options, job)
 
 
 def read_export_dir(path: str) -> dict[str, Any]:
@@ -79,7 +62,7 @@ def read_export_dir(path: str) -> dict[str, Any]:
     return report
 
 
-def side_by_side(baseline, turbo):
+def concat_images(baseline, turbo):
     """[B, H, W, 3] x 2 -> one image: each row is baseline | turbo."""
     import numpy as np
 
@@ -144,7 +127,7 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     os.makedirs(folder, exist_ok=True)
     paths = {"baseline": stem + "-baseline.png", "turbo": stem + "-turbo.png", "side_by_side": out_png}
     images = {"baseline": np.concatenate(list(base.images), axis=1), "turbo": np.concatenate(list(tur.images), axis=1),
-              "side_by_side": side_by_side(base.images, tur.images)}
+              "side_by_side": concat_images(base.images, tur.images)}
     for key, path in paths.items():
         tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
         Image.fromarray(images[key]).save(tmp, format="PNG")

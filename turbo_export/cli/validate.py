@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from turbo_export.cli.common import user_errors
+from turbo_export.cli.common import parse_ratio, user_errors
 from turbo_export.errors import TurboExportError
 from turbo_export.files import write_json_atomic
 
@@ -51,7 +51,8 @@ def validate_cmd(export_dir: str, source: str | None, limit: int | None, model_s
                  guidance: float, images_dir: str | None, json_path: str | None) -> None:
     """Accuracy parity of EXPORT_DIR's Turbo graphs against its unaccelerated ones (ViT: images; BLIP: captions,
     answers or retrieval rankings; SD: generated images at the same seeds)."""
-    from turbo_export.evaluate.validate import public, read_lines, summary_lines, validate_folder
+    from turbo_export.evaluate.common import read_lines
+    from turbo_export.evaluate.validate import public, summary_lines, validate_folder
 
     if question is not None and not question.strip():
         raise TurboExportError("question: empty --question")
@@ -127,7 +128,6 @@ def visualize_cmd(model_source: str, image_path: str, ratio: str, alpha: float |
     """Draw which patches merged (the paper's Figure 6): ToMe beside Turbo on one image."""
     import os
 
-    from turbo_export.cli.common import parse_ratio
     from turbo_export.evaluate.visualize import visualize
 
     if not os.path.isfile(image_path):

@@ -18,26 +18,22 @@ Node contract (plugins/README.md has the full statement):
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 import torch
 
 from turbo_export.core import merge
-
-DOMAIN = "turbo"  # ONNX domain of the nodes (ONNX Runtime matches it; TensorRT ignores it)
-NAMESPACE = "turbo"  # TensorRT plugin namespace: plugins "turbo::TurboMerge", "turbo::TurboUnmerge"
-PLUGIN_VERSION = "1"
-MERGE_OP = "TurboMerge"
-UNMERGE_OP = "TurboUnmerge"
-MERGE_IMPLS = ("onnx", "plugin")
-# The TurboMerge kernel keeps full-length vectors over A in one program's registers (|A| rounded up to a power of
-# two) and loops over tiles for the 2-D work. Measured (plugins/README.md, "Size limit"): up to a 2048-row A vector
-# it builds in ~5 s for sm_80 and sm_90 with 128 registers and no spills; a 4096-row vector also builds without
-# spills but needs all 255 registers. So at most 2048 tokens per side (ViT-L/14 at 336 px: 289 / 288 fits; SD 1.5
-# at 512 px, 3072 / 1024, does not).
-PLUGIN_MAX_TOKENS_PER_SIDE = 2048
+from turbo_export.core.plugin_contract import (
+    DOMAIN,
+    MERGE_IMPLS,
+    MERGE_OP,
+    NAMESPACE,
+    PLUGIN_MAX_TOKENS_PER_SIDE,
+    PLUGIN_VERSION,
+    UNMERGE_OP,
+    has_turbo_nodes,
+    import_turbo_plugin,
+)
 
 
 def alternate_split(n_tokens: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,18 +199,6 @@ def custom_translation_table() -> dict[Any, Any]:
     return {torch.ops.turbo.merge.default: merge_onnx, torch.ops.turbo.unmerge.default: unmerge_onnx}
 
 
-def has_turbo_nodes(onnx_path: str) -> bool:
-    """Whether an ONNX file holds turbo.TurboMerge / TurboUnmerge nodes (a --merge-impl plugin export): its model
-    declares the ``turbo`` op domain."""
-    import onnx
-
-    try:
-        model = onnx.load(onnx_path, load_external_data=False)
-    except Exception:  # unreadable: the runtime that opens it next says why
-        return False
-    return any(imp.domain == DOMAIN for imp in model.opset_import)
-
-
 def tensorrt_plugin_modules(onnx_path: str) -> tuple[str, ...]:
     """The Python modules that register the TensorRT plugins a graph needs (imported before TensorRT parses it)."""
     if not has_turbo_nodes(onnx_path):
@@ -223,22 +207,3 @@ def tensorrt_plugin_modules(onnx_path: str) -> tuple[str, ...]:
     return ("turbo_plugin.trt_plugin",)
 
 
-def plugins_dir() -> str:
-    """The repository's ``plugins/`` folder (holds the ``turbo_plugin`` package)."""
-    return os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "plugins"))
-
-
-def import_turbo_plugin():
-    """``plugins/turbo_plugin`` (kernels, numpy reference, ORT ops, TensorRT plugin): installed or from the repo."""
-    try:
-        import turbo_plugin
-    except ImportError:
-        path = plugins_dir()
-        if not os.path.isdir(os.path.join(path, "turbo_plugin")):
-            from turbo_export.errors import TurboExportError
-
-            raise TurboExportError("the turbo_plugin package is not installed and plugins/ is not next to "
-                                   "turbo_export/; install turbo-export from a source checkout") from None
-        sys.path.insert(0, path)
-        import turbo_plugin
-    return turbo_plugin

@@ -25,12 +25,14 @@ from turbo_export.backends import bench, make_runner
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
 from turbo_export.evaluate import datasets
+from turbo_export.evaluate.common import load_image_encoder
 from turbo_export.evaluate.validate import INPUT, model_inputs, onnx_forward, pad_batch, parity, run_batched
-from turbo_export.export.onnx import export_onnx, require_parity, validate
-from turbo_export.export.pipeline import check_ratio
-from turbo_export.export.specs import SPECS, TurboOptions
+from turbo_export.export.onnx import export_onnx
+from turbo_export.export.parity import check_graph, require_parity
+from turbo_export.families import family_for_class
+from turbo_export.families.encoders import check_schedule_fits
 from turbo_export.files import write_json_atomic
-from turbo_export.models.presets import LoadedModel, load_model
+from turbo_export.models.presets import LoadedModel
 
 
 @contextlib.contextmanager
@@ -55,9 +57,9 @@ def accuracy_of(row: dict[str, Any]) -> tuple[float, str]:
     return p["cls_cosine"]["mean"], "CLS cosine to the unaccelerated model (mean)"
 
 
-def token_budget(loaded: LoadedModel, options: TurboOptions) -> tuple[list[int], int, float]:
+def token_budget(loaded: LoadedModel, options: Any) -> tuple[list[int], int, float]:
     """(tokens entering each block, tokens leaving the last, FLOPs ratio unaccelerated / Turbo)."""
-    spec = SPECS["vit"]
+    spec = family_for_class(type(loaded.model).__name__)
     size = spec.image_size(loaded, options)
     tokens = spec.num_tokens(loaded, size)
     layers = merge.tokens_per_layer(tokens, merge.r_schedule(options.ratio, spec.num_layers(loaded)),
@@ -86,16 +88,18 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Every (r, alpha) with r > 0 (alpha-major: all ratios of the first alpha come first), plus the
     unaccelerated row. ``partial_json``: rewrite this file after every configuration ("complete": false)."""
-    spec = SPECS["vit"]
     if batch < 1:
         raise TurboExportError(f"batch: must be >= 1, got {batch}")
     if not alphas:
         raise TurboExportError("alphas: give at least one alpha")
-    loaded = loaded or load_model(model_source, "vit", spec.supported())
-    size = spec.image_size(loaded, TurboOptions(ratio=0, image_size=image_size))
+    if loaded is None:
+        spec, loaded = load_image_encoder(model_source)
+    else:
+        spec = family_for_class(type(loaded.model).__name__)
+    size = spec.image_size(loaded, spec.options_type(ratio=0, image_size=image_size))
     tokens = spec.num_tokens(loaded, size)
     for r in ratios:
-        check_ratio([r], tokens, spec.protected(loaded))
+        check_schedule_fits([r], tokens, spec.protected(loaded))
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise TurboExportError("data: give at least one data source")
@@ -115,11 +119,11 @@ def run_sweep(
                         rows, complete)
 
     try:
-        base_options = TurboOptions(ratio=0, batch=batch, image_size=size)
+        base_options = spec.options_type(ratio=0, batch=batch, image_size=size)
         base_graph = spec.graph("baseline", loaded.model, loaded, base_options)
         base_path = export_onnx(base_graph, os.path.join(work, "baseline.onnx"))
         base_runner = make_runner(base_path)
-        require_parity(validate(base_graph, base_path, base_runner))
+        require_parity(check_graph(base_graph, base_path, base_runner))
         base_out = {src: run_batched(onnx_forward(base_runner), x, batch, f"baseline.onnx {src}", progress)
                     for src, x in inputs.items()}
         base_row = {"r": 0, "alpha": None, "tokens_per_layer": [tokens] * spec.num_layers(loaded),
@@ -129,12 +133,12 @@ def run_sweep(
 
         combos = [(r, a) for a in alphas for r in ratios if r > 0]
         for r, alpha in tqdm(combos, desc="sweep", unit="config", disable=not progress, file=sys.stderr):
-            options = TurboOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, batch=batch, image_size=size)
+            options = spec.options_type(ratio=r, alpha=alpha, min_tokens=min_tokens, batch=batch, image_size=size)
             model = spec.make_turbo(copy.deepcopy(loaded.model), options)
             graph = spec.graph(f"turbo r={r} alpha={alpha:g}", model, loaded, options)
             path = export_onnx(graph, os.path.join(work, f"turbo-r{r}-a{alpha:g}.onnx"))
             runner = make_runner(path)
-            checks = {"random_inputs": validate(graph, path, runner), "real_batch": validate(graph, path, runner,
+            checks = {"random_inputs": check_graph(graph, path, runner), "real_batch": check_graph(graph, path, runner,
                                                                                                real_batch)}
             for report in checks.values():
                 require_parity(report)

@@ -1,7 +1,7 @@
 """Accuracy parity of Turbo against the unaccelerated model on real inputs, through the exported graphs.
 
-``validate_folder`` dispatches on report.json's family: ViT (below), BLIP caption / VQA / retrieval and the SD
-UNet (``validate_blip``, ``validate_sd``; see their section).
+``validate_folder`` dispatches on the kind of report.json's family: image encoders (below), vision-language
+exports (``validate_vl``: caption / VQA / retrieval) and text-to-image exports (``validate_diffusion``).
 
 ``validate_export`` reads an export folder made by ``turbo-export vit`` (its ``report.json`` says the family, the
 checkpoint, the Turbo settings, the static batch and the files), runs ``baseline.onnx`` and ``turbo.onnx`` on a
@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from turbo_export import files, metrics
+from turbo_export import metrics
 from turbo_export.backends import Runner, make_runner
 from turbo_export.errors import TurboExportError
 from turbo_export.evaluate import datasets
-from turbo_export.models.presets import LoadedModel, load_model
+from turbo_export.evaluate.common import read_export
+from turbo_export.families import families, get_family
+from turbo_export.models.presets import LoadedModel
 
 INPUT = "pixel_values"
 PROBE_SEED = 0
@@ -186,21 +188,6 @@ def torch_check(onnx_out: dict[str, np.ndarray], torch_out: dict[str, np.ndarray
 # --------------------------------------------------------------------------------------------------
 
 
-FAMILIES = {"vit": "turbo-export vit", "blip": "turbo-export blip", "sd-unet": "turbo-export sd-unet"}
-
-
-def read_report(folder: str, families: tuple[str, ...] = ("vit",)) -> dict[str, Any]:
-    """The export folder's report.json, of one of ``families``, with every graph it lists present."""
-    report = files.read_report(folder, made_by=" / ".join(FAMILIES[f] for f in families))
-    if report.get("family") not in families:
-        raise TurboExportError(f"validate: family '{report.get('family')}' is not one validate knows (exports of "
-                               + ", ".join(f"'{FAMILIES[f]}'" for f in families) + ")")
-    for name in (report.get("files") or {}).values():
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise TurboExportError(f"validate: {folder} has no {name}")
-    return report
-
-
 def fallback_pixels(images: datasets.ImageSet, channels: int, image_size: int) -> np.ndarray:
     """Resize to ``image_size`` and scale to [-1, 1]: for random: presets, which have no image processor."""
     from PIL import Image
@@ -225,11 +212,10 @@ def model_inputs(loaded: LoadedModel, images: datasets.ImageSet, image_size: int
 
 def turbo_model(loaded: LoadedModel, report: dict[str, Any]) -> torch.nn.Module:
     """The PyTorch Turbo model with the export's settings (for the reference run)."""
-    from turbo_export.export.specs import SPECS, TurboOptions
-
-    options = TurboOptions(ratio=report["r_schedule"], alpha=report["alpha"], min_tokens=report["min_tokens"],
-                           prop_attn=report["prop_attn"], batch=report["batch"], image_size=report["image_size"])
-    return SPECS["vit"].make_turbo(copy.deepcopy(loaded.model), options)
+    family = get_family(report["family"])
+    options = family.options_type(ratio=report["r_schedule"], alpha=report["alpha"], min_tokens=report["min_tokens"],
+                                  prop_attn=report["prop_attn"], batch=report["batch"], image_size=report["image_size"])
+    return family.make_turbo(copy.deepcopy(loaded.model), options)
 
 
 def validate_export(
@@ -247,12 +233,11 @@ def validate_export(
 
     ``loaded`` / ``baseline_outputs`` let a sweep reuse the model and the unaccelerated outputs across folders.
     """
-    from turbo_export.export.specs import SPECS
-
-    report = read_report(folder, ("vit",))
+    report = read_export(folder, ("image-encoder",))
+    family = get_family(report["family"])
     images = datasets.load_images(source, limit)
     if loaded is None:
-        loaded = load_model(model or report["model"], "vit", SPECS["vit"].supported())
+        loaded = family.load(model or report["model"])
     image_size, batch = int(report["image_size"]), int(report["batch"])
     pixels = model_inputs(loaded, images, image_size)
     if pixels.shape[1:] != (loaded.num_channels, image_size, image_size):
@@ -275,8 +260,7 @@ def validate_export(
     result.update({k: result["onnx"][k] for k in ("baseline_top1", "turbo_top1", "agreement")
                    if k in result["onnx"]})
     if torch_reference:
-        spec = SPECS["vit"]
-        names, kwargs = spec.output_names(loaded), spec.forward_kwargs(loaded, image_size)
+        names, kwargs = family.output_names(loaded), family.forward_kwargs(loaded, image_size)
         torch_turbo = run_batched(torch_forward(turbo_model(loaded, report), names, kwargs), pixels, batch,
                                   "turbo (PyTorch)", progress)
         result["pytorch"] = parity(base, torch_turbo, images.labels)
@@ -320,320 +304,46 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-# --------------------------------------------------------------------------------------------------
-# BLIP (caption, VQA, retrieval) and Stable Diffusion export folders
-# --------------------------------------------------------------------------------------------------
-
-RANDOM_NOTE = ("random weights (random: presets): these figures only show that the Turbo graphs track the "
-               "unaccelerated ones; they are weak evidence of quality on real weights")
-DEFAULT_TEXTS = (  # short (at most 5 words), so they fit a small exported --text-len
-    "a photo of a person", "a dog on the grass", "a cat on a bed", "a red car", "a plate of food",
-    "a city street", "a bird in the sky", "a boat on the water", "people in a field", "a white flower",
-)
-DEFAULT_QUESTION = "what is in the picture?"
-DEFAULT_PROMPTS = (
-    "a photograph of an astronaut riding a horse", "a red bicycle leaning against a brick wall",
-    "a bowl of fruit on a wooden table", "a lighthouse on a cliff at sunset",
-)
-EXAMPLES = 5  # caption / answer pairs kept in the JSON
-
-
-def read_lines(path: str, what: str) -> list[str]:
-    """Non-empty lines of a text file (texts, prompts), or a one-line error."""
-    if not os.path.isfile(path):
-        raise TurboExportError(f"{what}: '{path}' is not a file (one {what[:-1]} per line)")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise TurboExportError(f"{what}: '{path}' has no non-empty line")
-    return lines
-
-
-def weights_note(model: str) -> dict[str, str]:
-    return {"note": RANDOM_NOTE} if str(model).startswith("random:") else {}
-
-
-def load_blip(report: dict[str, Any]) -> LoadedModel:
-    """The export's checkpoint with its processor (image processor + tokenizer)."""
-    from turbo_export.models.presets import BLIP_TASK_CLASSES, RANDOM_PREFIX, build_random_blip, load_pretrained
-
-    source, task = report["model"], report["task"]["name"]
-    if source.startswith(RANDOM_PREFIX):
-        loaded = build_random_blip(source[len(RANDOM_PREFIX):], task)
-    else:
-        loaded = load_pretrained(source, sorted(BLIP_TASK_CLASSES.values()), with_processor="blip")
-    if getattr(loaded.image_processor, "tokenizer", None) is None:
-        raise TurboExportError(f"model: '{source}' has no BLIP processor (image processor and tokenizer)")
-    return loaded
-
-
-def blip_pixels(loaded: LoadedModel, images: datasets.ImageSet, image_size: int) -> np.ndarray:
-    processor = loaded.image_processor
-    resize = {} if image_size == loaded.image_size else {"size": {"height": image_size, "width": image_size}}
-    arrays = [datasets.to_channels(image, 3) for image in images.images]
-    out = [np.asarray(processor(images=arrays[s:s + 256], return_tensors="np", **resize)["pixel_values"], np.float32)
-           for s in range(0, len(arrays), 256)]
-    pixels = np.concatenate(out)
-    if pixels.shape[1:] != (3, image_size, image_size):
-        raise TurboExportError(f"data: images became {pixels.shape[1:]}, the export expects "
-                               f"{(3, image_size, image_size)}")
-    return pixels
-
-
-def tokenize(tokenizer: Any, texts: list[str], length: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    for text, ids in zip(texts, tokenizer(texts)["input_ids"]):
-        if len(ids) > length:
-            raise TurboExportError(f"{what}: '{text}' is {len(ids)} tokens, longer than the export's text length "
-                                   f"{length} (re-export with a larger --text-len)")
-    enc = tokenizer(texts, padding="max_length", max_length=length, return_tensors="np")
-    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-
-
-def blip_pipelines(folder: str, report: dict[str, Any], loaded: LoadedModel, backend: str) -> tuple[dict, Any]:
-    """The baseline and Turbo pipelines over the folder's graphs, as `turbo-export blip` built them."""
-    from turbo_export.export.blip import TASKS, BlipOptions
-    from turbo_export.pipelines.blip import TokenIds
-
-    task = report["task"]
-    options = BlipOptions(task=task["name"], ratio=report["ratio"], out_dir=folder, batch=int(report["batch"]),
-                          max_new_tokens=int(task.get("max_new_tokens", 20)), num_beams=int(task.get("num_beams", 1)),
-                          text_len=int(task.get("text_len", 32)),
-                          size_aware=bool(task.get("size_aware_cross_attention", False)), backend=backend)
-    runners = {name: make_runner(os.path.join(folder, path), backend) for name, path in report["files"].items()}
-    ids = TokenIds.from_text_config(loaded.model.config.text_config)
-    return TASKS[options.task].pipelines(runners, ids, options), options
-
-
-def generation_parity(tokens: dict[str, list[list[int]]], ids: Any, tokenizer: Any, names: list[str],
-                      unit: str) -> dict[str, Any]:
-    """Turbo's captions / answers against the unaccelerated ones as references."""
-    from turbo_export.export.blip import sequence_agreement, token_agreement
-
-    special = {ids.bos, ids.eos, ids.pad}
-    turbo = [metrics.strip_special(t, special) for t in tokens["turbo"]]
-    base = [metrics.strip_special(t, special) for t in tokens["baseline"]]
-    texts = {n: [tokenizer.decode(r, skip_special_tokens=True) for r in tokens[n]] for n in ("baseline", "turbo")}
-    out = {
-        "kind": unit, "count": len(base),
-        "bleu4": metrics.corpus_bleu(turbo, base),
-        "cider_d": metrics.cider_d(turbo, [[b] for b in base]),
-        "token_agreement": token_agreement([np.array(t) for t in tokens["turbo"]],
-                                           [np.array(t) for t in tokens["baseline"]]),
-        "exact_match": sequence_agreement(tokens["turbo"], tokens["baseline"], ids.pad),
-        "examples": [{"image": names[i], "baseline": texts["baseline"][i], "turbo": texts["turbo"][i]}
-                     for i in range(min(EXAMPLES, len(base)))],
-        "references": f"the unaccelerated model's {unit}s (one reference per image)",
-    }
-    if len({tuple(b) for b in base}) < 2:
-        out["cider_d_note"] = (f"every reference {unit} is the same, so every n-gram's idf is 0 and CIDEr-D is 0 "
-                               "whatever Turbo says; it needs varied references (real weights, varied images)")
-    return out
-
-
-def validate_blip(folder: str, report: dict[str, Any], source: str, limit: int | None, backend: str,
-                  texts: list[str] | None, question: str | None, progress: bool) -> dict[str, Any]:
-    from turbo_export.export.blip import _generate_rows
-
-    task = report["task"]["name"]
-    images = datasets.load_images(source, limit)
-    loaded = load_blip(report)
-    image_size, batch = int(report["image_size"]), int(report["batch"])
-    pixels = blip_pixels(loaded, images, image_size)
-    tokenizer = loaded.image_processor.tokenizer
-    pipelines, options = blip_pipelines(folder, report, loaded, backend)
-    result: dict[str, Any] = {
-        "family": "blip", "task": task, "export": os.path.abspath(folder), "model": report["model"], "data": source,
-        "images": len(images), "ratio": report["ratio"], "alpha": report["alpha"],
-        "min_tokens": report["min_tokens"], "batch": batch, "image_size": image_size, "backend": backend,
-        "tokens_per_layer": report["tokens_per_layer"]["turbo"], "flops_ratio": report["flops"]["ratio"],
-    }
-    if task in ("caption", "vqa"):
-        extra: dict[str, np.ndarray] = {}
-        if task == "vqa":
-            question = question or DEFAULT_QUESTION
-            q_ids, q_mask = tokenize(tokenizer, [question], options.text_len, "question")
-            extra = {"input_ids": np.repeat(q_ids, len(pixels), 0), "attention_mask": np.repeat(q_mask, len(pixels), 0)}
-            result["question"] = question
-        tokens = {}
-        for name in tqdm(("baseline", "turbo"), desc=f"{task} pipelines", leave=False, disable=not progress,
-                         file=sys.stderr):
-            p = pipelines[name]
-            fn = (lambda pixel_values, p=p: p.generate(pixel_values, options.max_new_tokens, options.num_beams)) \
-                if task == "caption" else (lambda pixel_values, input_ids, attention_mask, p=p: p.generate(
-                    pixel_values, input_ids, attention_mask, options.max_new_tokens, options.num_beams))
-            tokens[name] = _generate_rows(fn, batch, pixel_values=pixels, **extra)
-        result.update(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
-        result["onnx"] = generation_parity(tokens, pipelines["baseline"].ids, tokenizer, images.names,
-                                           "caption" if task == "caption" else "answer")
-    else:
-        result["texts_source"] = "--texts" if texts else (
-            f"built-in list of {len(DEFAULT_TEXTS)} generic texts; pass --texts FILE (one text per line) for your own")
-        texts = list(texts or DEFAULT_TEXTS)
-        result["texts"] = len(texts)
-        result["onnx"] = retrieval_parity(pipelines, pixels, *tokenize(tokenizer, texts, options.text_len, "texts"))
-    result.update(weights_note(report["model"]))
-    return result
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation of all entries (1.0 when either side is constant)."""
-    def ranks(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x).ravel().argsort(kind="stable").argsort(kind="stable").astype(np.float64)
-
-    ra, rb = ranks(a), ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else 1.0
-
-
-def retrieval_parity(pipelines: dict[str, Any], pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray
-                     ) -> dict[str, Any]:
-    """ITC similarity of every image with every text, Turbo against unaccelerated (whose top-1 is the answer)."""
-    feats, itc = {}, {}
-    for name, p in pipelines.items():
-        feats[name] = p.encode_images(pixels)
-        itc[name] = feats[name]["image_feat"] @ p.encode_texts(ids, mask).T  # [images, texts]
-    base, turbo = itc["baseline"], itc["turbo"]
-    out: dict[str, Any] = {"kind": "retrieval", "images": int(len(pixels)), "texts": int(len(ids))}
-    for k in (1, 5):
-        out[f"image_to_text_recall@{k}_agreement"] = metrics.recall_agreement(turbo, base, k)
-        out[f"text_to_image_recall@{k}_agreement"] = metrics.recall_agreement(turbo.T, base.T, k)
-    out["itc_rank_correlation"] = spearman(turbo, base)
-    out["itc_max_abs_diff"] = float(np.abs(turbo - base).max())
-    out["image_feat_cosine"] = metrics.cosine_stats(feats["turbo"]["image_feat"], feats["baseline"]["image_feat"])
-    out["image_cls_cosine"] = metrics.cosine_stats(feats["turbo"]["image_embeds"][:, 0],
-                                                   feats["baseline"]["image_embeds"][:, 0])
-    return out
-
-
-def validate_sd(folder: str, report: dict[str, Any], prompts: list[str] | None, steps: int, seed: int,
-                guidance: float, backend: str, images_dir: str | None, progress: bool) -> dict[str, Any]:
-    """Both UNets through the same text-to-image pipeline at the same seeds: PSNR/SSIM of latents and images."""
-    from turbo_export.models.sd_presets import load_sd
-    from turbo_export.pipelines.sd import generate
-
-    if steps < 1:
-        raise TurboExportError(f"steps: must be >= 1, got {steps}")
-    components = load_sd(report["model"], with_unet=False)
-    runners = {name: make_runner(os.path.join(folder, report["files"][name]), backend)
-               for name in ("baseline", "turbo")}
-    rows, saved = [], []
-    for i, prompt in enumerate(prompts or DEFAULT_PROMPTS):
-        gens = {name: generate(runner, components, prompt, steps=steps, seed=seed + i, guidance=guidance,
-                               progress=progress, desc=f"{name} UNet, prompt {i + 1}")
-                for name, runner in runners.items()}
-        base, turbo = gens["baseline"], gens["turbo"]
-        row: dict[str, Any] = {"prompt": prompt, "seed": seed + i,
-                               "latents_psnr_db": metrics.psnr(base.latents, turbo.latents),
-                               "images_psnr_db": metrics.psnr(base.images, turbo.images, data_range=255.0),
-                               "images_ssim": float(np.mean([metrics.ssim(b, t, data_range=255.0)
-                                                             for b, t in zip(base.images, turbo.images)]))}
-        try:
-            row["latents_ssim"] = float(np.mean([metrics.ssim(b.transpose(1, 2, 0), t.transpose(1, 2, 0))
-                                                 for b, t in zip(base.latents, turbo.latents)]))
-        except ValueError:
-            row["latents_ssim"] = None  # latents smaller than the SSIM window
-        rows.append(row)
-        if images_dir:
-            saved += save_pngs(images_dir, i, base.images, turbo.images)
-    mean = {key: (float(np.mean([r[key] for r in rows])) if all(r[key] is not None for r in rows) else None)
-            for key in ("latents_psnr_db", "latents_ssim", "images_psnr_db", "images_ssim")}
-    result: dict[str, Any] = {
-        "family": "sd-unet", "export": os.path.abspath(folder), "model": report["model"], "ratio": report["ratio"],
-        "alpha": report["alpha"], "blocks": report.get("blocks"), "resolution": report.get("resolution"),
-        "batch": report["batch"], "backend": backend, "flops_ratio": report["flops"]["ratio"], "steps": steps,
-        "seed": seed, "guidance": guidance, "prompts": len(rows),
-        "prompts_source": "--prompts" if prompts else f"built-in list of {len(DEFAULT_PROMPTS)} prompts",
-        "onnx": {"kind": "generation", "per_prompt": rows, "mean": mean,
-                 "compared": "Turbo UNet vs unaccelerated UNet, same prompt, seed, scheduler and steps"},
-    }
-    if saved:
-        result["images_written"] = saved
-    result.update(weights_note(report["model"]))
-    return result
-
-
-def save_pngs(folder: str, index: int, baseline: np.ndarray, turbo: np.ndarray) -> list[str]:
-    from PIL import Image
-
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for name, images in (("baseline", baseline), ("turbo", turbo)):
-        path = os.path.join(folder, f"prompt{index:02d}-{name}.png")
-        tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
-        Image.fromarray(np.concatenate(list(images), axis=1)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
-
-
 def validate_folder(folder: str, source: str | None = None, limit: int | None = None, *, model: str | None = None,
                     torch_reference: bool = True, backend: str = "onnxruntime", progress: bool = True,
                     texts: list[str] | None = None, question: str | None = None, prompts: list[str] | None = None,
                     steps: int = 10, seed: int = 0, guidance: float = 7.5, images_dir: str | None = None
                     ) -> dict[str, Any]:
-    """Any export folder: dispatch on report.json's family (and BLIP task)."""
-    report = read_report(folder, tuple(FAMILIES))
-    family = report["family"]
-    kind = report["task"]["name"] if family == "blip" else family
+    """Any export folder: dispatch on the kind of its family (and its task), never on the family's name."""
+    from turbo_export.evaluate import validate_diffusion, validate_vl
+
+    report = read_export(folder)
+    family = get_family(report["family"])
+    task = family.task(report)
     for option, given, fits in (("--texts", texts, "retrieval"), ("--question", question, "vqa"),
-                                ("--prompts", prompts, "sd-unet"), ("--images", images_dir, "sd-unet")):
-        if given and kind != fits:
-            raise TurboExportError(f"{option.lstrip('-')}: {option} is for {fits} exports; '{folder}' is a {kind} "
-                                   "export")
-    if family == "sd-unet":
+                                ("--prompts", prompts, "text-to-image"), ("--images", images_dir, "text-to-image")):
+        if given and task != fits:
+            kind_names = " / ".join(f.name for f in families() if f.kind == fits)  # a kind: its families' names
+            raise TurboExportError(f"{option.lstrip('-')}: {option} is for {kind_names or fits} exports; '{folder}' "
+                                   f"is a {task} export")
+    if family.kind == "text-to-image":
         if source is not None:
-            raise TurboExportError("data: an sd-unet export generates images from prompts; pass --prompts FILE "
+            raise TurboExportError(f"data: a {family.name} export generates images from prompts; pass --prompts FILE "
                                    "(or nothing, for the built-in prompts), not --data")
-        return validate_sd(folder, report, prompts, steps, seed, guidance, backend, images_dir, progress)
+        return validate_diffusion.validate_sd(folder, report, prompts, steps, seed, guidance, backend, images_dir,
+                                              progress)
     if source is None:
-        raise TurboExportError(f"data: --data is required for a {family} export (a folder of images or builtin:<name>)")
-    if family == "blip":
-        return validate_blip(folder, report, source, limit, backend, texts, question, progress)
+        raise TurboExportError(f"data: --data is required for a {family.name} export (a folder of images or "
+                               "builtin:<name>)")
+    if family.kind == "vision-language":
+        return validate_vl.validate_blip(folder, report, source, limit, backend, texts, question, progress)
     return validate_export(folder, source, limit, model=model, torch_reference=torch_reference, backend=backend,
                            progress=progress)
 
 
+
+
 def family_summary_lines(result: dict[str, Any]) -> list[str]:
-    """The printed summary of a BLIP or SD result (ViT: ``summary_lines``)."""
-    p = result["onnx"]
-    if result["family"] == "sd-unet":
-        m = p["mean"]
-        lines = [f"{result['model']}: ratio {result['ratio']:g}, alpha {result['alpha']:g}, {result['prompts']} "
-                 f"prompts ({result['prompts_source']}), {result['steps']} steps, seeds {result['seed']}.."
-                 f"{result['seed'] + result['prompts'] - 1}, guidance {result['guidance']:g} ({result['backend']})"]
-        for r in p["per_prompt"]:
-            lat = "n/a" if r["latents_ssim"] is None else f"{r['latents_ssim']:.4f}"
-            lines.append(f"  '{r['prompt']}': latents PSNR {r['latents_psnr_db']:.2f} dB SSIM {lat}; images PSNR "
-                         f"{r['images_psnr_db']:.2f} dB SSIM {r['images_ssim']:.4f}")
-        lat = "n/a" if m["latents_ssim"] is None else f"{m['latents_ssim']:.4f}"
-        lines.append(f"mean turbo vs baseline: latents PSNR {m['latents_psnr_db']:.2f} dB SSIM {lat}; images PSNR "
-                     f"{m['images_psnr_db']:.2f} dB SSIM {m['images_ssim']:.4f}")
-    else:
-        lines = [f"{result['model']} ({result['task']}): r={result['ratio']} alpha={result['alpha']:g}, "
-                 f"{result['images']} images of {result['data']} ({result['backend']}, batch {result['batch']}, "
-                 f"{result['flops_ratio']:.2f}x fewer image-encoder FLOPs)"]
-        if p["kind"] == "retrieval":
-            lines.append(f"{p['texts']} texts: {result['texts_source']}")
-            lines.append(f"ITC recall agreement (unaccelerated top-1 as the answer): image->text R@1 "
-                         f"{p['image_to_text_recall@1_agreement']:.3f} "
-                         f"R@5 {p['image_to_text_recall@5_agreement']:.3f}; "
-                         f"text->image R@1 {p['text_to_image_recall@1_agreement']:.3f} "
-                         f"R@5 {p['text_to_image_recall@5_agreement']:.3f}")
-            lines.append(f"ITC rank correlation {p['itc_rank_correlation']:.4f}; image feature cosine mean "
-                         f"{p['image_feat_cosine']['mean']:.5f}, min {p['image_feat_cosine']['min']:.5f}")
-        else:
-            if "question" in result:
-                lines.append(f"question: {result['question']}")
-            lines.append(f"{p['kind']}s, Turbo against the unaccelerated ones: BLEU-4 {p['bleu4']:.4f}, CIDEr-D "
-                         f"{p['cider_d']:.4f}, token agreement {p['token_agreement']:.4f}, exact match "
-                         f"{p['exact_match']:.4f}")
-            if "cider_d_note" in p:
-                lines.append(f"  (CIDEr-D: {p['cider_d_note']})")
-            for e in p["examples"]:
-                lines.append(f"  {e['image']}: baseline '{e['baseline']}' | turbo '{e['turbo']}'")
+    """The printed summary of a vision-language or text-to-image result (image encoders: ``summary_lines``)."""
+    from turbo_export.evaluate import validate_diffusion, validate_vl
+
+    kind = get_family(result["family"]).kind
+    lines = (validate_diffusion if kind == "text-to-image" else validate_vl).summary_lines(result)
     if "note" in result:
         lines.append(f"[{result['note']}]")
     return lines
-
-
-__all__ = ["validate_export", "validate_folder", "parity", "probe_parity", "fit_linear_probe", "run_batched", "public",
-           "summary_lines"]

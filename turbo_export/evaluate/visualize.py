@@ -18,10 +18,11 @@ import torch
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
 from turbo_export.evaluate import datasets
+from turbo_export.evaluate.common import load_image_encoder
 from turbo_export.evaluate.validate import model_inputs
-from turbo_export.export.specs import SPECS, TurboOptions
-from turbo_export.families.defaults import defaults_for
-from turbo_export.models.presets import LoadedModel, load_model
+from turbo_export.families import family_for_class
+from turbo_export.families.encoders import check_schedule_fits
+from turbo_export.models.presets import LoadedModel
 from turbo_export.patch import turbo_settings
 
 PANEL = 320  # the shorter side of each drawn panel, in pixels
@@ -51,9 +52,9 @@ def compose_plans(plans: Sequence[merge.MergePlan], num_tokens: int, sample: int
 def record_groups(loaded: LoadedModel, pixels: np.ndarray, ratio: merge.RSchedule, alpha: float,
                   min_tokens: int = 0) -> np.ndarray:
     """Run one image through the PyTorch Turbo model; the final group of every patch, [patches]."""
-    spec = SPECS["vit"]
+    spec = family_for_class(type(loaded.model).__name__)
     size = int(pixels.shape[-1])
-    options = TurboOptions(ratio=ratio, alpha=alpha, min_tokens=min_tokens, image_size=size)
+    options = spec.options_type(ratio=ratio, alpha=alpha, min_tokens=min_tokens, image_size=size)
     model = spec.make_turbo(copy.deepcopy(loaded.model), options)
     settings = turbo_settings(model)
     settings.record_plans = True
@@ -132,19 +133,19 @@ def visualize(model_source: str, image_path: str, ratio: merge.RSchedule, out: s
               min_tokens: int = 0, image_size: int | None = None, loaded: LoadedModel | None = None
               ) -> dict[str, Any]:
     """Write a PNG: the input, ToMe's groups (alpha = 0) and Turbo's groups (``alpha``) at ``ratio``."""
-    spec = SPECS["vit"]
-    loaded = loaded or load_model(model_source, "vit", spec.supported())
-    size = spec.image_size(loaded, TurboOptions(ratio=0, image_size=image_size))
+    if loaded is None:
+        spec, loaded = load_image_encoder(model_source)
+    else:
+        spec = family_for_class(type(loaded.model).__name__)
+    size = spec.image_size(loaded, spec.options_type(ratio=0, image_size=image_size))
     images = datasets.ImageSet(image_path, [datasets._read_image(image_path)], [image_path])
     pixels = model_inputs(loaded, images, size)
     patch = int(loaded.model.config.patch_size)
     schedule = merge.r_schedule(ratio, spec.num_layers(loaded))
     tokens = spec.num_tokens(loaded, size)
-    from turbo_export.export.pipeline import check_ratio
-
-    check_ratio(schedule, tokens, spec.protected(loaded))
+    check_schedule_fits(schedule, tokens, spec.protected(loaded))
     if alpha is None:
-        alpha = defaults_for(type(loaded.model).__name__).alpha
+        alpha = spec.defaults_for(type(loaded.model).__name__).alpha
     if alpha == 0:
         raise TurboExportError("alpha: 0 is ToMe, which is always drawn beside Turbo; give Turbo's alpha > 0")
     picture = display_image(loaded, pixels)

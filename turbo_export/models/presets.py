@@ -1,12 +1,12 @@
-"""Models by name: ``random:<preset>`` (seeded random weights, offline), a local folder, or a hub id."""
+"""Loading models: ``random:<preset>`` (seeded random weights, offline; the presets are the families'), a local
+Hugging Face folder, or a hub id."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -16,124 +16,6 @@ from turbo_export.errors import TurboExportError
 
 RANDOM_PREFIX = "random:"
 SEED = 0
-
-
-@dataclass(frozen=True)
-class Preset:
-    family: str
-    model_class: str  # a transformers class name
-    config_class: str
-    config: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-
-
-# The ViT-B/L configs are google/vit-{base,large}-patch16-224's (ImageNet-1k heads).
-VIT_PRESETS: dict[str, Preset] = {
-    "vit-base-patch16-224": Preset(
-        "vit", "ViTForImageClassification", "ViTConfig",
-        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-             image_size=224, patch_size=16, num_labels=1000),
-        "ViT-B/16, 224 px, 197 tokens, 12 layers",
-    ),
-    "vit-large-patch16-224": Preset(
-        "vit", "ViTForImageClassification", "ViTConfig",
-        dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-             image_size=224, patch_size=16, num_labels=1000),
-        "ViT-L/16, 224 px, 197 tokens, 24 layers",
-    ),
-    "deit-small-distilled-patch16-224": Preset(
-        "vit", "DeiTForImageClassificationWithTeacher", "DeiTConfig",
-        dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-             image_size=224, patch_size=16, num_labels=1000),
-        "DeiT-S/16 distilled, 224 px, 198 tokens (CLS + distillation), 12 layers",
-    ),
-    "dinov2-small": Preset(
-        "vit", "Dinov2Model", "Dinov2Config",
-        dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-             image_size=224, patch_size=14),
-        "DINOv2 ViT-S/14 backbone at 224 px, 257 tokens, 12 layers",
-    ),
-    "tiny": Preset(
-        "vit", "ViTForImageClassification", "ViTConfig",
-        dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-             image_size=32, patch_size=4, num_labels=10),
-        "tiny ViT for tests: 32 px, 65 tokens, 4 layers, width 32",
-    ),
-    "tiny-deit": Preset(
-        "vit", "DeiTForImageClassificationWithTeacher", "DeiTConfig",
-        dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-             image_size=32, patch_size=4, num_labels=10),
-        "tiny DeiT for tests: 66 tokens (CLS + distillation)",
-    ),
-    "tiny-dinov2": Preset(
-        "vit", "Dinov2Model", "Dinov2Config",
-        dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2,
-             image_size=32, patch_size=4, layerscale_value=0.5),
-        "tiny DINOv2 for tests: 65 tokens, layer scale",
-    ),
-}
-
-
-BLIP_TASK_CLASSES = {
-    "caption": "BlipForConditionalGeneration",
-    "retrieval": "BlipForImageTextRetrieval",
-    "vqa": "BlipForQuestionAnswering",
-}
-
-# BLIP base: ViT-B/16 at 384 px (577 tokens) + the BERT-base text side; large: ViT-L/16 (24 layers).
-BLIP_PRESETS: dict[str, dict[str, Any]] = {
-    "blip-base": dict(vision_config={}, text_config={}),
-    "blip-large": dict(
-        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-        text_config=dict(encoder_hidden_size=1024),
-    ),
-    "tiny": dict(
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           image_size=32, patch_size=4),
-        text_config=dict(vocab_size=512, bos_token_id=510, hidden_size=32, encoder_hidden_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         max_position_embeddings=64),
-        image_text_hidden_size=32, projection_dim=32,
-    ),
-}
-BLIP_PRESET_NOTES = {
-    "blip-base": "BLIP base: ViT-B/16 at 384 px (577 tokens), BERT-base text side",
-    "blip-large": "BLIP large captioning: ViT-L/16 at 384 px, 24 layers",
-    "tiny": "tiny BLIP for tests: 32 px, 65 image tokens, 2+2 layers",
-}
-
-
-def presets_for(family: str) -> dict[str, Preset]:
-    return {name: p for name, p in VIT_PRESETS.items() if p.family == family}
-
-
-def build_random_blip(preset_name: str, task: str, seed: int = SEED) -> LoadedModel:
-    """A BLIP model of the task's class from a preset config with seeded random weights, plus an offline processor."""
-    from transformers import BlipConfig
-
-    from turbo_export.models.tokenizer import offline_blip_processor
-
-    if preset_name not in BLIP_PRESETS:
-        raise TurboExportError(
-            f"model: unknown preset 'random:{preset_name}'; available: "
-            + ", ".join(f"random:{n}" for n in BLIP_PRESETS)
-        )
-    if task not in BLIP_TASK_CLASSES:
-        raise TurboExportError(f"task: unknown '{task}'; choose one of {', '.join(BLIP_TASK_CLASSES)}")
-    settings = copy.deepcopy(BLIP_PRESETS[preset_name])
-    # BlipVisionConfig's default initializer_range is 1e-10, which makes every random image token alike
-    settings["vision_config"].setdefault("initializer_range", 0.02)
-    config = BlipConfig(**settings)
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = _transformers_attr(BLIP_TASK_CLASSES[task])(config)
-    model.eval()
-    vision = config.vision_config
-    processor = offline_blip_processor(config.text_config.vocab_size, config.text_config.bos_token_id,
-                                       int(vision.image_size))
-    return LoadedModel(model, f"{preset_name}-{task}", RANDOM_PREFIX + preset_name, int(vision.image_size), 3,
-                       processor)
 
 
 @dataclass
@@ -152,20 +34,26 @@ def _transformers_attr(name: str) -> Any:
     return getattr(transformers, name)
 
 
-def build_random(preset_name: str, family: str, seed: int = SEED) -> LoadedModel:
-    presets = presets_for(family)
+def build_seeded(class_name: str, config: Any, seed: int = SEED) -> nn.Module:
+    """A transformers model of ``class_name`` with seeded random weights (eager attention, eval mode)."""
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _transformers_attr(class_name)(config)
+    return model.eval()
+
+
+def build_random(preset_name: str, presets: dict[str, tuple[str, str, dict[str, Any], str]], seed: int = SEED
+                 ) -> LoadedModel:
+    """``random:<preset_name>`` from a family's presets: (model class, config class, config, description)."""
     if preset_name not in presets:
         raise TurboExportError(
             f"model: unknown preset 'random:{preset_name}'; available: "
             + ", ".join(f"random:{n}" for n in presets)
         )
-    preset = presets[preset_name]
-    config = _transformers_attr(preset.config_class)(**preset.config)
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = _transformers_attr(preset.model_class)(config)
-    model.eval()
+    model_class, config_class, settings, _ = presets[preset_name]
+    config = _transformers_attr(config_class)(**settings)
+    model = build_seeded(model_class, config, seed)
     return LoadedModel(model, preset_name, RANDOM_PREFIX + preset_name, int(config.image_size),
                        int(config.num_channels))
 
@@ -174,7 +62,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith("/")
 
 
-def load_pretrained(source: str, supported: list[str], with_processor: str = "image") -> LoadedModel:
+def load_pretrained(source: str, supported: list[str], text_and_image: bool = False) -> LoadedModel:
     """Load a checkpoint from a local folder or hub id, choosing the class from its config."""
     from transformers import AutoConfig
 
@@ -217,7 +105,7 @@ def load_pretrained(source: str, supported: list[str], with_processor: str = "im
         from transformers import AutoImageProcessor, AutoProcessor
 
         with _quiet_hub():
-            if with_processor == "blip":
+            if text_and_image:  # AutoProcessor: image processor + tokenizer
                 processor = AutoProcessor.from_pretrained(path)
             else:
                 processor = AutoImageProcessor.from_pretrained(path)
@@ -260,7 +148,9 @@ def _default_image_size(config: Any, processor: Any) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def load_model(source: str, family: str, supported: list[str]) -> LoadedModel:
+def load_model(source: str, presets: dict[str, tuple[str, str, dict[str, Any], str]], supported: list[str]
+               ) -> LoadedModel:
+    """``random:<preset>`` from ``presets``, else a checkpoint folder or hub id of one of the ``supported`` classes."""
     if source.startswith(RANDOM_PREFIX):
-        return build_random(source[len(RANDOM_PREFIX):], family)
+        return build_random(source[len(RANDOM_PREFIX):], presets)
     return load_pretrained(source, supported)

@@ -1,4 +1,7 @@
-"""Model adapters: apply_turbo / remove_turbo dispatch on the model's class to one module per family."""
+"""Model adapters: patch a model's blocks by its class, one module per architecture (vit, blip, unet).
+
+The public ``apply_turbo`` (``turbo_export.api``) fills in the family's default alpha and calls ``patch_model``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from torch import nn
 
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
-from turbo_export.families.defaults import defaults_for
 from turbo_export.patch import blip, blocks, unet, vit
 
 ADAPTERS: dict[str, blocks.FamilyAdapter] = {**vit.ADAPTERS, **blip.ADAPTERS}
@@ -26,10 +28,10 @@ def adapter_for(model: nn.Module) -> blocks.FamilyAdapter:
     return adapter
 
 
-def apply_turbo(
+def patch_model(
     model: nn.Module,
     ratio: merge.RSchedule,
-    alpha: float | None = None,
+    alpha: float,
     min_tokens: int = 0,
     prop_attn: bool = True,
     merge_impl: str = "onnx",
@@ -38,15 +40,13 @@ def apply_turbo(
 
     ratio: tokens merged per block (r): an int, a per-layer list, or ToMe's ``(r, inflection)``
     tuple (``(r, -0.5)`` is the decreasing schedule). alpha weighs the semantic value I directly
-    (``alpha = 0`` is ToMe; None: the family's default from ``defaults.py``). Blocks whose input is shorter than ``min_tokens`` do not merge.
+    (``alpha = 0`` is ToMe). Blocks whose input is shorter than ``min_tokens`` do not merge.
     Calling it again on a patched model replaces the settings. ``merge_impl="plugin"`` routes every merge
     through the ``turbo::merge`` custom op (same values; one TurboMerge node per block when exported).
     A diffusers UNet takes a fraction of tokens instead: use ``patch.unet.apply_turbo_unet``.
     """
     from turbo_export.core.plugin_ops import merge_fn
 
-    if alpha is None and not unet.is_unet(model):
-        alpha = defaults_for(type(model).__name__).alpha
     if unet.is_unet(model):
         raise TurboExportError("a Stable Diffusion UNet merges a fraction of tokens: use "
                                "turbo_export.patch.unet.apply_turbo_unet(unet, ratio, alpha=, blocks=)")

@@ -68,7 +68,7 @@ class SDTurboSettings:
     latent_hw: tuple[int, int] | None = None
 
 
-def check_ratio(ratio: float) -> float:
+def check_fraction(ratio: float) -> float:
     if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) <= MAX_RATIO):
         raise TurboExportError(f"ratio: must be a fraction of tokens in (0, {MAX_RATIO}], got {ratio}")
     return float(ratio)
@@ -207,8 +207,11 @@ def _record_latent_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
     getattr(module, SETTINGS_ATTR).latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
 
 
+UNET_CLASS = "UNet2DConditionModel"
+
+
 def is_unet(model: nn.Module) -> bool:
-    return any(c.__name__ == "UNet2DConditionModel" for c in type(model).__mro__)
+    return any(c.__name__ == UNET_CLASS for c in type(model).__mro__)
 
 
 def apply_turbo_unet(unet: nn.Module, ratio: float, alpha: float = 1.0, blocks: str | int = "default",
@@ -225,7 +228,7 @@ def apply_turbo_unet(unet: nn.Module, ratio: float, alpha: float = 1.0, blocks: 
 
     if not is_unet(unet):
         raise TurboExportError(f"model class {type(unet).__name__} is not a diffusers UNet2DConditionModel")
-    ratio = check_ratio(ratio)
+    ratio = check_fraction(ratio)
     check_merge_impl(merge_impl)
     unknown = set(parts) - set(PARTS)
     if unknown:

@@ -118,7 +118,8 @@ def vit_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions)
 
 def vit_labels_and_preprocess(report: dict[str, Any], num_classes: int) -> tuple[list[str], dict[str, Any]]:
     """Class names and the image preprocessing of the exported checkpoint (ViT's 0.5/0.5 for random: presets)."""
-    from turbo_export.models.presets import RANDOM_PREFIX, VIT_PRESETS
+    from turbo_export.families import get_family
+    from turbo_export.models.presets import RANDOM_PREFIX
 
     source = report["model"]
     preprocess = {"size": int(report["image_size"]), "mean": [0.5] * 3, "std": [0.5] * 3, "resample": 2}
@@ -126,9 +127,8 @@ def vit_labels_and_preprocess(report: dict[str, Any], num_classes: int) -> tuple
     try:
         import transformers
 
-        if source.startswith(RANDOM_PREFIX) and source[len(RANDOM_PREFIX):] in VIT_PRESETS:
-            preset = VIT_PRESETS[source[len(RANDOM_PREFIX):]]
-            id2label = getattr(transformers, preset.config_class)(**preset.config).id2label
+        if source.startswith(RANDOM_PREFIX):
+            id2label = get_family(report["family"]).preset_config(source[len(RANDOM_PREFIX):]).id2label
         elif os.path.isdir(os.path.expanduser(source)):
             path = os.path.expanduser(source)
             id2label = transformers.AutoConfig.from_pretrained(path).id2label
@@ -170,21 +170,14 @@ def blip_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions
 
 def blip_processor_files(report: dict[str, Any], work_dir: str) -> tuple[str, dict[str, Any], dict[str, int]]:
     """Save the checkpoint's tokenizer for the stub; the image preprocessing and token ids as JSON."""
-    from turbo_export.models.presets import BLIP_PRESETS, RANDOM_PREFIX
+    from turbo_export.families import get_family
+    from turbo_export.models.presets import RANDOM_PREFIX
 
     source = report["model"]
     if source.startswith(RANDOM_PREFIX):
-        import copy
-
-        from transformers import BlipConfig
-
         from turbo_export.models.tokenizer import offline_blip_processor
 
-        name = source[len(RANDOM_PREFIX):]
-        if name not in BLIP_PRESETS:
-            raise TurboExportError(f"report.json: unknown BLIP preset '{source}'")
-        config = BlipConfig(**copy.deepcopy(BLIP_PRESETS[name]))
-        text = config.text_config
+        text = get_family(report["family"]).preset_config(source[len(RANDOM_PREFIX):]).text_config
         processor = offline_blip_processor(text.vocab_size, text.bos_token_id, int(report["image_size"]))
     else:
         from transformers import AutoConfig, AutoProcessor
@@ -227,11 +220,11 @@ def sd_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, 
     if importlib.util.find_spec("diffusers") is None:
         raise TurboExportError("serving sd-generate needs diffusers (a dependency of turbo-export): "
                                "pip install 'diffusers>=0.30', or pass --no-pipelines for the UNets alone")
-    from turbo_export.models.sd_presets import RANDOM_PREFIX, SD_PRESETS
+    from turbo_export.families import get_family
+    from turbo_export.models.presets import RANDOM_PREFIX
 
     if source.startswith(RANDOM_PREFIX):
-        if source[len(RANDOM_PREFIX):] not in SD_PRESETS:
-            raise TurboExportError(f"report.json: unknown SD preset '{source}'")
+        get_family(report["family"]).preset_config(source[len(RANDOM_PREFIX):])  # an unknown preset: one line
     elif not os.path.isdir(os.path.expanduser(source)):
         raise TurboExportError(f"report.json: the SD model '{source}' is not a local folder here; serving "
                                "sd-generate needs its text encoder, tokenizer, VAE and scheduler")
@@ -248,21 +241,23 @@ def sd_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, 
     return bindings
 
 
-# A family's bindings: export folder, its report, options, a scratch folder -> models to serve (handlers in
-# serve_handlers.HANDLERS).
+# The models served for each kind of family: export folder, its report, options, a scratch folder -> bindings
+# (handlers in serve.handlers.HANDLERS). Keyed by the family declaration's ``kind``, never by a family's name.
 PIPELINES: dict[str, Callable[..., list[Binding]]] = {
-    "vit": lambda export_dir, report, options, work_dir: vit_bindings(export_dir, report, options),
-    "blip": blip_bindings,
-    "sd-unet": sd_bindings,
+    "image-encoder": lambda export_dir, report, options, work_dir: vit_bindings(export_dir, report, options),
+    "vision-language": blip_bindings,
+    "text-to-image": sd_bindings,
 }
 
 
 def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[Binding]:
+    from turbo_export.families import families
+
     report = read_report(export_dir)
-    family = report.get("family")
-    if family not in PIPELINES:
-        raise TurboExportError(f"'{export_dir}': serving a '{family}' export is not supported yet; "
-                               f"supported: {', '.join(PIPELINES)}")
+    family = next((f for f in families() if f.name == report.get("family")), None)
+    if family is None or family.kind not in PIPELINES:
+        raise TurboExportError(f"'{export_dir}': serving a '{report.get('family')}' export is not supported yet; "
+                               f"supported: {', '.join(f.name for f in families() if f.kind in PIPELINES)}")
     if options.max_batch < 1:
         raise TurboExportError(f"max-batch: must be >= 1, got {options.max_batch}")
     if options.max_request_mb <= 0:
@@ -270,7 +265,7 @@ def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[
     from turbo_export.backends import require_backend
 
     require_backend(options.backend)
-    bindings = PIPELINES[family](export_dir, report, options, work_dir)
+    bindings = PIPELINES[family.kind](export_dir, report, options, work_dir)
     numpy_major = int(__import__("numpy").__version__.split(".")[0])
     if numpy_major >= 2 and any(t.dtype == "bytes" for b in bindings for t in b.inputs + b.outputs):
         # tritonserver 2.51's Python-backend stub decodes BYTES tensors with numpy 1's C ABI: under numpy 2 a

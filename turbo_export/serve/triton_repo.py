@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from turbo_export.core.plugin_contract import MERGE_OP, UNMERGE_OP
 from turbo_export.errors import TurboExportError
 from turbo_export.files import read_report, staged_output
 
@@ -28,7 +29,6 @@ ONNX_ELEM_TYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 
                    11: "float64"}
 # ONNX op domains every runtime knows; anything else is a custom node (a TensorRT plugin / ORT custom op)
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "pkg.onnxscript.torch_lib.common"}
-TURBO_PLUGIN_OPS = {"TurboMerge", "TurboUnmerge"}
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def onnx_signature(path: str) -> tuple[list[TensorSpec], list[TensorSpec], set[s
         return out
 
     custom = {f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in _all_nodes(model.graph)
-              if n.domain not in STANDARD_DOMAINS or n.op_type in TURBO_PLUGIN_OPS}
+              if n.domain not in STANDARD_DOMAINS or n.op_type in (MERGE_OP, UNMERGE_OP)}
     return specs(model.graph.input), specs(model.graph.output), custom
 
 

@@ -1,4 +1,5 @@
-"""The Stable Diffusion UNet export job: baseline + Turbo UNet graphs, parity, FLOPs, interleaved benchmark, report.
+"""The Stable Diffusion UNet family (diffusers ``UNet2DConditionModel``): Turbo merges a fraction of the tokens in
+the chosen transformer blocks and restores them after (generation models merge, then unmerge).
 
 Graph inputs (static): sample [2B, 4, H/8, W/8] (classifier-free guidance: B unconditional + B conditional),
 timestep float32 [2B], encoder_hidden_states float32 [2B, 77, D]; output noise_pred [2B, 4, H/8, W/8].
@@ -8,31 +9,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from turbo_export.backends import bench
 from turbo_export.core.plugin_ops import check_merge_impl
 from turbo_export.errors import TurboExportError
-from turbo_export.export.onnx import GraphSpec, compare_outputs, cosine
-from turbo_export.export.pipeline import (
-    Log,
-    RunOptions,
-    check_backend,
-    engine_files,
-    environment,
-    export_validate_bench,
-    log_to_stderr,
-    parity_fields,
-    set_tolerances,
-    side_by_side,
-)
-from turbo_export.files import staged_output, write_json_atomic
-from turbo_export.models.sd_presets import TEXT_LEN, SDComponents
+from turbo_export.families.base import BenchPlan, Defaults, ExportPlan, Family, GraphSpec, Log, PresetInfo, register
+from turbo_export.families.summary import comparison_table
+from turbo_export.metrics import compare_outputs
+from turbo_export.models.sd_presets import SD_PRESETS, TEXT_LEN, SDComponents, load_sd
 from turbo_export.patch import unet as unet_patch
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
@@ -52,8 +40,8 @@ class UNetGraph(nn.Module):
         return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
 
 
-@dataclass(kw_only=True)
-class SDOptions(RunOptions):
+@dataclass
+class SDOptions:
     ratio: float
     alpha: float = 1.0
     blocks: str = "default"
@@ -61,8 +49,6 @@ class SDOptions(RunOptions):
     resolution: int | None = None
     batch: int = 1
     merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge / TurboUnmerge node per merge / restore
-    bench_runs: int = 5
-    bench_warmup: int = 1
 
 
 def check_resolution(resolution: int, components: SDComponents) -> tuple[int, int]:
@@ -141,105 +127,6 @@ def make_turbo(unet: nn.Module, options: SDOptions) -> nn.Module:
                                        seed=options.seed, merge_impl=options.merge_impl)
 
 
-def run_sd_export(components: SDComponents, options: SDOptions, log: Log = log_to_stderr) -> dict[str, Any]:
-    check_backend(options.backend, options.precision)
-    check_merge_impl(options.merge_impl)
-    unet_patch.check_ratio(options.ratio)
-    if options.batch < 1:
-        raise TurboExportError(f"batch: must be >= 1, got {options.batch}")
-    resolution = options.resolution or components.resolution
-    latent_hw = check_resolution(resolution, components)
-
-    baseline = components.unet
-    turbo = make_turbo(copy.deepcopy(baseline), options)
-    if options.merge_impl == "onnx":  # the plugin's kernel ranks by counting: no TopK
-        check_backend_sort_limit(turbo, latent_hw, options.backend)
-    else:
-        check_plugin_grid(turbo, latent_hw)
-    inputs = example_inputs(components, latent_hw, options.batch)
-    graphs = {name: GraphSpec(name, UNetGraph(model), inputs, OUTPUT_NAMES, atol=options.atol)
-              for name, model in (("baseline", baseline), ("turbo", turbo))}
-    set_tolerances(graphs, options.atol, options.precision, options.backend)
-
-    with staged_output(options.out_dir) as stage:
-        runners, parity, timings = export_validate_bench(graphs, stage, options, options.merge_impl,
-                                                         2 * options.batch, log)
-        outputs = {name: runners[name].run({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
-                   for name in graphs}
-        counted = turbo if options.merge_impl == "onnx" else make_turbo(
-            copy.deepcopy(baseline), dataclasses.replace(options, merge_impl="onnx"))  # same tokens per block
-        flops = {"baseline": count_flops(baseline, inputs), "turbo": count_flops(counted, inputs)}
-        report = build_sd_report(components, options, resolution, latent_hw, turbo, flops, parity, timings, runners,
-                                 outputs)
-        write_json_atomic(os.path.join(stage, "report.json"), report)
-        del runners
-    return report
-
-
-def build_sd_report(components, options, resolution, latent_hw, turbo, flops, parity, timings, runners,
-                    outputs) -> dict[str, Any]:
-    blocks = unet_patch.tokens_per_block(turbo, latent_hw, options.ratio, options.seed)
-    closeness = compare_outputs(["noise_pred"], [outputs["turbo"]], [outputs["baseline"]], float("inf"))[0]
-    report: dict[str, Any] = {
-        "family": "sd-unet",
-        "model": components.source,
-        "model_class": type(components.unet).__name__,
-        "ratio": options.ratio,
-        "alpha": options.alpha,
-        "blocks": options.blocks,
-        "destination_seed": options.seed,
-        "merge_impl": options.merge_impl,
-        "precision": options.precision,
-        "resolution": resolution,
-        "latent_size": list(latent_hw),
-        "batch": options.batch,
-        "graph_batch": 2 * options.batch,
-        "text_len": TEXT_LEN,
-        "blocks_merged": [b["block"] for b in blocks if b["merged"]],
-        "sort": {"formulation": "argsort of E over A (ONNX TopK with K = |A|), no re-sort of unmerged tokens"
-                 if options.merge_impl == "onnx" else "inside turbo.TurboMerge (rank by counting; unmerged tokens "
-                                                      "in A order)",
-                 "largest_k": largest_sort(turbo, latent_hw), "tensorrt_topk_limit": "K < 3840"},
-        "tokens_per_block": blocks,
-        "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
-                  "ratio": flops["baseline"] / flops["turbo"],
-                  "counted_by": "torch.utils.flop_counter.FlopCounterMode on the PyTorch UNet (fake tensors), one "
-                                "call (batch 2B), matmul attention, merge matching included"
-                                + ("" if options.merge_impl == "onnx" else " once per block (counted on the "
-                                   "--merge-impl onnx UNet; each TurboMerge node recomputes it)")},
-        "files": {"baseline": "baseline.onnx", "turbo": "turbo.onnx"},
-        "parity": None,
-        "bench": None,
-        "turbo_vs_baseline": {
-            "compared": "turbo.onnx vs baseline.onnx noise_pred on the same example input",
-            "max_abs_diff": closeness.max_abs_diff, "cosine": closeness.cosine,
-        },
-        "environment": {**environment(), "diffusers": _diffusers_version()},
-    }
-    report.update(parity_fields(parity, options, "UNet"))
-    engines = engine_files(runners)
-    if engines:
-        report["engines"] = engines
-    if timings:
-        ratio = bench.speedup(timings)
-        report["bench"] = {
-            "what": "one UNet call (batch 2B: classifier-free guidance pairs)",
-            "backend": options.backend,
-            "providers": getattr(runners["turbo"], "providers", None),
-            "batch": 2 * options.batch,
-            "runs": options.bench_runs,
-            "warmup": options.bench_warmup,
-            "baseline_ips": timings["baseline"].items_per_s,
-            "turbo_ips": timings["turbo"].items_per_s,
-            "baseline_median_ms": timings["baseline"].median_s * 1e3,
-            "turbo_median_ms": timings["turbo"].median_s * 1e3,
-            "baseline_ms": [t * 1e3 for t in timings["baseline"].seconds],
-            "turbo_ms": [t * 1e3 for t in timings["turbo"].seconds],
-            "speedup": ratio,
-            "speedup_over_flops_ratio": ratio / report["flops"]["ratio"],
-        }
-    return report
-
 
 def _diffusers_version() -> str:
     import diffusers
@@ -264,9 +151,82 @@ def sd_summary_lines(report: dict[str, Any]) -> list[str]:
                      f"{b['turbo_median_ms']:.1f}"))
     tv = report["turbo_vs_baseline"]
     rows.append(("turbo vs baseline output", "", f"cosine {tv['cosine']:.4f}, max|diff| {tv['max_abs_diff']:.3g}"))
-    return side_by_side(rows, report, f"turbo (ratio={report['ratio']:g}, alpha={report['alpha']:g}, "
+    return comparison_table(rows, report, f"turbo (ratio={report['ratio']:g}, alpha={report['alpha']:g}, "
                                       f"blocks={report['blocks']})")
 
 
-__all__ = ["SDOptions", "run_sd_export", "sd_summary_lines", "UNetGraph", "example_inputs", "count_flops",
-           "check_resolution", "cosine"]
+@register
+class SdUnetFamily(Family):
+    name = "sd-unet"
+    command = "turbo-export sd-unet"
+    kind = "text-to-image"
+    model_classes = ("UNet2DConditionModel",)
+    defaults = Defaults(1.0, 0, evidence="alpha 1: ToMe for SD's merge with the semantic value of the cross-attention "
+                                         "(measured in docs/stable-diffusion.md)")
+    options_type = SDOptions
+    bench_warmup = 1
+
+    def presets(self) -> list[PresetInfo]:
+        return [PresetInfo(name, "UNet2DConditionModel (sd-unet)", p.description) for name, p in SD_PRESETS.items()]
+
+    def preset_config(self, name: str) -> Any:
+        if name not in SD_PRESETS:
+            return super().preset_config(name)
+        return SD_PRESETS[name]
+
+    def load(self, source: str, options: Any = None, with_unet: bool = True) -> SDComponents:
+        return load_sd(source, with_unet=with_unet)
+
+    def default_out_dir(self, loaded: SDComponents, options: SDOptions) -> str:
+        return f"engines/{loaded.name}-sd-r{options.ratio:g}"
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        return sd_summary_lines(report)
+
+    def plan(self, components: SDComponents, options: SDOptions, run: Any, log: Log) -> ExportPlan:
+        check_merge_impl(options.merge_impl)
+        unet_patch.check_fraction(options.ratio)
+        resolution = options.resolution or components.resolution
+        latent_hw = check_resolution(resolution, components)
+        baseline = components.unet
+        turbo = make_turbo(copy.deepcopy(baseline), options)
+        if options.merge_impl == "onnx":  # the plugin's kernel ranks by counting: no TopK
+            check_backend_sort_limit(turbo, latent_hw, run.backend)
+        else:
+            check_plugin_grid(turbo, latent_hw)
+        inputs = example_inputs(components, latent_hw, options.batch)
+        graphs = {name: GraphSpec(name, UNetGraph(model), inputs, OUTPUT_NAMES, atol=run.atol)
+                  for name, model in (("baseline", baseline), ("turbo", turbo))}
+        counted = turbo if options.merge_impl == "onnx" else make_turbo(
+            copy.deepcopy(baseline), dataclasses.replace(options, merge_impl="onnx"))  # same tokens per block
+        flops = {"baseline": count_flops(baseline, inputs), "turbo": count_flops(counted, inputs),
+                 "counted_by": "torch.utils.flop_counter.FlopCounterMode on the PyTorch UNet (fake tensors), one "
+                               "call (batch 2B), matmul attention, merge matching included"
+                               + ("" if options.merge_impl == "onnx" else " once per block (counted on the "
+                                  "--merge-impl onnx UNet; each TurboMerge node recomputes it)")}
+
+        def after_export(runners: dict[str, Any], log: Log) -> dict[str, Any]:
+            outputs = {name: runners[name].run({k: v.numpy() for k, v in inputs.items()})["noise_pred"]
+                       for name in graphs}
+            closeness = compare_outputs(["noise_pred"], [outputs["turbo"]], [outputs["baseline"]], float("inf"))[0]
+            return {"turbo_vs_baseline": {
+                "compared": "turbo.onnx vs baseline.onnx noise_pred on the same example input",
+                "max_abs_diff": closeness.max_abs_diff, "cosine": closeness.cosine}}
+
+        blocks = unet_patch.tokens_per_block(turbo, latent_hw, options.ratio, options.seed)
+        report = {
+            "ratio": options.ratio, "alpha": options.alpha, "blocks": options.blocks,
+            "destination_seed": options.seed, "merge_impl": options.merge_impl, "resolution": resolution,
+            "latent_size": list(latent_hw), "batch": options.batch, "graph_batch": 2 * options.batch,
+            "text_len": TEXT_LEN, "blocks_merged": [b["block"] for b in blocks if b["merged"]],
+            "sort": {"formulation": "argsort of E over A (ONNX TopK with K = |A|), no re-sort of unmerged tokens"
+                     if options.merge_impl == "onnx" else "inside turbo.TurboMerge (rank by counting; unmerged "
+                                                          "tokens in A order)",
+                     "largest_k": largest_sort(turbo, latent_hw), "tensorrt_topk_limit": "K < 3840"},
+            "tokens_per_block": blocks,
+        }
+        bench = BenchPlan({"baseline": "baseline", "turbo": "turbo"}, {n: inputs for n in graphs}, 2 * options.batch,
+                          {"what": "one UNet call (batch 2B: classifier-free guidance pairs)"})
+        return ExportPlan(components.source, type(baseline).__name__, graphs, report, flops, bench,
+                          parity_what="UNet", merge_impl=options.merge_impl, after_export=after_export,
+                          environment={"diffusers": _diffusers_version()})

@@ -1,6 +1,5 @@
-"""BLIP export job: image encoder (unaccelerated and Turbo) plus the text graphs each task needs, every graph
-validated against PyTorch, the ONNX pipelines checked against transformers, and both the image encoder and
-the whole pipeline benchmarked interleaved.
+"""BLIP's three tasks: the graphs each exports, the ONNX pipelines over them, their checks against transformers,
+the Turbo-vs-unaccelerated agreement, and the user's own inputs. ``TASKS`` says what differs between tasks.
 
 Tasks and their graphs (``<m>`` is ``baseline`` or ``turbo``; text graphs that never see image tokens are
 exported once and shared, since Turbo leaves the text weights alone):
@@ -12,39 +11,18 @@ exported once and shared, since Turbo leaves the text weights alone):
 
 from __future__ import annotations
 
-import copy
-import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from turbo_export.backends import bench
 from turbo_export.backends.base import Runner
-from turbo_export.core import merge
-from turbo_export.errors import ParityError, TurboExportError
-from turbo_export.export.blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
-from turbo_export.export.onnx import GraphSpec
-from turbo_export.export.pipeline import (
-    RunOptions,
-    check_backend,
-    check_ratio,
-    engine_files,
-    environment,
-    export_graphs,
-    log_to_stderr,
-    plugin_graph_benchmarkable,
-    set_tolerances,
-    validate_graphs,
-)
-from turbo_export.export.specs import check_image_size, vision_encoder_flops
-from turbo_export.families.defaults import DEFAULTS
-from turbo_export.files import staged_output, write_json_atomic
+from turbo_export.errors import ParityError
+from turbo_export.families.base import DEFAULT_ATOL, GraphSpec, Log
+from turbo_export.families.blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
 from turbo_export.metrics import corpus_bleu, strip_special
-from turbo_export.models.presets import BLIP_TASK_CLASSES, LoadedModel
-from turbo_export.patch import apply_turbo
 from turbo_export.pipelines.blip import (
     CaptionPipeline,
     RetrievalPipeline,
@@ -55,35 +33,13 @@ from turbo_export.pipelines.blip import (
     softmax,
 )
 
-Log = Callable[[str], None]
+if TYPE_CHECKING:
+    from turbo_export.families.blip import BlipOptions, UserInputs
+
 NAMES = ("baseline", "turbo")
-DEFAULT_MIN_TOKENS = {"caption": 40, "vqa": 40, "retrieval": 100}  # the reference code's thresholds
 PROMPT_ALLOWANCE = 8  # decoder cache positions beyond max_new_tokens, for bos and a short prompt
 AGREEMENT_SET = 8  # images and texts ranked against each other for the retrieval agreement
 RANDOM_WEIGHTS_NOTE = "with random weights (random: presets) it is weak evidence of quality"
-
-
-@dataclass(kw_only=True)
-class BlipOptions(RunOptions):
-    task: str
-    ratio: merge.RSchedule
-    alpha: float = DEFAULTS["blip"].alpha
-    min_tokens: int | None = None  # None: the task's default
-    batch: int = 4
-    image_size: int | None = None
-    max_new_tokens: int = 20
-    num_beams: int = 1
-    text_len: int = 32  # static token length of retrieval texts and VQA questions
-    size_aware: bool = False
-    merge_impl: str = "onnx"  # "plugin": one turbo.TurboMerge node per image-encoder block
-    bench_runs: int = 10
-    bench_warmup: int = 2
-    images: tuple[str, ...] = ()  # the user's images, run through both pipelines after the export
-    question: str | None = None  # vqa
-    texts: tuple[str, ...] = ()  # retrieval
-
-    def resolved_min_tokens(self) -> int:
-        return DEFAULT_MIN_TOKENS[self.task] if self.min_tokens is None else self.min_tokens
 
 
 @dataclass
@@ -98,116 +54,6 @@ class TaskInputs:
     def feed(self) -> dict[str, np.ndarray]:
         return {"pixel_values": self.pixel_values.numpy(), "input_ids": self.input_ids.numpy(),
                 "attention_mask": self.attention_mask.numpy()}
-
-
-@dataclass
-class UserInputs:
-    """--image / --question / --text, preprocessed by the checkpoint's processor."""
-
-    images: list[str]
-    pixel_values: np.ndarray
-    texts: list[str]  # the question (vqa) or the texts (retrieval)
-    input_ids: np.ndarray | None
-    attention_mask: np.ndarray | None
-    tokenizer: Any
-
-
-def check_task(loaded: LoadedModel, task: str) -> None:
-    expected = BLIP_TASK_CLASSES.get(task)
-    if expected is None:
-        raise TurboExportError(f"task: unknown '{task}'; choose one of {', '.join(BLIP_TASK_CLASSES)}")
-    actual = type(loaded.model).__name__
-    if actual != expected:
-        fits = [t for t, c in BLIP_TASK_CLASSES.items() if c == actual]
-        hint = f"; this checkpoint fits --task {fits[0]}" if fits else ""
-        raise TurboExportError(f"task: --task {task} needs a {expected} checkpoint, got {actual}{hint}")
-
-
-def check_user_inputs(task: str, images: tuple[str, ...], question: str | None, texts: tuple[str, ...]) -> None:
-    """Reject unusable --image / --question / --text before anything is loaded or exported."""
-    if question is not None and task != "vqa":
-        raise TurboExportError(f"question: --question is for --task vqa, not --task {task}")
-    if texts and task != "retrieval":
-        raise TurboExportError(f"text: --text is for --task retrieval, not --task {task}")
-    if any(not t.strip() for t in texts):
-        raise TurboExportError("text: empty --text; give the text to match against the image(s)")
-    if task == "vqa" and (images or question is not None):
-        if not images:
-            raise TurboExportError("question: --question needs an --image to ask about")
-        if question is None or not question.strip():
-            raise TurboExportError("question: --task vqa with --image needs a non-empty --question")
-    if task == "retrieval" and (images or texts):
-        if not images:
-            raise TurboExportError("text: --text needs at least one --image to match against")
-        if not texts:
-            raise TurboExportError("text: --task retrieval with --image needs at least one --text to score")
-    for path in images:
-        read_image(path)
-
-
-def read_image(path: str) -> Any:
-    """The file as an RGB PIL image, or a TurboExportError saying why not."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.exists(path):
-        raise TurboExportError(f"image: '{path}' does not exist")
-    if os.path.isdir(path):
-        raise TurboExportError(f"image: '{path}' is a folder, not an image file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except UnidentifiedImageError:
-        raise TurboExportError(f"image: '{path}' is not an image file (PIL cannot identify it)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TurboExportError(f"image: cannot read '{path}': {reason}") from None
-
-
-def prepare_user_inputs(loaded: LoadedModel, options: BlipOptions, image_size: int) -> UserInputs | None:
-    if not options.images:
-        return None
-    processor = loaded.image_processor
-    tokenizer = getattr(processor, "tokenizer", None)
-    if processor is None or tokenizer is None or getattr(processor, "image_processor", None) is None:
-        raise TurboExportError(f"image: '{loaded.source}' has no BLIP processor (image processor and tokenizer) "
-                               "to prepare --image with")
-    resize = {} if image_size == loaded.image_size else {"size": {"height": image_size, "width": image_size}}
-    pixels = processor(images=[read_image(p) for p in options.images], return_tensors="np", **resize)
-    pixels = np.asarray(pixels["pixel_values"], np.float32)
-    if pixels.shape[1:] != (3, image_size, image_size):
-        raise TurboExportError(f"image: the processor gives {tuple(pixels.shape[1:])} pixels, the graphs take "
-                               f"{(3, image_size, image_size)}")
-    texts = [options.question.strip()] if options.task == "vqa" and options.question else list(options.texts)
-    ids, mask = None, None
-    if texts:
-        label = "question" if options.task == "vqa" else "text"
-        for text, tokens in zip(texts, tokenizer(texts)["input_ids"]):
-            if len(tokens) > options.text_len:
-                raise TurboExportError(f"{label}: '{text}' is {len(tokens)} tokens, longer than --text-len "
-                                       f"{options.text_len}")
-        enc = tokenizer(texts, padding="max_length", max_length=options.text_len, return_tensors="np")
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-    return UserInputs(list(options.images), pixels, texts, ids, mask, tokenizer)
-
-
-def _vision_layers(loaded: LoadedModel, options: BlipOptions, image_size: int):
-    cfg = loaded.model.config.vision_config
-    num_tokens = (image_size // int(cfg.patch_size)) ** 2 + 1
-    try:
-        schedule = merge.r_schedule(options.ratio, int(cfg.num_hidden_layers))
-    except (TypeError, ValueError) as exc:
-        raise TurboExportError(f"ratio: {exc}") from None
-    check_ratio(schedule, num_tokens, 1, options.merge_impl)
-    turbo = merge.tokens_per_layer(num_tokens, schedule, 1, options.resolved_min_tokens())
-    return schedule, num_tokens, [(num_tokens, 0)] * len(schedule), turbo
-
-
-def _vision_flops(loaded: LoadedModel, image_size: int, layers) -> int:
-    cfg = loaded.model.config.vision_config
-    heads = int(cfg.num_attention_heads)
-    return vision_encoder_flops(int(cfg.hidden_size), heads, int(cfg.hidden_size) // heads,
-                                int(cfg.intermediate_size), int(cfg.patch_size), 3, image_size, layers)
 
 
 # ---- graphs ---------------------------------------------------------------------------------------------------
@@ -341,16 +187,6 @@ def vqa_pipelines(runners: dict[str, Runner], ids: TokenIds, options: BlipOption
                            runners["answer_decoder"], ids, size_aware=_size_aware(options, n)) for n in NAMES}
 
 
-class _PipelineAsRunner:
-    """Lets bench.interleaved time a whole pipeline call like a runner."""
-
-    def __init__(self, fn: Callable[[dict[str, Any]], Any]) -> None:
-        self.fn = fn
-
-    def run(self, feed: dict[str, Any]) -> Any:
-        return self.fn(feed)
-
-
 # ---- checks against transformers and Turbo-vs-baseline agreement ----------------------------------------------
 
 
@@ -410,7 +246,7 @@ def _generation_parity(task: str, unit: str, models: dict[str, nn.Module], run: 
 
 
 def caption_parity(models: dict[str, nn.Module], pipelines: dict[str, Any], inputs: TaskInputs,
-                   options: BlipOptions, log: Log) -> dict[str, Any]:
+                   options: BlipOptions, log: Log, atol: float = DEFAULT_ATOL) -> dict[str, Any]:
     pixels, n = inputs.pixel_values, options.max_new_tokens
     return _generation_parity(
         "caption", "caption", models, lambda p: p.generate(pixels.numpy(), n, options.num_beams),
@@ -420,7 +256,7 @@ def caption_parity(models: dict[str, nn.Module], pipelines: dict[str, Any], inpu
 
 
 def vqa_parity(models: dict[str, nn.Module], pipelines: dict[str, Any], inputs: TaskInputs,
-               options: BlipOptions, log: Log) -> dict[str, Any]:
+               options: BlipOptions, log: Log, atol: float = DEFAULT_ATOL) -> dict[str, Any]:
     feed, n = inputs.feed(), options.max_new_tokens
     result = _generation_parity(
         "vqa", "answer", models,
@@ -468,7 +304,7 @@ def rank_agreement(turbo: RetrievalScores, baseline: RetrievalScores) -> dict[st
 
 
 def retrieval_parity(models: dict[str, nn.Module], pipelines: dict[str, Any], inputs: TaskInputs,
-                     options: BlipOptions, log: Log) -> dict[str, Any]:
+                     options: BlipOptions, log: Log, atol: float = DEFAULT_ATOL) -> dict[str, Any]:
     """ITC and ITM scores of the ONNX pipelines vs transformers (within atol); rank agreement Turbo vs baseline."""
     result: dict[str, Any] = {"name": "retrieval", "text_len": options.text_len,
                               "size_aware_cross_attention": options.size_aware, "max_abs_diff": {}}
@@ -479,14 +315,14 @@ def retrieval_parity(models: dict[str, nn.Module], pipelines: dict[str, Any], in
         mine = pipelines[name].scores(feed["pixel_values"], feed["input_ids"], feed["attention_mask"])
         ref = transformers_retrieval_scores(models[name], inputs)
         diffs = {"itc": float(np.abs(mine.itc - ref.itc).max()), "itm": float(np.abs(mine.itm - ref.itm).max())}
-        same = max(diffs.values()) <= options.atol
+        same = max(diffs.values()) <= atol
         result[f"{name}_onnx_equals_pytorch"] = same
         result["max_abs_diff"][name] = diffs
         log(f"  -[{'✓' if same else 'x'}] {name} ONNX ITC and ITM scores equal transformers' "
-            f"(atol {options.atol:g}): max abs diff ITC {diffs['itc']:.2g}, ITM {diffs['itm']:.2g}")
+            f"(atol {atol:g}): max abs diff ITC {diffs['itc']:.2g}, ITM {diffs['itm']:.2g}")
         if not same:
             raise ParityError(f"{name} retrieval pipeline: ONNX scores differ from transformers by "
-                              f"{max(diffs.values()):.3g} > atol {options.atol:g} ({diffs})")
+                              f"{max(diffs.values()):.3g} > atol {atol:g} ({diffs})")
     # a larger set than one batch, so top-1 over candidates means something
     gen = torch.Generator().manual_seed(1)
     count = max(AGREEMENT_SET, options.batch)
@@ -553,7 +389,7 @@ class BlipTask:
 
     graphs: Callable[..., dict[str, GraphSpec]]
     pipelines: Callable[[dict[str, Runner], TokenIds, BlipOptions], dict[str, Any]]
-    parity: Callable[[dict[str, nn.Module], dict[str, Any], TaskInputs, BlipOptions, Log], dict[str, Any]]
+    parity: Callable[..., dict[str, Any]]  # (models, pipelines, inputs, options, log, atol) -> report fields
     bench_call: Callable[[Any, BlipOptions], Callable[[dict[str, Any]], Any]]
     bench_what: Callable[[BlipOptions], str]
     user_outputs: Callable[[dict[str, Any], UserInputs, BlipOptions], dict[str, Any]]
@@ -580,78 +416,6 @@ TASKS: dict[str, BlipTask] = {
 }
 
 
-def _check_options(loaded: LoadedModel, options: BlipOptions) -> int:
-    """Validate the options against the checkpoint; returns the image size."""
-    if options.batch < 1:
-        raise TurboExportError(f"batch: must be >= 1, got {options.batch}")
-    text_cfg = loaded.model.config.text_config
-    max_positions = int(text_cfg.max_position_embeddings)
-    if TASKS[options.task].generates:
-        if options.max_new_tokens < 1:
-            raise TurboExportError(f"max-new-tokens: must be >= 1, got {options.max_new_tokens}")
-        if options.num_beams < 1:
-            raise TurboExportError(f"num-beams: must be >= 1, got {options.num_beams}")
-        if options.max_new_tokens + PROMPT_ALLOWANCE > max_positions:
-            raise TurboExportError(f"max-new-tokens: {options.max_new_tokens} + {PROMPT_ALLOWANCE} prompt positions "
-                                   f"exceed the text model's {max_positions} positions")
-    if not 2 <= options.text_len <= max_positions:
-        raise TurboExportError(f"text-len: must be between 2 and the text model's {max_positions} positions, "
-                               f"got {options.text_len}")
-    patch_size = int(loaded.model.config.vision_config.patch_size)
-    return check_image_size(options.image_size or loaded.image_size, patch_size)
-
-
-def run_blip_export(loaded: LoadedModel, options: BlipOptions, log: Log = log_to_stderr) -> dict[str, Any]:
-    check_backend(options.backend, options.precision)
-    check_task(loaded, options.task)
-    check_user_inputs(options.task, options.images, options.question, options.texts)
-    task = TASKS[options.task]
-    image_size = _check_options(loaded, options)
-    schedule, num_tokens, layers_base, layers_turbo = _vision_layers(loaded, options, image_size)
-    final = {"baseline": num_tokens, "turbo": num_tokens - sum(r for _, r in layers_turbo)}
-    if any(schedule) and final["turbo"] == num_tokens:
-        log(f"note: Turbo merges nothing: the {num_tokens} image tokens are below --min-tokens "
-            f"{options.resolved_min_tokens()} (the {options.task} default is {DEFAULT_MIN_TOKENS[options.task]})")
-    user = prepare_user_inputs(loaded, options, image_size)
-
-    baseline = loaded.model
-    turbo = apply_turbo(copy.deepcopy(baseline), options.ratio, alpha=options.alpha,
-                        min_tokens=options.resolved_min_tokens(), merge_impl=options.merge_impl)
-    models = {"baseline": baseline, "turbo": turbo}
-    graphs = task.graphs(baseline, turbo, options, image_size, final)
-    set_tolerances(graphs, options.atol, options.precision, options.backend)
-    text_cfg = baseline.config.text_config
-    ids, mask = example_text(options.batch, options.text_len, text_cfg, torch.Generator().manual_seed(2))
-    inputs = TaskInputs(graphs["baseline_vision"].example_inputs["pixel_values"], ids, mask,
-                        image_size != int(baseline.config.vision_config.image_size))
-
-    with staged_output(options.out_dir) as stage:
-        runners = export_graphs(graphs, stage, options.backend, log, out_dir=options.out_dir,
-                                precision=options.precision)
-        parity = validate_graphs(graphs, runners, options.out_dir, log) if options.validate else {}
-        pipelines = task.pipelines(runners, TokenIds.from_text_config(text_cfg), options)
-        task_result = task.parity(models, pipelines, inputs, options, log)
-        timings, pipeline_timings = None, None
-        if options.bench and plugin_graph_benchmarkable(options.merge_impl, options.backend, log):
-            vision_runners = {n: runners[f"{n}_vision"] for n in NAMES}
-            feeds = {n: {"pixel_values": inputs.pixel_values} for n in NAMES}
-            timings = bench.interleaved(vision_runners, feeds, options.batch, warmup=options.bench_warmup,
-                                        runs=options.bench_runs, progress=options.progress,
-                                        desc="image encoder")
-            whole = {n: _PipelineAsRunner(task.bench_call(p, options)) for n, p in pipelines.items()}
-            pipeline_timings = bench.interleaved(whole, {n: inputs.feed() for n in whole}, options.batch, warmup=1,
-                                                 runs=max(3, options.bench_runs // 2), progress=options.progress,
-                                                 desc=f"{options.task} pipeline")
-        if user is not None:
-            task_result["user_inputs"] = task.user_outputs(pipelines, user, options)
-        flops = {"baseline": _vision_flops(loaded, image_size, layers_base),
-                 "turbo": _vision_flops(loaded, image_size, layers_turbo)}
-        report = blip_report(loaded, options, schedule, image_size, layers_base, layers_turbo, flops, parity,
-                             timings, pipeline_timings, task_result, graphs, runners)
-        write_json_atomic(os.path.join(stage, "report.json"), report)
-    return report
-
-
 def caption_text_flops(config: Any, image_tokens: int, new_tokens: int) -> int:
     """Analytic FLOPs per image of the caption text side: cross-attention keys/values once, then one decoder
     step per generated token over the full static cache (bos + new tokens + the prompt allowance)."""
@@ -666,64 +430,3 @@ def caption_text_flops(config: Any, image_tokens: int, new_tokens: int) -> int:
     step = layers * per_layer + 2 * width * width + 2 * width * vocab  # + LM head
     return cross_kv + new_tokens * step
 
-
-def blip_report(loaded, options, schedule, image_size, layers_base, layers_turbo, flops, parity, timings,
-                pipeline_timings, task, graphs, runners=None) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "family": "blip",
-        "task": task,
-        "model": loaded.source,
-        "model_class": type(loaded.model).__name__,
-        "ratio": options.ratio if isinstance(options.ratio, int) else list(schedule),
-        "r_schedule": schedule,
-        "alpha": options.alpha,
-        "merge_impl": options.merge_impl,
-        "min_tokens": options.resolved_min_tokens(),
-        "image_size": image_size,
-        "batch": options.batch,
-        "tokens_per_layer": {"baseline": [n for n, _ in layers_base], "turbo": [n for n, _ in layers_turbo]},
-        "merged_per_layer": [r for _, r in layers_turbo],
-        "flops": {"baseline": flops["baseline"], "turbo": flops["turbo"],
-                  "ratio": flops["baseline"] / flops["turbo"], "scope": "image encoder"},
-        "files": {name: f"{name}.onnx" for name in graphs},
-        "precision": options.precision,
-        "parity": None,
-        "bench": None,
-        "environment": environment(),
-    }
-    if engine_files(runners or {}):
-        report["engines"] = engine_files(runners)
-    runtime = "TensorRT" if options.backend == "tensorrt" else "ONNX Runtime"
-    if parity:
-        report["parity"] = {"compared": f"turbo_vision.onnx ({runtime}) vs Turbo vision model (PyTorch)",
-                            **parity["turbo_vision"].as_dict(),
-                            "graphs": {name: p.as_dict() for name, p in parity.items()}}
-        report["parity_baseline"] = {"compared": f"baseline_vision.onnx ({runtime}) vs vision model (PyTorch)",
-                                     **parity["baseline_vision"].as_dict()}
-    if timings:
-        speed = bench.speedup(timings)
-        report["bench"] = {
-            "backend": options.backend, "batch": options.batch, "runs": options.bench_runs,
-            "scope": "image encoder", "timer": timings["turbo"].timer,
-            "baseline_ips": timings["baseline"].items_per_s, "turbo_ips": timings["turbo"].items_per_s,
-            "baseline_median_ms": timings["baseline"].median_s * 1e3,
-            "turbo_median_ms": timings["turbo"].median_s * 1e3,
-            "speedup": speed, "speedup_over_flops_ratio": speed / report["flops"]["ratio"],
-        }
-        if pipeline_timings:
-            pipeline_speed = bench.speedup(pipeline_timings)
-            report["bench"]["pipeline"] = {
-                "what": TASKS[options.task].bench_what(options),
-                "baseline_per_s": pipeline_timings["baseline"].items_per_s,
-                "turbo_per_s": pipeline_timings["turbo"].items_per_s,
-                "speedup": pipeline_speed,
-            }
-            if options.task == "caption":
-                final = {n: layers[-1][0] - layers[-1][1] for n, layers in
-                         (("baseline", layers_base), ("turbo", layers_turbo))}
-                total = {n: flops[n] + caption_text_flops(loaded.model.config, final[n], options.max_new_tokens)
-                         for n in final}
-                report["bench"]["pipeline"].update(
-                    flops={**total, "ratio": total["baseline"] / total["turbo"]},
-                    speedup_over_flops_ratio=pipeline_speed * total["turbo"] / total["baseline"])
-    return report

@@ -1,0 +1,229 @@
+"""The one export job, for every family: check -> graphs -> ONNX -> parity -> (engines) -> benchmark -> report.
+
+A family's declaration says what differs (``Family.plan``); everything here is the same for all of them, and every
+check runs once, before any export work: the backend and precision here, the family's options in its ``plan``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from turbo_export.backends import bench, make_runner, require_backend
+from turbo_export.errors import TurboExportError
+from turbo_export.export.onnx import export_onnx, file_size
+from turbo_export.export.parity import ParityReport, check_graph, require_parity
+from turbo_export.export.report import build_report
+from turbo_export.families.base import DEFAULT_ATOL, ExportPlan, Family, GraphSpec, Log
+from turbo_export.files import staged_output, write_json_atomic
+
+PRECISIONS = ("fp32", "fp16")
+# fp16 graphs are checked against the fp32 PyTorch model: half-precision rounding (about 1e-3 relative) sets the
+# tolerance, and can flip a merge decision whose fp32 margin is below FP16_TIE_TOLERANCE
+FP16_ATOL = 5e-2
+FP16_TIE_TOLERANCE = 1e-2
+# TensorRT fp32 engines (TF32 off) pick their own kernels and accumulation orders: a looser floor than ONNX Runtime
+TENSORRT_FP32_ATOL = 1e-3
+
+
+def log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """How an export job runs, the same for every family (the family's own options say what it exports)."""
+
+    out_dir: str = ""  # "": the family's default folder for the model (``Family.default_out_dir``)
+    backend: str = "onnxruntime"
+    precision: str = "fp32"  # "fp16": the exported graphs (weights and float inputs) are half precision
+    validate: bool = True
+    bench: bool = True
+    bench_runs: int = 20
+    bench_warmup: int | None = None  # None: the family's
+    atol: float = DEFAULT_ATOL
+    progress: bool = True
+
+
+@dataclass
+class JobResult:
+    report: dict[str, Any]
+    parity: dict[str, ParityReport] = field(default_factory=dict)
+    out_dir: str = ""
+
+
+def check_backend(backend: str, precision: str = "fp32") -> None:
+    """The one-line reason a backend / precision cannot run here, before any export work starts."""
+    require_backend(backend)
+    if precision not in PRECISIONS:
+        raise TurboExportError(f"precision: unknown '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and backend != "tensorrt":
+        raise TurboExportError("precision: fp16 needs --backend tensorrt (ONNX Runtime's CPU provider has no fp16 "
+                               "ScatterElements(reduction='add') kernel, which Turbo's merge uses)")
+
+
+def check_run_options(run: RunOptions) -> None:
+    check_backend(run.backend, run.precision)
+    if run.bench_runs < 1:
+        raise TurboExportError(f"runs: must be >= 1, got {run.bench_runs}")
+    if not (math.isfinite(run.atol) and run.atol >= 0):
+        raise TurboExportError(f"atol: must be a finite number >= 0, got {run.atol}")
+
+
+def check_family_options(options: Any) -> None:
+    """The options every family shares, checked the same way for all (present fields only)."""
+    batch = getattr(options, "batch", 1)
+    if batch < 1:
+        raise TurboExportError(f"batch: must be >= 1, got {batch}")
+    min_tokens = getattr(options, "min_tokens", 0)
+    if min_tokens is not None and min_tokens < 0:
+        raise TurboExportError(f"min-tokens: must be >= 0, got {min_tokens}")
+    alpha = getattr(options, "alpha", None)
+    if alpha is not None and not math.isfinite(alpha):
+        raise TurboExportError(f"alpha: must be a finite number, got {alpha}")
+    for name in ("image_size", "resolution"):
+        value = getattr(options, name, None)
+        if value is not None and value < 1:
+            raise TurboExportError(f"{name.replace('_', '-')}: must be positive, got {value}")
+    from turbo_export.core.plugin_ops import check_merge_impl
+
+    check_merge_impl(getattr(options, "merge_impl", "onnx"))
+
+
+def export_model(family: Family, source: str, options: Any, run: RunOptions, log: Log = log_to_stderr) -> JobResult:
+    """Check the options, load ``source`` (``random:<preset>``, a folder or a hub id) and run the export job."""
+    check_run_options(run)
+    check_family_options(options)
+    log(f"loading {source} ...")
+    loaded = family.load(source, options)
+    return _run_checked(family, loaded, options, run, log)
+
+
+def run_export(family: Family, loaded: Any, options: Any, run: RunOptions, log: Log = log_to_stderr) -> JobResult:
+    """Export ``loaded`` unaccelerated and with Turbo as ``family`` declares, check, time, write ``run.out_dir``."""
+    check_run_options(run)
+    check_family_options(options)
+    return _run_checked(family, loaded, options, run, log)
+
+
+def _run_checked(family: Family, loaded: Any, options: Any, run: RunOptions, log: Log) -> JobResult:
+    run = dataclasses.replace(run, out_dir=run.out_dir or family.default_out_dir(loaded, options),
+                              bench_warmup=family.bench_warmup if run.bench_warmup is None else run.bench_warmup)
+    plan = family.plan(loaded, options, run, log)
+    set_tolerances(plan.graphs, run.atol, run.precision, run.backend)
+    with staged_output(run.out_dir) as stage:
+        runners = export_graphs(plan.graphs, stage, run.backend, log, out_dir=run.out_dir, precision=run.precision)
+        parity = validate_graphs(plan.graphs, runners, run.out_dir, log) if run.validate else {}
+        extras = plan.after_export(runners, log) if plan.after_export else {}
+        timings, pipeline = benchmark(plan, runners, run, log)
+        report = build_report(family.name, plan, run, parity, timings, pipeline, runners, extras)
+        write_json_atomic(os.path.join(stage, "report.json"), report)
+        del runners
+    return JobResult(report, parity, os.path.abspath(run.out_dir))
+
+
+def benchmark(plan: ExportPlan, runners: dict[str, Any], run: RunOptions, log: Log) -> tuple[Any, Any]:
+    """The graphs interleaved (and the whole pipeline after, where the family has one)."""
+    if not run.bench or not plugin_graph_benchmarkable(plan.merge_impl, run.backend, log):
+        return None, None
+    timed = {side: runners[graph] for side, graph in plan.bench.graphs.items()}
+    timings = bench.interleaved(timed, plan.bench.feeds, plan.bench.rows, warmup=run.bench_warmup,
+                                runs=run.bench_runs, progress=run.progress,
+                                desc=plan.bench.fields.get("scope", f"benchmark ({run.backend})"))
+    pipeline = None
+    if plan.pipeline_bench is not None:
+        spec = plan.pipeline_bench(runners)
+        calls = {side: _CallAsRunner(spec[side]) for side in ("baseline", "turbo")}
+        pipeline = {**spec, "timings": bench.interleaved(
+            calls, {side: spec["feed"] for side in calls}, plan.bench.rows, warmup=1,
+            runs=max(3, run.bench_runs // 2), progress=run.progress, desc=spec["desc"])}
+    return timings, pipeline
+
+
+class _CallAsRunner:
+    """A whole pipeline (a function of the feed) timed like a runner."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def run(self, feed: dict[str, Any]) -> Any:
+        return self.fn(feed)
+
+
+def set_tolerances(graphs: dict[str, GraphSpec], atol: float, precision: str = "fp32", backend: str = "onnxruntime"
+                   ) -> None:
+    floor = FP16_ATOL if precision == "fp16" else TENSORRT_FP32_ATOL if backend == "tensorrt" else 0.0
+    for g in graphs.values():
+        g.atol = max(atol, floor)
+        if precision == "fp16":
+            g.tie_tolerance = max(g.tie_tolerance, FP16_TIE_TOLERANCE)
+
+
+def half_graph(g: GraphSpec) -> GraphSpec:
+    """The same graph in half precision: float weights and float inputs fp16, integer inputs unchanged."""
+    module = copy.deepcopy(g.module).half()
+    inputs = {k: v.half() if v.is_floating_point() else v for k, v in g.example_inputs.items()}
+    return GraphSpec(name=g.name, module=module, example_inputs=inputs, output_names=g.output_names, atol=g.atol,
+                     tie_tolerance=g.tie_tolerance)
+
+
+def plugin_graph_benchmarkable(merge_impl: str, backend: str, log: Log) -> bool:
+    """A plugin-node graph runs in ONNX Runtime only through the Python reference nodes: timing it means nothing."""
+    if merge_impl == "plugin" and backend == "onnxruntime":
+        log("note: --merge-impl plugin graphs run in ONNX Runtime through Python reference nodes "
+            "(onnxruntime-extensions), for validation only; benchmark skipped (use a TensorRT engine)")
+        return False
+    return True
+
+
+def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: Log, out_dir: str | None = None,
+                  precision: str = "fp32", engine_options: Any = None) -> dict[str, Any]:
+    """Export every graph to ``stage/<name>.onnx`` and open a runner on each.
+
+    With backend tensorrt each graph is linted for TensorRT's parser first, then built (or taken from the engine
+    cache: ``stage/engines``, reusing valid engines from ``out_dir/engines``) into a serialized engine.
+    Graphs with turbo.TurboMerge nodes (--merge-impl plugin) run in ONNX Runtime through the Python nodes and
+    in TensorRT through the plugin (``make_runner`` sees the nodes).
+    """
+    paths = {}
+    for i, (name, g) in enumerate(graphs.items(), 1):
+        log(f"[{i}/{len(graphs)}] exporting {name}.onnx{' (fp16)' if precision == 'fp16' else ''} ...")
+        start = time.perf_counter()
+        paths[name] = export_onnx(half_graph(g) if precision == "fp16" else g, os.path.join(stage, f"{name}.onnx"))
+        log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
+    if backend != "tensorrt":
+        return {name: make_runner(p, backend) for name, p in paths.items()}
+    from turbo_export.backends.trt_build import BuildOptions
+    from turbo_export.backends.trt_lint import lint_file
+
+    engine_options = engine_options or BuildOptions(precision=precision)
+    runners = {}
+    for name, p in paths.items():
+        lint = lint_file(p)
+        if not lint.ok:
+            raise TurboExportError(f"{name}.onnx: TensorRT's ONNX parser would reject it: {lint.rejected[0].line()} "
+                                   f"(see 'turbo-export check-trt')")
+        reuse = (os.path.join(out_dir, "engines"),) if out_dir else ()
+        runners[name] = make_runner(p, "tensorrt", log=log, engine_options=engine_options,
+                                    cache_dir=os.path.join(stage, "engines"), reuse_dirs=reuse)
+    return runners
+
+
+def validate_graphs(graphs: dict[str, GraphSpec], runners: dict[str, Any], out_dir: str, log: Log
+                    ) -> dict[str, ParityReport]:
+    """Check every graph against its PyTorch module; raises ParityError (after printing all) on a mismatch."""
+    parity = {}
+    for name, g in graphs.items():
+        report = check_graph(g, os.path.join(out_dir, f"{name}.onnx"), runners[name])
+        parity[name] = report
+        for line in report.lines():
+            log(line)
+    for report in parity.values():
+        require_parity(report)
+    return parity

@@ -1,0 +1,179 @@
+"""The family declaration: everything the one export job, ``validate``, ``sweep``, ``visualize`` and ``serve`` need
+to know about a model family, in one small class per family (optimum's ``OnnxConfig`` idea).
+
+A family module subclasses :class:`Family`, fills in the class attributes and implements :meth:`Family.load` and
+:meth:`Family.plan`; ``@register`` puts it in the one registry. Nothing outside a family's own module names a
+family: the CLI, the export job, evaluate and serve look families up here, by report.json's ``family`` or by a
+model's class. This module imports no torch, so the registry is cheap to read (``turbo-export presets``, serve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from turbo_export.errors import TurboExportError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_TIE_TOLERANCE = 1e-5
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A family's Turbo defaults; ``evidence`` says which measurement settled them (docs/validation.md)."""
+
+    alpha: float
+    min_tokens: int = 0
+    atol: float = DEFAULT_ATOL
+    evidence: str = ""
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """A ``random:<name>`` model: seeded random weights from a config class, built offline."""
+
+    name: str
+    model_class: str
+    description: str
+
+
+@dataclass
+class GraphSpec:
+    """One graph to export: a module whose forward takes tensors in ``example_inputs`` order and returns a tuple."""
+
+    name: str
+    module: nn.Module
+    example_inputs: dict[str, torch.Tensor]
+    output_names: list[str]
+    atol: float = DEFAULT_ATOL
+    # The Turbo-patched model inside ``module``: lets validation tell a float32 near-tie in a merge decision
+    # (which either correct implementation may resolve either way) from a wrong graph.
+    merge_model: nn.Module | None = None
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE
+
+
+@dataclass
+class BenchPlan:
+    """What the interleaved benchmark times: one graph per side, fed ``feeds``, ``rows`` items per call."""
+
+    graphs: dict[str, str]  # "baseline" / "turbo" -> graph name
+    feeds: dict[str, dict[str, Any]]  # "baseline" / "turbo" -> inputs
+    rows: int
+    fields: dict[str, Any] = field(default_factory=dict)  # extra report.json bench fields (what was timed)
+
+
+@dataclass
+class ExportPlan:
+    """A family's answer to "export this model with these options", made after every check has passed.
+
+    The job exports ``graphs`` (names become ``<name>.onnx``), checks each against PyTorch, calls ``after_export``
+    with the open runners (pipeline checks: captions equal to ``generate``, ...; returns report fields), times
+    ``bench`` interleaved, and writes one report: the common fields, then ``report`` and ``after_export``'s.
+    """
+
+    source: str  # what the user passed as --model
+    model_class: str
+    graphs: dict[str, GraphSpec]
+    report: dict[str, Any]  # family fields of report.json (ratio, tokens per layer, ...)
+    flops: dict[str, Any]  # "baseline", "turbo" (+ "scope", "counted_by", ...); the job adds "ratio"
+    bench: BenchPlan
+    parity_pair: tuple[str, str] = ("baseline", "turbo")  # the graphs report.json's parity headline names
+    parity_what: str = "model"  # "Turbo <what> (PyTorch)" in the parity headline
+    merge_impl: str = "onnx"
+    after_export: Callable[[dict[str, Any], Log], dict[str, Any]] | None = None
+    # (runners) -> {"baseline": callable, "turbo": callable, "what": str, "flops": {...} | None}: a whole pipeline
+    # timed after the graph benchmark (BLIP: captions/s)
+    pipeline_bench: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    environment: dict[str, str] = field(default_factory=dict)  # extra library versions for report.json
+
+
+class Family:
+    """One model family. Subclasses declare the class attributes and implement ``load`` and ``plan``."""
+
+    name: ClassVar[str]  # report.json's "family"
+    command: ClassVar[str]  # the CLI command that exports it
+    model_classes: ClassVar[tuple[str, ...]]  # the model classes it supports (transformers / diffusers names)
+    defaults: ClassVar[Defaults]
+    # What reads its exports: the evaluate validator and the serve pipelines are chosen by this kind
+    # ("image-encoder", "vision-language", "text-to-image"), not by the family's name.
+    kind: ClassVar[str]
+    options_type: ClassVar[type]  # the family's export options (a dataclass)
+    bench_warmup: ClassVar[int] = 3  # untimed calls per graph before the interleaved benchmark
+
+    def presets(self) -> list[PresetInfo]:
+        return []
+
+    def preset_config(self, name: str) -> Any:
+        """The config of ``random:<name>`` (without building the model), or TurboExportError for an unknown one."""
+        raise TurboExportError(f"model: unknown preset 'random:{name}' for {self.command}")
+
+    def defaults_for(self, model_class: str) -> Defaults:
+        """The defaults for one supported class (a family may differ by head, e.g. classifier vs backbone)."""
+        return self.defaults
+
+    def load(self, source: str, options: Any) -> Any:
+        """``random:<preset>``, a local folder or a hub id -> the loaded model (family's own type)."""
+        raise NotImplementedError
+
+    def plan(self, loaded: Any, options: Any, run: Any, log: Log) -> ExportPlan:
+        """Check ``options`` against the model (every user mistake raises TurboExportError here, before any export
+        work) and declare the graphs, FLOPs, benchmark and report fields. ``run``: the job's ``RunOptions``."""
+        raise NotImplementedError
+
+    def default_out_dir(self, loaded: Any, options: Any) -> str:
+        raise NotImplementedError
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        """Lines printed after an export: the baseline-vs-Turbo table of report.json."""
+        from turbo_export.families.summary import summary_lines
+
+        return summary_lines(report)
+
+    def task(self, report: dict[str, Any]) -> str:
+        """The export's task, for families with several (BLIP: caption, retrieval, vqa)."""
+        return self.kind
+
+    def check_report(self, report: dict[str, Any]) -> None:
+        """Raise TurboExportError when a report.json of this family lacks what readers need."""
+
+
+REGISTRY: dict[str, Family] = {}
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator: add a family declaration to the registry (its ``name`` must be new)."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"family '{cls.name}' is registered twice")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_family(name: str) -> Family:
+    _load_declarations()
+    family = REGISTRY.get(name)
+    if family is None:
+        raise TurboExportError(f"family: unknown '{name}'; known: {', '.join(sorted(REGISTRY))}")
+    return family
+
+
+def families() -> list[Family]:
+    _load_declarations()
+    return list(REGISTRY.values())
+
+
+def family_for_class(class_name: str) -> Family | None:
+    """The family that supports a model class, or None."""
+    return next((f for f in families() if class_name in f.model_classes), None)
+
+
+def supported_classes() -> list[str]:
+    return sorted(c for f in families() for c in f.model_classes)
+
+
+def _load_declarations() -> None:
+    import turbo_export.families  # noqa: F401  (its __init__ imports every declaration, which registers it)

@@ -1,0 +1,46 @@
+"""The baseline-vs-Turbo table printed after an export, from report.json alone (no torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """Tokens per layer, FLOPs, parity and throughput side by side, closed by the FLOPs ratio and the speedup."""
+    base, tur = report["tokens_per_layer"]["baseline"], report["tokens_per_layer"]["turbo"]
+    rows = [
+        ("model", report["model"], ""),
+        ("tokens per layer", f"{base[0]} x {len(base)}", " ".join(str(n) for n in tur)),
+        ("GFLOPs / image", f"{report['flops']['baseline'] / 1e9:.3f}", f"{report['flops']['turbo'] / 1e9:.3f}"),
+    ]
+    rows += parity_rows(report, cosine=True)
+    if report.get("bench"):
+        b = report["bench"]
+        rows.append((f"{b['backend']} images/s (batch {b['batch']})", f"{b['baseline_ips']:.1f}",
+                     f"{b['turbo_ips']:.1f}"))
+        rows.append(("median latency ms", f"{b['baseline_median_ms']:.1f}", f"{b['turbo_median_ms']:.1f}"))
+    return comparison_table(rows, report, f"turbo (r={report['ratio']}, alpha={report['alpha']:g})")
+
+
+def parity_rows(report: dict[str, Any], cosine: bool) -> list[tuple[str, str, str]]:
+    if not report.get("parity"):
+        return []
+    p, pb = report["parity"], report["parity_baseline"]
+    rows = [("ONNX vs PyTorch max|diff|", f"{pb['max_abs_diff']:.2e}", f"{p['max_abs_diff']:.2e}")]
+    if cosine:
+        rows.append(("ONNX vs PyTorch cosine", f"{pb['cosine']:.6f}", f"{p['cosine']:.6f}"))
+    return rows
+
+
+def comparison_table(rows: list[tuple[str, str, str]], report: dict[str, Any], turbo_title: str) -> list[str]:
+    """Rows of (what, baseline, turbo) as aligned columns, closed by the FLOPs ratio and the measured speedup."""
+    width = max(len(r[0]) for r in rows)
+    col = max(12, max(len(r[1]) for r in rows))
+    lines = [f"{'':{width}}  {'baseline':>{col}}  {turbo_title}"]
+    lines += [f"{a:{width}}  {b:>{col}}  {c}" for a, b, c in rows]
+    lines.append(f"{'FLOPs ratio':{width}}  {report['flops']['ratio']:>{col}.2f}x")
+    if report.get("bench"):
+        b = report["bench"]
+        lines.append(f"{'speedup':{width}}  {b['speedup']:>{col}.2f}x  "
+                     f"({b['speedup_over_flops_ratio']:.2f} of the FLOPs ratio)")
+    return lines
