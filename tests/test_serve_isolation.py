@@ -26,8 +26,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_serve import HAVE_TRITON, needs_triton, png
 
-from turbo_export.serve.handlers import (Handler, ModelError, RequestError, TensorHandler, check_integer_ranges,
-                                         decode_image, describe_failure, integer_input_ranges)
+from turbo_export.serve.handlers import (
+    Handler,
+    ModelError,
+    RequestError,
+    TensorHandler,
+    check_integer_ranges,
+    decode_image,
+    describe_failure,
+    integer_input_ranges,
+)
 
 # ---- integer ranges read from the graph ---------------------------------------------------------------------
 
@@ -150,7 +158,7 @@ def test_failed_batch_is_rerun_one_by_one(ranges_onnx):
     bad = results[1]
     assert isinstance(bad, RequestError), bad
     text = str(bad)
-    assert "\n" not in text and "Gather node" in text and "idx=500" in text and "[-50,49]" in text, text
+    assert "\n" not in text and "Gather node:" in text and "idx=500" in text and "[-50,49]" in text, text
     assert "[ONNXRuntimeError]" not in text
 
 

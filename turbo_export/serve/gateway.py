@@ -96,7 +96,7 @@ def _count_elements(data: Any, datatype: str, where: str) -> int:
     return count
 
 
-def _number(value: int | float) -> str:
+def _number(value: float) -> str:
     text = repr(value)
     return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
 

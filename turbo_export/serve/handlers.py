@@ -68,7 +68,8 @@ def describe_failure(exc: BaseException, what: str = "the model") -> RequestErro
         code, detail = match.group(1), match.group(2)
         node = _ORT_NODE.match(detail.strip())
         if node:
-            detail = f"{node.group(1)} node '{node.group(2)}': {node.group(3)}"
+            name = f" '{node.group(2)}'" if node.group(2) else ""
+            detail = f"{node.group(1)} node{name}: {node.group(3)}"
         detail = one_line(detail)
         if code in _ORT_CLIENT_CODES:
             return RequestError(f"{what} cannot run this request's inputs (ONNX Runtime {code}: {detail})")
