@@ -5,6 +5,12 @@ returns, per request, a dict of outputs or a `RequestError` (answered with HTTP 
 other requests of the batch unaffected). Only numpy, onnxruntime and PIL are imported at module level; the BLIP
 and SD handlers import transformers / torch / diffusers when they are built.
 
+Isolation: a request with bad contents never fails another. Each request is checked on its own before the batch is
+run: floats finite, every integer input within what the graph accepts (`integer_input_ranges`: the rows of the
+embedding table a Gather indexes, the slots of a KV cache a position selects, 0/1 for masks). If a batch run fails
+anyway, its requests are run again one by one, so only the one that fails alone gets an error: 400 when the runtime
+says its inputs are invalid, else 500 (`ModelError`), either as one line that says what failed.
+
 Static batch: every exported graph has a fixed batch B. Requests of any size up to the model's max_batch_size are
 concatenated, run in chunks of B (the last chunk padded with zeros, its padding rows dropped) and split back.
 
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -24,6 +32,159 @@ Feed = dict[str, np.ndarray]
 
 class RequestError(Exception):
     """A bad request: the client gets the message with a 4xx status."""
+
+
+class ModelError(Exception):
+    """The model failed on one request for a reason that is not the request's (HTTP 500): one line saying what
+    failed, without the runtime's multi-line report (that goes to the server log)."""
+
+
+MAX_ERROR_CHARS = 600
+_ORT_ERROR = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*(\w+)\s*:\s*(.*)", re.DOTALL)
+_ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: (.*)",
+                       re.DOTALL)
+# ONNX Runtime status codes that mean "these inputs are not valid for this graph"
+_ORT_CLIENT_CODES = {"INVALID_ARGUMENT"}
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` on one line (whitespace collapsed); an over-long one says how much the server log holds besides."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        return f"{text[:limit]} [{len(text) - limit} more characters in the server log]"
+    return text
+
+
+def describe_failure(exc: BaseException, what: str = "the model") -> RequestError | ModelError:
+    """The answer for one request whose run raised ``exc``: RequestError (400) when the runtime says the inputs
+    are invalid, else ModelError (500); one line naming the operator and node where ONNX Runtime reports them.
+    The full message is printed to stderr (the server log)."""
+    if isinstance(exc, (RequestError, ModelError)):
+        return exc
+    text = str(exc).strip()
+    print(f"turbo-export: {what} failed on a request: {type(exc).__name__}: {text}", file=sys.stderr, flush=True)
+    match = _ORT_ERROR.match(text)
+    if match:
+        code, detail = match.group(1), match.group(2)
+        node = _ORT_NODE.match(detail.strip())
+        if node:
+            name = f" '{node.group(2)}'" if node.group(2) else ""
+            detail = f"{node.group(1)} node{name}: {node.group(3)}"
+        detail = one_line(detail)
+        if code in _ORT_CLIENT_CODES:
+            return RequestError(f"{what} cannot run this request's inputs (ONNX Runtime {code}: {detail})")
+        return ModelError(f"{what} failed on this request (ONNX Runtime {code}: {detail})")
+    return ModelError(f"{what} failed on this request ({type(exc).__name__}: {one_line(text) or 'no message'})")
+
+
+# ---- what the integer inputs of a graph may hold ---------------------------------------------------------------
+
+_INT_TYPES = {2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 12: "uint32", 13: "uint64"}
+# ops whose output holds (a subset of) the values of their first input: an index keeps its meaning through them
+_VALUE_PRESERVING = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose", "Tile",
+                     "Slice", "Concat", "Cast", "Gather"}
+
+
+def integer_input_ranges(onnx_path: str) -> dict[str, list[Any]]:
+    """Per integer graph input, ``[lo, hi, why]``: the values the graph accepts, read from the graph.
+
+    - an index into a table: the input (through reshapes, casts, slices, ...) is the indices of a Gather over a
+      constant of V rows (an embedding: vocabulary, positions) -> [0, V-1] (Gather also takes -V..-1, counting
+      from the end; no embedding means that, so they are refused);
+    - a slot selector: compared with Equal to a constant arange(T) (the position of a static KV cache: which slot
+      the token is written to) -> [0, T-1];
+    - a mask (the input's name ends in "mask") -> [0, 1].
+    Inputs with none of these are left out: any value of their type is accepted."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    graph = model.graph
+    constants: dict[str, Any] = {t.name: t for t in graph.initializer}
+    producers: dict[str, Any] = {}
+    consumers: dict[str, list[tuple[Any, int]]] = {}
+    for node in graph.node:
+        for out in node.output:
+            producers[out] = node
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and node.output:
+                constants[node.output[0]] = value
+        for k, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, k))
+
+    def constant(name: str) -> Any:
+        """The constant tensor ``name`` is, seen through Identity / Cast; None if it is computed."""
+        for _ in range(8):
+            if name in constants:
+                return constants[name]
+            node = producers.get(name)
+            if node is None or node.op_type not in ("Identity", "Cast") or not node.input:
+                return None
+            name = node.input[0]
+        return None
+
+    def arange_length(tensor: Any) -> int | None:
+        if len(tensor.dims) != 1 or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        values = numpy_helper.to_array(tensor)
+        if values.dtype.kind not in "iu" or not np.array_equal(values, np.arange(len(values))):
+            return None
+        return len(values)
+
+    ranges: dict[str, list[Any]] = {}
+    for graph_input in graph.input:
+        if graph_input.name in constants or graph_input.type.tensor_type.elem_type not in _INT_TYPES:
+            continue
+        lo, hi, why = None, None, ""
+        if graph_input.name.lower().endswith("mask"):
+            lo, hi, why = 0, 1, "a mask holds 0 (masked) or 1"
+        seen, frontier = {graph_input.name}, [graph_input.name]
+        while frontier:
+            tensor = frontier.pop()
+            for node, k in consumers.get(tensor, []):
+                if node.op_type == "Gather" and k == 1:
+                    table = constant(node.input[0])
+                    if table is not None and table.dims:
+                        axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(table.dims)
+                        rows = int(table.dims[axis])
+                        if hi is None or rows - 1 < hi:
+                            lo, hi = 0, rows - 1
+                            why = f"{rows} rows in the table '{node.input[0]}' it indexes"
+                        continue
+                if node.op_type == "Equal":
+                    other = constant(node.input[1 - k]) if len(node.input) == 2 else None
+                    length = arange_length(other) if other is not None else None
+                    if length is not None:
+                        if hi is None or length - 1 < hi:
+                            lo, hi = 0, length - 1
+                            why = f"it selects one of {length} cache slots (compared with arange({length}))"
+                        continue
+                if node.op_type in _VALUE_PRESERVING and (k == 0 or node.op_type == "Concat"):
+                    if node.op_type == "Cast":
+                        to = next((a.i for a in node.attribute if a.name == "to"), 0)
+                        if to not in _INT_TYPES:
+                            continue
+                    for out in node.output[:1]:
+                        if out not in seen:
+                            seen.add(out)
+                            frontier.append(out)
+        if hi is not None:
+            ranges[graph_input.name] = [lo, hi, why]
+    return ranges
+
+
+def check_integer_ranges(feed: Feed, ranges: dict[str, Sequence[Any]]) -> None:
+    """RequestError naming the input, the allowed range and why, for the first integer input out of range."""
+    for name, (lo, hi, *why) in ranges.items():
+        value = feed.get(name)
+        if value is None or value.size == 0 or value.dtype.kind not in "iub":
+            continue
+        smallest, largest = int(value.min()), int(value.max())
+        if smallest < lo or largest > hi:
+            bad = smallest if smallest < lo else largest
+            reason = f" ({why[0]})" if why and why[0] else ""
+            raise RequestError(f"input '{name}': {bad} is out of range; this model accepts {lo}..{hi}{reason}")
 
 
 def request_bytes(feed: Feed) -> int:
@@ -76,8 +237,12 @@ class Handler:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.max_request_bytes = int(spec.get("max_request_bytes", 0))
+        self.name = f"model '{spec['name']}'" if spec.get("name") else "the model"  # the stub sets the name
 
-    def handle(self, feeds: list[Feed]) -> list[dict[str, np.ndarray] | RequestError]:
+    def handle(self, feeds: list[Feed]) -> list[dict[str, np.ndarray] | RequestError | ModelError]:
+        """Per request: its outputs, or RequestError / ModelError. Each request is checked alone (`prepare`)
+        before the batch runs; a batch that fails anyway is run again request by request, so a request that
+        breaks the model fails alone and its neighbours get their answers."""
         results: list[Any] = [None] * len(feeds)
         valid: list[int] = []
         for i, feed in enumerate(feeds):
@@ -89,11 +254,26 @@ class Handler:
             try:
                 feeds[i] = self.prepare(feed)
                 valid.append(i)
-            except RequestError as exc:
-                results[i] = exc
-        if valid:
-            for i, out in zip(valid, self.run([feeds[i] for i in valid])):
-                results[i] = out
+            except Exception as exc:  # RequestError, or a bug met by this request only
+                results[i] = describe_failure(exc, self.name)
+        if not valid:
+            return results
+        try:
+            outputs = self.run([feeds[i] for i in valid])
+        except Exception as exc:
+            if len(valid) == 1:
+                results[valid[0]] = describe_failure(exc, self.name)
+                return results
+            print(f"turbo-export: {self.name}: a batch of {len(valid)} requests failed ({type(exc).__name__}); "
+                  "running them one by one", file=sys.stderr, flush=True)
+            for i in valid:
+                try:
+                    results[i] = self.run([feeds[i]])[0]
+                except Exception as alone:
+                    results[i] = describe_failure(alone, self.name)
+            return results
+        for i, out in zip(valid, outputs):
+            results[i] = out
         return results
 
     def prepare(self, feed: Feed) -> Feed:
@@ -113,12 +293,22 @@ class TensorHandler(Handler):
         self.batch = static_batch(self.runner)
         self.batched = spec.get("batched", True)  # False: served with its full shapes (max_batch_size 0)
         self.check_finite = spec.get("check_finite", True)
+        ranges = spec.get("ranges")  # server.py reads them from the graph when it writes the spec
+        if ranges is None:
+            try:
+                ranges = integer_input_ranges(spec["onnx"])
+            except Exception as exc:  # a graph onnx cannot read here: ONNX Runtime's own checks remain
+                print(f"turbo-export: {self.name}: cannot read the integer input ranges of {spec['onnx']} "
+                      f"({type(exc).__name__}: {one_line(str(exc), 200)})", file=sys.stderr, flush=True)
+                ranges = {}
+        self.ranges: dict[str, Sequence[Any]] = dict(ranges)
 
     def prepare(self, feed: Feed) -> Feed:
         if self.check_finite:
             for name, value in feed.items():
                 if value.dtype.kind == "f" and not np.isfinite(value).all():
                     raise RequestError(f"input '{name}': contains NaN or infinity")
+        check_integer_ranges(feed, self.ranges)
         return feed
 
     def run(self, feeds: list[Feed]) -> list[dict[str, np.ndarray]]:
@@ -129,11 +319,18 @@ class TensorHandler(Handler):
         return split_rows(run_padded(self.runner, merged, self.batch), counts)
 
 
-def decode_image(data: Any, size: int, mean: Sequence[float], std: Sequence[float], resample: int = 2
-                 ) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, ...) -> normalised [3, size, size] float32, or RequestError."""
+IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
+def decode_image(data: Any, size: int, mean: Sequence[float], std: Sequence[float], resample: int = 2,
+                 channels: int = 3) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) -> normalised [channels, size, size] float32, or RequestError. Any
+    image mode is converted to the model's: L (grey) for 1 channel, RGB for 3."""
     from PIL import Image, UnidentifiedImageError
 
+    if channels not in IMAGE_MODES:
+        raise ModelError(f"input 'image': the model takes {channels}-channel images; only 1 (grey) and 3 (RGB) "
+                         "are served")
     if isinstance(data, str):
         data = data.encode("latin-1")
     if not isinstance(data, (bytes, bytearray)) or not data:
@@ -141,7 +338,7 @@ def decode_image(data: Any, size: int, mean: Sequence[float], std: Sequence[floa
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            rgb = img.convert("RGB").resize((size, size), resample)
+            converted = img.convert(IMAGE_MODES[channels]).resize((size, size), resample)
     except UnidentifiedImageError:
         raise RequestError(f"input 'image': {len(data)} bytes that are not an image PIL can read (PNG, JPEG, "
                            "WebP, ...)") from None
@@ -150,9 +347,23 @@ def decode_image(data: Any, size: int, mean: Sequence[float], std: Sequence[floa
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data
         raise RequestError(f"input 'image': corrupt image ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable data'})") from None
-    x = np.asarray(rgb, np.float32) / 255.0
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    x = np.asarray(converted, np.float32).reshape(size, size, channels) / 255.0
+    x = (x - per_channel(mean, channels)) / per_channel(std, channels)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def per_channel(values: Sequence[float], channels: int) -> np.ndarray:
+    """Normalisation constants for ``channels``: one value for all, or the first ``channels`` (a grey model
+    given the 3-value default)."""
+    array = np.asarray(values, np.float32).reshape(-1)
+    return array[:channels] if len(array) >= channels else np.broadcast_to(array[:1], (channels,))
+
+
+def image_channels(runner: Any, name: str = "pixel_values") -> int:
+    """The channel count a graph's image input takes ([B, C, H, W]); 3 where the graph does not say."""
+    info = next((t for t in runner.inputs if t.name == name), None)
+    dims = info.shape if info is not None else ()
+    return int(dims[1]) if len(dims) == 4 and isinstance(dims[1], int) and dims[1] > 0 else 3
 
 
 def _one(feed: Feed, name: str) -> list[Any]:
@@ -161,9 +372,12 @@ def _one(feed: Feed, name: str) -> list[Any]:
 
 
 class ImagePipelineHandler(Handler):
+    channels = 3  # the image graph's, set by the subclass from its runner
+
     def decode_images(self, feed: Feed) -> np.ndarray:
         pre = self.spec["preprocess"]
-        return np.stack([decode_image(d, pre["size"], pre["mean"], pre["std"], pre.get("resample", 2))
+        channels = int(pre.get("channels", self.channels))
+        return np.stack([decode_image(d, pre["size"], pre["mean"], pre["std"], pre.get("resample", 2), channels)
                          for d in _one(feed, "image")])
 
 
@@ -174,6 +388,7 @@ class VitClassifyHandler(ImagePipelineHandler):
         super().__init__(spec)
         self.runner = open_runner(spec["onnx"], spec["backend"], spec.get("threads", 0))
         self.batch = static_batch(self.runner)
+        self.channels = image_channels(self.runner)
         self.labels = spec["labels"]
         self.top_k = int(spec["top_k"])
 
@@ -218,6 +433,7 @@ class BlipHandler(ImagePipelineHandler):
                                         runner("answer_cross_kv"), runner("answer_decoder"), ids,
                                         size_aware=size_aware)
         self.batch = static_batch(self.pipeline.vision)
+        self.channels = image_channels(self.pipeline.vision)
         self.text_len = int(spec.get("text_len", 0))
 
     def prepare(self, feed: Feed) -> Feed:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator
 
 from turbo_export.errors import TurboExportError
 from turbo_export.files import read_report
+from turbo_export.serve.handlers import integer_input_ranges
 from turbo_export.serve.triton_repo import ModelConfig, TensorSpec, onnx_signature, to_pbtxt
 
 FLAVOURS = ("turbo", "baseline")
@@ -92,7 +93,8 @@ def tensor_binding(name: str, onnx_path: str, batch: int, options: ServeOptions)
         inputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in inputs]
         outputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in outputs]
     return Binding(name, inputs, outputs, options.max_batch if batch_first else 0,
-                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": batch_first})
+                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": batch_first,
+                    "ranges": integer_input_ranges(onnx_path)})
 
 
 def vit_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions) -> list[Binding]:
@@ -206,7 +208,8 @@ def unbatched_tensor_binding(name: str, onnx_path: str) -> Binding:
     """A graph served with its full shapes (max_batch_size 0): its first dimension is not a request batch."""
     inputs, outputs, _ = onnx_signature(onnx_path)
     return Binding(name, inputs, outputs, 0,
-                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": False})
+                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": False,
+                    "ranges": integer_input_ranges(onnx_path)})
 
 
 def sd_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, work_dir: str) -> list[Binding]:

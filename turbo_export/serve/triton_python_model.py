@@ -2,7 +2,8 @@
 
 It runs inside tritonserver's stub process: it puts the serving interpreter's sys.path in place, imports
 `turbo_export.serve.handlers` without the package's ``__init__`` (which would import torch), and answers each
-request of a dynamic batch on its own: outputs, or an INVALID_ARG error (HTTP 400) for that request only.
+request of a dynamic batch on its own: outputs, or an error for that request only (INVALID_ARG, HTTP 400, for
+bad contents; INTERNAL, HTTP 500, for a model failure), each as one line.
 
 Numeric tensors cross the stub boundary through DLPack: the stub of tritonserver 2.51 is built against numpy 1's
 C ABI, and `pb_utils.Tensor(name, ndarray)` gets the item size wrong under numpy 2 (HTTP 500 "output tensor shape
@@ -34,9 +35,11 @@ class TritonPythonModel:
         import numpy as np
         import triton_python_backend_utils as pb_utils
 
-        from turbo_export.serve.handlers import RequestError, make_handler
+        from turbo_export.serve.handlers import ModelError, RequestError, make_handler, one_line
 
-        self.np, self.pb, self.RequestError = np, pb_utils, RequestError
+        self.np, self.pb, self.RequestError, self.ModelError, self.one_line = \
+            np, pb_utils, RequestError, ModelError, one_line
+        spec.setdefault("name", config["name"])  # error messages name the model
         self.numpy2 = int(np.__version__.split(".")[0]) >= 2
         self.inputs = {t["name"]: t["dtype"] for t in spec["inputs"]}
         self.outputs = {t["name"]: t["dtype"] for t in spec["outputs"]}
@@ -62,19 +65,31 @@ class TritonPythonModel:
         return self.pb.Tensor(name, value)
 
     def execute(self, requests):
+        """One response per request: outputs, INVALID_ARG (HTTP 400) for a request the handler refused, INTERNAL
+        (HTTP 500) for one the model failed on; the handler keeps each request's failure to that request."""
         pb = self.pb
-        feeds = [{n: v for n in self.inputs if (v := self._input(r, n)) is not None} for r in requests]
-        try:
-            results = self.handler.handle(feeds)
-        except Exception as exc:  # a server-side failure: every request of the batch gets it (HTTP 500)
-            message = f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            return [pb.InferenceResponse(error=pb.TritonError(message)) for _ in requests]
         responses = []
+        try:
+            feeds = [{n: v for n in self.inputs if (v := self._input(r, n)) is not None} for r in requests]
+            results = self.handler.handle(feeds)
+        except Exception as exc:  # a bug outside the handler's per-request isolation: one line, full text logged
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            message = f"internal error: {type(exc).__name__}: {self.one_line(str(exc)) or 'no message'}"
+            return [pb.InferenceResponse(error=pb.TritonError(message)) for _ in requests]
         for result in results:
             if isinstance(result, self.RequestError):
-                responses.append(pb.InferenceResponse(error=pb.TritonError(str(result), pb.TritonError.INVALID_ARG)))
+                responses.append(pb.InferenceResponse(error=pb.TritonError(self.one_line(str(result)),
+                                                                          pb.TritonError.INVALID_ARG)))
+            elif isinstance(result, BaseException):
+                responses.append(pb.InferenceResponse(error=pb.TritonError(self.one_line(str(result)))))
             else:
-                responses.append(pb.InferenceResponse([self._output(n, v) for n, v in result.items()]))
+                try:
+                    responses.append(pb.InferenceResponse([self._output(n, v) for n, v in result.items()]))
+                except Exception as exc:
+                    message = f"internal error: {type(exc).__name__}: {self.one_line(str(exc)) or 'no message'}"
+                    responses.append(pb.InferenceResponse(error=pb.TritonError(message)))
         return responses
 
     def finalize(self):
