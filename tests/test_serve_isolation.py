@@ -333,6 +333,7 @@ def test_gateway_decodes_compressed_bodies():
 @pytest.fixture(scope="module")
 def vqa_export(tmp_path_factory):
     from turbo_export.export.blip import BlipOptions, run_blip_export
+
     from turbo_export.models.presets import build_random_blip
 
     out = str(tmp_path_factory.mktemp("isolation") / "vqa")
@@ -566,9 +567,9 @@ def grey_vit_export(tmp_path_factory):
     ../shared/weights/vit-mnist is), exported like any local checkpoint."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
     from turbo_export.export.pipeline import JobOptions, run_export
     from turbo_export.export.specs import SPECS, TurboOptions
+
     from turbo_export.models.presets import load_pretrained
 
     root = tmp_path_factory.mktemp("grey")

@@ -17,7 +17,8 @@ from turbo_export.cli import main
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
 from turbo_export.evaluate import datasets
-from turbo_export.evaluate.validate import fit_linear_probe, pad_batch, probe_parity, run_batched, split_indices
+from turbo_export.backends.batching import pad_rows, run_in_batches
+from turbo_export.evaluate.validate import fit_linear_probe, probe_parity, run_dataset, split_indices
 from turbo_export.evaluate.visualize import compose_plans
 from turbo_export.families.vit import CLASSIFIER
 
@@ -98,16 +99,25 @@ def test_linear_probe_separable_and_split_fixed():
     assert sorted(np.concatenate(split_indices(10))) == list(range(10))
 
 
-def test_run_batched_pads_and_drops():
+def test_run_dataset_pads_and_drops():
     calls = []
 
     def forward(x):
-        calls.append(x.shape[0])
+        calls.append(x.tolist())
         return {"y": x * 2}
 
-    out = run_batched(forward, np.arange(5, dtype=np.float32)[:, None], 2, progress=False)
-    assert calls == [2, 2, 2] and out["y"].ravel().tolist() == [0, 2, 4, 6, 8]
-    assert pad_batch(np.ones((1, 3)), 3).tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0]]
+    out = run_dataset(forward, np.arange(5, dtype=np.float32)[:, None], 2, progress=False)
+    assert [len(c) for c in calls] == [2, 2, 2] and out["y"].ravel().tolist() == [0, 2, 4, 6, 8]
+    assert calls[-1] == [[4.0], [4.0]]  # the one padding rule: the last row repeated (a valid input)
+    assert pad_rows(np.array([[1, 2, 3], [4, 5, 6]]), 4).tolist() == [[1, 2, 3], [4, 5, 6], [4, 5, 6], [4, 5, 6]]
+
+
+def test_run_in_batches_token_rows_and_dynamic_batch():
+    rows = run_in_batches(lambda feed: feed["x"] + 1, 2, {"x": np.arange(3)[:, None]})
+    assert [r.tolist() for r in rows] == [[1], [2], [3]]  # an array output: its rows, padding dropped
+    seen = []
+    run_in_batches(lambda feed: seen.append(len(feed["x"])) or {"y": feed["x"]}, 0, {"x": np.zeros((5, 1))})
+    assert seen == [5]  # batch 0: a dynamic-batch graph takes every row in one call
 
 
 # ---------------------------------------------------------------------------------------------- data

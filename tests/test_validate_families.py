@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from turbo_export.cli import main
 from turbo_export.evaluate.validate_diffusion import DEFAULT_PROMPTS
-from turbo_export.evaluate.validate_vl import generation_parity, retrieval_parity
+from turbo_export.evaluate.validate_vl import generation_parity, retrieval_agreement
 from turbo_export.pipelines.blip import TokenIds
 
 DIGITS = os.path.join(os.path.dirname(__file__), "data", "mnist")
@@ -65,11 +65,11 @@ class _FakeRetrieval:
         return self.text_feat
 
 
-def test_retrieval_parity_known_answers():
+def test_retrieval_agreement_known_answers():
     rng = np.random.default_rng(0)
     images, texts = rng.normal(size=(6, 8)), rng.normal(size=(7, 8))
     ids = np.zeros((7, 4), np.int64)
-    same = retrieval_parity({"baseline": _FakeRetrieval(images, texts), "turbo": _FakeRetrieval(images, texts)},
+    same = retrieval_agreement({"baseline": _FakeRetrieval(images, texts), "turbo": _FakeRetrieval(images, texts)},
                             np.zeros((6, 3, 2, 2)), ids, ids)
     for key in ("image_to_text_recall@1_agreement", "image_to_text_recall@5_agreement",
                 "text_to_image_recall@1_agreement", "text_to_image_recall@5_agreement", "itc_rank_correlation"):
@@ -77,7 +77,7 @@ def test_retrieval_parity_known_answers():
     assert same["image_feat_cosine"]["min"] == pytest.approx(1.0) and same["itc_max_abs_diff"] == 0.0
 
     # Turbo's image features reversed: every image ranks the texts as another image does
-    swapped = retrieval_parity({"baseline": _FakeRetrieval(images, texts),
+    swapped = retrieval_agreement({"baseline": _FakeRetrieval(images, texts),
                                 "turbo": _FakeRetrieval(images[::-1].copy(), texts)},
                                np.zeros((6, 3, 2, 2)), ids, ids)
     base_top = (images @ texts.T).argmax(1)

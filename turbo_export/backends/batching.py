@@ -14,6 +14,12 @@ import numpy as np
 Feed = dict[str, np.ndarray]
 
 
+def static_batch(runner: Any) -> int:
+    """The static batch of a runner's graph (its first input's first dimension); 0 when that is symbolic."""
+    dims = runner.inputs[0].shape
+    return int(dims[0]) if dims and isinstance(dims[0], int) and dims[0] > 0 else 0
+
+
 def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     """``x`` padded along axis 0 to ``rows`` by repeating its last row."""
     return x if len(x) >= rows else np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])

@@ -22,11 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from turbo_export.backends import bench, make_runner
+from turbo_export.backends.batching import pad_rows
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
 from turbo_export.evaluate import datasets
 from turbo_export.evaluate.common import load_image_encoder
-from turbo_export.evaluate.validate import INPUT, model_inputs, onnx_forward, pad_batch, parity, run_batched
+from turbo_export.evaluate.validate import INPUT, model_inputs, onnx_forward, parity, run_dataset
 from turbo_export.export.onnx import export_onnx
 from turbo_export.export.parity import check_graph, require_parity
 from turbo_export.families import family_for_class
@@ -106,7 +107,7 @@ def run_sweep(
     sets = {src: datasets.load_images(src, limit) for src in sources}
     inputs = {src: model_inputs(loaded, images, size) for src, images in sets.items()}
     images, pixels = sets[sources[0]], inputs[sources[0]]
-    real_batch = {INPUT: torch.from_numpy(pad_batch(pixels[:batch], batch))}
+    real_batch = {INPUT: torch.from_numpy(pad_rows(pixels[:batch], batch))}
 
     own_dir = work_dir is None
     work = work_dir or tempfile.mkdtemp(prefix="turbo-sweep-")
@@ -124,7 +125,7 @@ def run_sweep(
         base_path = export_onnx(base_graph, os.path.join(work, "baseline.onnx"))
         base_runner = make_runner(base_path)
         require_parity(check_graph(base_graph, base_path, base_runner))
-        base_out = {src: run_batched(onnx_forward(base_runner), x, batch, f"baseline.onnx {src}", progress)
+        base_out = {src: run_dataset(onnx_forward(base_runner), x, batch, f"baseline.onnx {src}", progress)
                     for src, x in inputs.items()}
         base_row = {"r": 0, "alpha": None, "tokens_per_layer": [tokens] * spec.num_layers(loaded),
                     "final_tokens": tokens, "flops_ratio": 1.0, "bench": None,
@@ -142,7 +143,7 @@ def run_sweep(
                                                                                                real_batch)}
             for report in checks.values():
                 require_parity(report)
-            by_data = {src: parity(base_out[src], run_batched(onnx_forward(runner), x, batch,
+            by_data = {src: parity(base_out[src], run_dataset(onnx_forward(runner), x, batch,
                                                                 f"r={r} alpha={alpha:g} {src}", progress),
                                    sets[src].labels) for src, x in inputs.items()}
             timings = None

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from turbo_export import metrics
 from turbo_export.backends import Runner, make_runner
+from turbo_export.backends.batching import run_in_batches
 from turbo_export.errors import TurboExportError
 from turbo_export.evaluate import datasets
 from turbo_export.evaluate.common import read_export
@@ -44,23 +45,13 @@ PROBE_SEED = 0
 # --------------------------------------------------------------------------------------------------
 
 
-def pad_batch(chunk: np.ndarray, batch: int) -> np.ndarray:
-    """Zero-pad ``chunk`` along dim 0 up to the static ``batch``."""
-    if len(chunk) == batch:
-        return chunk
-    return np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-
-
-def run_batched(forward: Callable[[np.ndarray], dict[str, np.ndarray]], inputs: np.ndarray, batch: int,
+def run_dataset(forward: Callable[[np.ndarray], dict[str, np.ndarray]], inputs: np.ndarray, batch: int,
                 desc: str = "", progress: bool = True) -> dict[str, np.ndarray]:
-    """Apply a static-batch ``forward`` (array -> named outputs) to ``inputs`` batch by batch."""
-    outputs: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, len(inputs), batch), desc=desc, unit="batch", leave=False, disable=not progress,
-                      file=sys.stderr):
-        chunk = inputs[start:start + batch]
-        for name, value in forward(pad_batch(chunk, batch)).items():
-            outputs.setdefault(name, []).append(np.asarray(value)[:len(chunk)])
-    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+    """A static-batch ``forward`` (pixels -> named outputs) over a whole data set, with a progress bar."""
+    def bar(chunks):
+        return tqdm(chunks, desc=desc, unit="batch", leave=False, disable=not progress, file=sys.stderr)
+
+    return run_in_batches(lambda feed: forward(feed[INPUT]), batch, {INPUT: inputs}, bar)
 
 
 def onnx_forward(runner: Runner) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
@@ -246,9 +237,9 @@ def validate_export(
 
     runners = {name: make_runner(os.path.join(folder, report["files"][name]), backend)
                for name in ("baseline", "turbo")}
-    base = baseline_outputs if baseline_outputs is not None else run_batched(
+    base = baseline_outputs if baseline_outputs is not None else run_dataset(
         onnx_forward(runners["baseline"]), pixels, batch, "baseline.onnx", progress)
-    turbo = run_batched(onnx_forward(runners["turbo"]), pixels, batch, "turbo.onnx", progress)
+    turbo = run_dataset(onnx_forward(runners["turbo"]), pixels, batch, "turbo.onnx", progress)
     result: dict[str, Any] = {
         "export": os.path.abspath(folder), "model": report["model"], "data": source, "images": len(images),
         "labelled": images.labels is not None, "ratio": report["ratio"], "alpha": report["alpha"],
@@ -261,7 +252,7 @@ def validate_export(
                    if k in result["onnx"]})
     if torch_reference:
         names, kwargs = family.output_names(loaded), family.forward_kwargs(loaded, image_size)
-        torch_turbo = run_batched(torch_forward(turbo_model(loaded, report), names, kwargs), pixels, batch,
+        torch_turbo = run_dataset(torch_forward(turbo_model(loaded, report), names, kwargs), pixels, batch,
                                   "turbo (PyTorch)", progress)
         result["pytorch"] = parity(base, torch_turbo, images.labels)
         result["onnx_vs_pytorch"] = torch_check(turbo, torch_turbo, float((report.get("parity") or {}).get(

@@ -101,7 +101,7 @@ def generation_parity(tokens: dict[str, list[list[int]]], ids: Any, tokenizer: A
 
 def validate_blip(folder: str, report: dict[str, Any], source: str, limit: int | None, backend: str,
                   texts: list[str] | None, question: str | None, progress: bool) -> dict[str, Any]:
-    from turbo_export.families.blip_tasks import _generate_rows
+    from turbo_export.families.blip_tasks import generate_rows
 
     task = report["task"]["name"]
     images = datasets.load_images(source, limit)
@@ -130,7 +130,7 @@ def validate_blip(folder: str, report: dict[str, Any], source: str, limit: int |
             fn = (lambda pixel_values, p=p: p.generate(pixel_values, options.max_new_tokens, options.num_beams)) \
                 if task == "caption" else (lambda pixel_values, input_ids, attention_mask, p=p: p.generate(
                     pixel_values, input_ids, attention_mask, options.max_new_tokens, options.num_beams))
-            tokens[name] = _generate_rows(fn, batch, pixel_values=pixels, **extra)
+            tokens[name] = generate_rows(fn, batch, pixel_values=pixels, **extra)
         result.update(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
         result["onnx"] = generation_parity(tokens, pipelines["baseline"].ids, tokenizer, images.names,
                                            "caption" if task == "caption" else "answer")
@@ -139,7 +139,7 @@ def validate_blip(folder: str, report: dict[str, Any], source: str, limit: int |
             f"built-in list of {len(DEFAULT_TEXTS)} generic texts; pass --texts FILE (one text per line) for your own")
         texts = list(texts or DEFAULT_TEXTS)
         result["texts"] = len(texts)
-        result["onnx"] = retrieval_parity(pipelines, pixels, *tokenize(tokenizer, texts, options.text_len, "texts"))
+        result["onnx"] = retrieval_agreement(pipelines, pixels, *tokenize(tokenizer, texts, options.text_len, "texts"))
     result.update(weights_note(report["model"]))
     return result
 
@@ -153,7 +153,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else 1.0
 
 
-def retrieval_parity(pipelines: dict[str, Any], pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray
+def retrieval_agreement(pipelines: dict[str, Any], pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray
                      ) -> dict[str, Any]:
     """ITC similarity of every image with every text, Turbo against unaccelerated (whose top-1 is the answer)."""
     feats, itc = {}, {}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from turbo_export.backends.base import Runner
+from turbo_export.backends.batching import run_in_batches
 from turbo_export.errors import ParityError
 from turbo_export.families.base import DEFAULT_ATOL, GraphSpec, Log
 from turbo_export.families.blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
@@ -29,7 +30,6 @@ from turbo_export.pipelines.blip import (
     RetrievalScores,
     TokenIds,
     VqaPipeline,
-    pad_rows,
     softmax,
 )
 
@@ -337,22 +337,15 @@ def retrieval_parity(models: dict[str, nn.Module], pipelines: dict[str, Any], in
 # ---- the user's own inputs -------------------------------------------------------------------------------------
 
 
-def _generate_rows(fn: Callable[..., np.ndarray], batch: int, **arrays: np.ndarray) -> list[list[int]]:
-    """Generation over any number of inputs with a static-batch pipeline: full batches, the last one padded."""
-    rows: list[list[int]] = []
-    total = len(next(iter(arrays.values())))
-    for start in range(0, total, batch):
-        chunk = {k: v[start:start + batch] for k, v in arrays.items()}
-        real = len(next(iter(chunk.values())))
-        out = fn(**{k: pad_rows(v, batch) for k, v in chunk.items()})
-        rows += [row.tolist() for row in out[:real]]
-    return rows
+def generate_rows(fn: Callable[..., np.ndarray], batch: int, **arrays: np.ndarray) -> list[list[int]]:
+    """Generation over any number of inputs with a static-batch pipeline (``run_in_batches``): token rows."""
+    return [row.tolist() for row in run_in_batches(lambda feed: fn(**feed), batch, arrays)]
 
 
 def caption_user_outputs(pipelines: dict[str, Any], user: UserInputs, options: BlipOptions) -> dict[str, Any]:
     result: dict[str, Any] = {"images": user.images}
     for name, p in pipelines.items():
-        rows = _generate_rows(lambda pixel_values, p=p: p.generate(pixel_values, options.max_new_tokens,
+        rows = generate_rows(lambda pixel_values, p=p: p.generate(pixel_values, options.max_new_tokens,
                                                                    options.num_beams),
                               options.batch, pixel_values=user.pixel_values)
         result[name] = [user.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
@@ -363,7 +356,7 @@ def vqa_user_outputs(pipelines: dict[str, Any], user: UserInputs, options: BlipO
     result: dict[str, Any] = {"images": user.images, "question": user.texts[0]}
     count = len(user.pixel_values)
     for name, p in pipelines.items():
-        rows = _generate_rows(
+        rows = generate_rows(
             lambda pixel_values, input_ids, attention_mask, p=p: p.generate(
                 pixel_values, input_ids, attention_mask, options.max_new_tokens, options.num_beams),
             options.batch, pixel_values=user.pixel_values,

@@ -7,11 +7,12 @@ finished row is padded with the pad token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from turbo_export.backends.base import Runner
+from turbo_export.backends.batching import run_in_batches, static_batch
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ class RetrievalScores:
 class RetrievalPipeline:
     """Image-text retrieval: ITC similarity (vision + text-only graphs) and ITM scores (vision + ITM graphs).
 
-    Every method takes any number of rows; the graphs' static batch is handled by `run_batched`.
+    Every method takes any number of rows; the graphs' static batch is handled by `backends.batching.run_in_batches`.
     """
 
     def __init__(self, vision: Runner, text_itc: Runner, itm: Runner, size_aware: bool = False) -> None:
@@ -218,19 +219,18 @@ class RetrievalPipeline:
 
     def encode_images(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """image_embeds, image_sizes, image_feat."""
-        return run_batched(self.vision.run, static_batch(self.vision), pixel_values=pixel_values)
+        return run_in_batches(self.vision.run, static_batch(self.vision), {"pixel_values": pixel_values})
 
     def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return run_batched(self.text_itc.run, static_batch(self.text_itc), input_ids=input_ids.astype(np.int64),
-                           attention_mask=attention_mask.astype(np.int64))["text_feat"]
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        return run_in_batches(self.text_itc.run, static_batch(self.text_itc), feed)["text_feat"]
 
     def itm(self, image_embeds: np.ndarray, image_sizes: np.ndarray, input_ids: np.ndarray,
             attention_mask: np.ndarray) -> np.ndarray:
         """ITM match probability of aligned rows (image i with text i)."""
-        logits = run_batched(self.itm_graph.run, static_batch(self.itm_graph),
-                             input_ids=input_ids.astype(np.int64), attention_mask=attention_mask.astype(np.int64),
-                             encoder_hidden_states=image_embeds,
-                             cross_bias=cross_bias(image_sizes, self.size_aware))["itm_logits"]
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "encoder_hidden_states": image_embeds, "cross_bias": cross_bias(image_sizes, self.size_aware)}
+        logits = run_in_batches(self.itm_graph.run, static_batch(self.itm_graph), feed)["itm_logits"]
         return softmax(logits)[:, 1].astype(np.float32)
 
     def score_pairs(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -253,28 +253,6 @@ class RetrievalPipeline:
 
 def softmax(x: np.ndarray) -> np.ndarray:
     return np.exp(log_softmax(x))
-
-
-def static_batch(runner: Runner) -> int:
-    return int(runner.inputs[0].shape[0])
-
-
-def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """Pad axis 0 to ``rows`` by repeating the last row (a static-batch graph needs full batches)."""
-    return x if len(x) >= rows else np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
-
-
-def run_batched(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], batch: int,
-                **arrays: np.ndarray) -> dict[str, np.ndarray]:
-    """Run a static-batch ``fn`` over any number of rows (axis 0 of every input and output)."""
-    total = len(next(iter(arrays.values())))
-    chunks: list[dict[str, np.ndarray]] = []
-    for start in range(0, total, batch):
-        feed = {k: v[start:start + batch] for k, v in arrays.items()}
-        real = len(next(iter(feed.values())))
-        out = fn({k: pad_rows(v, batch) for k, v in feed.items()})
-        chunks.append({k: v[:real] for k, v in out.items()})
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def repeat_for_beams(cross: tuple[np.ndarray, np.ndarray, np.ndarray], num_beams: int):

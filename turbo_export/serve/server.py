@@ -42,13 +42,13 @@ from typing import Any, Callable, Iterator
 
 from turbo_export.errors import TurboExportError
 from turbo_export.files import read_report
-from turbo_export.serve.handlers import integer_input_ranges
+from turbo_export.serve.request_checks import integer_input_ranges
 from turbo_export.serve.triton_repo import ModelConfig, TensorSpec, onnx_signature, to_pbtxt
 
 FLAVOURS = ("turbo", "baseline")
 DEFAULT_MAX_REQUEST_MB = 16.0
 SERVE_DIR = os.path.dirname(os.path.abspath(__file__))
-PACKAGE_DIR = os.path.dirname(SERVE_DIR)  # turbo_export/, imported in the stub without its __init__
+PACKAGE_DIR = os.path.dirname(SERVE_DIR)  # turbo_export/
 
 
 @dataclass
@@ -290,9 +290,8 @@ def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[
 def write_serving_repo(bindings: list[Binding], repo: str, options: ServeOptions) -> None:
     template = os.path.join(SERVE_DIR, "triton_python_model.py")
     sys_path = [p for p in sys.path if p and os.path.isdir(p)]
-    package_dir = PACKAGE_DIR
     for b in bindings:
-        spec = {**b.handler, "package_dir": package_dir,
+        spec = {**b.handler,
                 "inputs": [{"name": t.name, "dtype": t.dtype} for t in b.inputs],
                 "outputs": [{"name": t.name, "dtype": t.dtype} for t in b.outputs]}
         config = ModelConfig(name=b.name, inputs=b.inputs, outputs=b.outputs, backend="python",
@@ -304,7 +303,7 @@ def write_serving_repo(bindings: list[Binding], repo: str, options: ServeOptions
             f.write(to_pbtxt(config))
         shutil.copyfile(template, os.path.join(repo, b.name, "1", "model.py"))
         with open(os.path.join(repo, b.name, "1", "sys_path.json"), "w") as f:
-            json.dump([os.path.dirname(package_dir), *sys_path], f)
+            json.dump([os.path.dirname(PACKAGE_DIR), *sys_path], f)  # this turbo_export first
 
 
 # ---- the server process --------------------------------------------------------------------------------------

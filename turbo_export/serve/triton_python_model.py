@@ -1,7 +1,8 @@
 """Triton Python-backend model (copied into the serving repository as ``<model>/1/model.py``).
 
-It runs inside tritonserver's stub process: it puts the serving interpreter's sys.path in place, imports
-`turbo_export.serve.handlers` without the package's ``__init__`` (which would import torch), and answers each
+It runs inside tritonserver's stub process: it puts the serving interpreter's sys.path in place (the package's own
+folder first), imports `turbo_export.serve.handlers` (numpy and onnxruntime only: importing turbo_export imports no
+torch), and answers each
 request of a dynamic batch on its own: outputs, or an error for that request only (INVALID_ARG, HTTP 400, for
 bad contents; INTERNAL, HTTP 500, for a model failure), each as one line.
 
@@ -14,7 +15,6 @@ route (under numpy 2 a BYTES input crashes the stub), so serve.py drops BYTES mo
 import json
 import os
 import sys
-import types
 
 # The serving interpreter's sys.path, first, before the stub imports numpy for triton_python_backend_utils
 # (that import follows this module's import, precedes initialize()).
@@ -28,10 +28,6 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         spec = json.loads(config["parameters"]["turbo_export"]["string_value"])
-        if "turbo_export" not in sys.modules:
-            package = types.ModuleType("turbo_export")
-            package.__path__ = [spec["package_dir"]]
-            sys.modules["turbo_export"] = package
         import numpy as np
         import triton_python_backend_utils as pb_utils
 
