@@ -42,7 +42,7 @@ def _torch_pipelines(num_beams: int, max_new_tokens: int = 12):
     graphs = caption_graphs(model, turbo, options, 32, {"baseline": 65, "turbo": 65 - 16})
     runners = {k: TorchRunner(g.module, g.example_inputs, g.output_names, k) for k, g in graphs.items()}
     ids = TokenIds.from_text_config(model.config.text_config)
-    pipelines = {n: CaptionPipeline(runners[f"{n}_vision"], runners[f"{n}_cross_kv"], runners[f"{n}_decoder"], ids)
+    pipelines = {n: CaptionPipeline(runners[f"{n}_vision"], runners[f"{n}_cross_kv"], runners["decoder"], ids)
                  for n in ("baseline", "turbo")}
     return {"baseline": model, "turbo": turbo}, pipelines
 

@@ -220,7 +220,7 @@ def _vit_graph_files(preset, folder, names=("baseline", "turbo")):
 
 # The BLIP graphs each task exports, less baseline_* twins of turbo_* graphs (same operators, longer token axis)
 # and the caption vision graph that VQA exports again.
-BLIP_LINTED = {"caption": ("turbo_vision", "turbo_cross_kv", "turbo_decoder", "baseline_vision"),
+BLIP_LINTED = {"caption": ("turbo_vision", "turbo_cross_kv", "decoder", "baseline_vision"),
                "retrieval": ("turbo_vision", "text_itc", "turbo_itm"),
                "vqa": ("turbo_question", "answer_cross_kv", "answer_decoder")}
 

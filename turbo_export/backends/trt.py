@@ -1,6 +1,7 @@
 """TensorRT runner: the Runner interface over a serialized engine, with torch CUDA tensors as device buffers.
 
-Inputs are copied into fixed device buffers whose addresses are bound once (``set_tensor_address``), the engine
+Inputs are copied into fixed device buffers whose addresses are bound once (``set_tensor_address``; a dynamic
+engine's buffers have its optimization profile's largest shapes, and each run sets the input shapes), the engine
 is enqueued with ``execute_async_v3`` on a private stream, optionally replayed as a captured CUDA graph, and the
 outputs are copied back as numpy. ``timed_run`` times the device work alone with CUDA events (the benchmark uses it
 when every runner has one). Imports tensorrt and needs a CUDA GPU; everything is imported inside the class.
@@ -47,22 +48,42 @@ class TensorRTRunner:
         self._inputs: list[TensorInfo] = []
         self._outputs: list[TensorInfo] = []
         self.buffers: dict[str, Any] = {}
+        self.dynamic = False
         for i in range(self.engine.num_io_tensors):
             tensor = self.engine.get_tensor_name(i)
             shape = tuple(int(d) for d in self.engine.get_tensor_shape(tensor))
-            if any(d < 0 for d in shape):
-                raise TurboExportError(f"engine '{plan_path}': tensor '{tensor}' has dynamic shape {shape}; "
-                                       "only static-shape engines are supported")
-            dtype = _numpy_dtype(trt, self.engine.get_tensor_dtype(tensor))
-            info = TensorInfo(tensor, shape, dtype)
             is_input = self.engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT
-            (self._inputs if is_input else self._outputs).append(info)
-            buffer = torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
-            self.buffers[tensor] = buffer
-            self.context.set_tensor_address(tensor, buffer.data_ptr())
+            dtype = _numpy_dtype(trt, self.engine.get_tensor_dtype(tensor))
+            (self._inputs if is_input else self._outputs).append(TensorInfo(tensor, shape, dtype))
+            if any(d < 0 for d in shape):
+                self.dynamic = True
+        # A dynamic engine (an optimization profile over the batch / symbolic dims): device buffers of the
+        # profile's largest shapes, bound once; each run sets the input shapes and uses their leading elements.
+        for info in self._inputs:
+            shape = self._max_shape(info.name) if any(d < 0 for d in info.shape) else info.shape
+            if self.dynamic:
+                self.context.set_input_shape(info.name, shape)
+            self._allocate(info.name, shape, info.dtype)
+        for info in self._outputs:
+            self._allocate(info.name, tuple(int(d) for d in self.context.get_tensor_shape(info.name)), info.dtype)
         self.graph = None
-        if cuda_graph:
+        if cuda_graph and not self.dynamic:  # a captured graph replays one set of shapes
             self._capture()
+
+    def _max_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.engine.get_tensor_profile_shape(name, 0)[2])
+
+    def _allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        import torch
+
+        buffer = torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
+        self.buffers[name] = buffer
+        self.context.set_tensor_address(name, buffer.data_ptr())
+
+    def _view(self, name: str, shape: tuple[int, ...]) -> Any:
+        """The first elements of a (largest-shape) buffer as a tensor of ``shape``."""
+        count = int(np.prod(shape)) if shape else 1
+        return self.buffers[name].view(-1)[:count].view(shape)
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -111,16 +132,20 @@ class TensorRTRunner:
                 value = feed[info.name]
                 tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(
                     to_numpy(value)))
-                if tuple(tensor.shape) != info.shape:
-                    raise TurboExportError(f"{self.name}: input '{info.name}' has shape {tuple(tensor.shape)}, the "
-                                           f"engine was built for {info.shape}")
-                self.buffers[info.name].copy_(tensor.to(self.buffers[info.name].dtype), non_blocking=False)
+                shape = tuple(tensor.shape)
+                if not _fits(shape, info.shape):
+                    raise TurboExportError(f"{self.name}: input '{info.name}' has shape {shape}, the engine was "
+                                           f"built for {info.shape}")
+                if self.dynamic:
+                    self.context.set_input_shape(info.name, shape)
+                self._view(info.name, shape).copy_(tensor.to(self.buffers[info.name].dtype), non_blocking=False)
 
     def run(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
         self.load(feed)
         self.execute()
         self.stream.synchronize()
-        return {o.name: self.buffers[o.name].cpu().numpy() for o in self._outputs}
+        return {o.name: self._view(o.name, tuple(int(d) for d in self.context.get_tensor_shape(o.name))).cpu().numpy()
+                for o in self._outputs}
 
     def timed_run(self, feed: Mapping[str, Any] | None = None) -> float:
         """Seconds of device time for one execution, measured with CUDA events (inputs loaded untimed)."""
@@ -134,6 +159,11 @@ class TensorRTRunner:
         end.record(self.stream)
         end.synchronize()
         return start.elapsed_time(end) / 1e3
+
+
+def _fits(shape: tuple[int, ...], engine_shape: tuple[int, ...]) -> bool:
+    """A shape the engine takes: the same rank, equal where the engine's dimension is fixed (-1: any)."""
+    return len(shape) == len(engine_shape) and all(e < 0 or s == e for s, e in zip(shape, engine_shape))
 
 
 _TRT_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "INT8": np.int8,

@@ -38,11 +38,14 @@ class BuildOptions:
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default; off keeps fp32 engines fp32-accurate
     timing_cache: str | None = None  # a file shared across builds; loaded if present, saved after each build
     plugin_modules: tuple[str, ...] = ()  # Python modules that register TensorRT plugins (imported before parsing)
+    # input name -> (min, opt, max) shapes: the optimization profile of a graph with symbolic dimensions
+    profile: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
 
     def key_fields(self) -> dict[str, Any]:
         # the timing cache speeds builds up but does not change what is built: not part of the key
         return {"precision": self.precision, "tf32": self.tf32, "workspace_bytes": self.workspace_bytes,
-                "optimization_level": self.optimization_level, "plugin_modules": list(self.plugin_modules)}
+                "optimization_level": self.optimization_level, "plugin_modules": list(self.plugin_modules),
+                "profile": [[n, list(lo), list(opt), list(hi)] for n, lo, opt, hi in self.profile]}
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -284,7 +287,8 @@ def _import_plugins(modules: tuple[str, ...]) -> None:
 
 
 def build_serialized(onnx_path: str, options: BuildOptions) -> bytes:
-    """Parse ``onnx_path`` (external data read from beside it) and build a serialized engine with static shapes."""
+    """Parse ``onnx_path`` (external data read from beside it) and build a serialized engine: static shapes, or one
+    optimization profile (``options.profile``) over the symbolic ones (the batch, a shared decoder's image tokens)."""
     trt = _trt()
     logger = trt_logger(trt)
     _import_plugins(options.plugin_modules)
@@ -296,12 +300,19 @@ def build_serialized(onnx_path: str, options: BuildOptions) -> bytes:
         raise TurboExportError(f"TensorRT's ONNX parser rejected '{onnx_path}': {errors[0] if errors else '?'}"
                                f"{f' (+{len(errors) - 1} more)' if len(errors) > 1 else ''}; "
                                f"run 'turbo-export check-trt {onnx_path}'")
+    config = builder.create_builder_config()
+    ranges = {name: (lo, opt, hi) for name, lo, opt, hi in options.profile}
+    profile = builder.create_optimization_profile() if ranges else None
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        if any(d < 0 for d in tuple(tensor.shape)):
-            raise TurboExportError(f"'{onnx_path}': input '{tensor.name}' has dynamic shape {tuple(tensor.shape)}; "
-                                   "engines are built for the static shapes of the export")
-    config = builder.create_builder_config()
+        if not any(d < 0 for d in tuple(tensor.shape)):
+            continue
+        if tensor.name not in ranges:
+            raise TurboExportError(f"'{onnx_path}': input '{tensor.name}' has dynamic shape {tuple(tensor.shape)} and "
+                                   "no optimization profile covers it")
+        profile.set_shape(tensor.name, *ranges[tensor.name])
+    if profile is not None:
+        config.add_optimization_profile(profile)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
     if not options.tf32 and hasattr(trt.BuilderFlag, "TF32"):

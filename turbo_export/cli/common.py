@@ -81,12 +81,15 @@ class JobChoices:
     bench: bool
     runs: int
     atol: float
+    static_batch: bool = False
+    max_batch: int = 0
 
     def run_options(self) -> Any:
         from turbo_export.export.job import RunOptions
 
         return RunOptions(out_dir=self.out_dir or "", backend=self.backend, precision=self.precision,
-                          validate=self.validate, bench=self.bench, bench_runs=self.runs, atol=self.atol)
+                          validate=self.validate, bench=self.bench, bench_runs=self.runs, atol=self.atol,
+                          static_batch=self.static_batch, max_batch=self.max_batch)
 
 
 def export_and_print(family_name: str, source: str, options: Any, job: JobChoices) -> dict[str, Any]:
@@ -97,7 +100,9 @@ def export_and_print(family_name: str, source: str, options: Any, job: JobChoice
     family = get_family(family_name)
     result = export_model(family, source, options, job.run_options())
     click.echo("")
-    for line in family.summary_lines(result.report):
+    from turbo_export.families.summary import peer_lines
+
+    for line in family.summary_lines(result.report) + peer_lines(result.report):
         click.echo(line)
     files = [*result.report["files"].values(), *result.report.get("engines", {}).values(), "report.json"]
     click.echo(f"\nwrote {result.out_dir}/: {', '.join(files)}")
@@ -120,13 +125,21 @@ def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerg
         click.option("--runs", type=click.IntRange(min=1), default=runs, show_default=True,
                      help="Timed runs per model."),
         click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff)."),
+        click.option("--static-batch", is_flag=True,
+                     help="Export graphs with the static batch --batch (default: a symbolic batch dimension; parity "
+                          "is then checked at batch 1 and at --batch)."),
+        click.option("--max-batch", type=click.IntRange(min=1, max=4096), default=None,
+                     help="Dynamic batch: the largest batch of TensorRT's optimization profile [default: 64, or "
+                          "--batch if larger]."),
     ]
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(*args: Any, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
-                    no_validate: bool, runs: int, atol: float, **kwargs: Any) -> Any:
-            job = JobChoices(backend, precision, merge_impl, out_dir, not no_validate, not no_bench, runs, atol)
+                    no_validate: bool, runs: int, atol: float, static_batch: bool, max_batch: int | None,
+                    **kwargs: Any) -> Any:
+            job = JobChoices(backend, precision, merge_impl, out_dir, not no_validate, not no_bench, runs, atol,
+                             static_batch, max_batch or 0)
             return command(*args, job=job, **kwargs)
 
         for option in reversed(options):

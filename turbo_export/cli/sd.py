@@ -28,8 +28,9 @@ def parse_fraction(value: str) -> float:
               help="random:sd-1.5 (SD 1.5 UNet config, seeded random weights), random:tiny, or a local diffusers "
                    "Stable Diffusion folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/).")
 @click.option("--ratio", required=True, help="Fraction of tokens merged in each chosen block, in (0, 0.75].")
-@click.option("--alpha", type=float, default=1.0, show_default=True,
-              help="Weight of the semantic value in the cross-attention merge (0 = ToMe for SD).")
+@click.option("--alpha", type=float, default=None,
+              help="Weight of the semantic value in the cross-attention merge (0 = ToMe for SD) [default: the "
+                   "family's, 1].")
 @click.option("--blocks", type=click.Choice(["default", "all"]), default="default", show_default=True,
               help="default: the highest-resolution blocks (as ToMe for SD); all: every transformer block.")
 @click.option("--dst-seed", type=int, default=None,
@@ -40,8 +41,8 @@ def parse_fraction(value: str) -> float:
 @job_options(runs=5, out_help="engines/<name>-sd-r<ratio>/",
              merge_help="one turbo.TurboMerge node per merge and one turbo.TurboUnmerge node per restore")
 @user_errors
-def sd_unet(model_source: str, ratio: str, alpha: float, blocks: str, dst_seed: int | None, resolution: int | None,
-            batch: int, job: JobChoices) -> None:
+def sd_unet(model_source: str, ratio: str, alpha: float | None, blocks: str, dst_seed: int | None,
+            resolution: int | None, batch: int, job: JobChoices) -> None:
     """Export the Stable Diffusion UNet unaccelerated and with Turbo, check parity, compare UNet-call speed."""
     from turbo_export.families.sd import SDOptions
 

@@ -30,6 +30,7 @@ FP16_ATOL = 5e-2
 FP16_TIE_TOLERANCE = 1e-2
 # TensorRT fp32 engines (TF32 off) pick their own kernels and accumulation orders: a looser floor than ONNX Runtime
 TENSORRT_FP32_ATOL = 1e-3
+DEFAULT_MAX_BATCH = 64  # a dynamic-batch TensorRT profile's largest batch unless --max-batch says otherwise
 
 
 def log_to_stderr(message: str) -> None:
@@ -49,6 +50,9 @@ class RunOptions:
     bench_warmup: int | None = None  # None: the family's
     atol: float = DEFAULT_ATOL
     progress: bool = True
+    peers: bool = True  # also time the PyTorch eager models (unaccelerated and Turbo) in the same interleaved run
+    static_batch: bool = False  # True: every graph has the static batch of the family's options (as before 0.2)
+    max_batch: int = 0  # dynamic batch: the largest batch a TensorRT profile takes (0: 64, or the batch if larger)
 
 
 @dataclass
@@ -118,8 +122,10 @@ def _run_checked(family: Family, loaded: Any, options: Any, run: RunOptions, log
     plan = family.plan(loaded, options, run, log)
     set_tolerances(plan.graphs, run.atol, run.precision, run.backend)
     with staged_output(run.out_dir) as stage:
-        runners = export_graphs(plan.graphs, stage, run.backend, log, out_dir=run.out_dir, precision=run.precision)
-        parity = validate_graphs(plan.graphs, runners, run.out_dir, log) if run.validate else {}
+        runners = export_graphs(plan.graphs, stage, run.backend, log, out_dir=run.out_dir, precision=run.precision,
+                                dynamic_batch=not run.static_batch, max_batch=run.max_batch)
+        parity = validate_graphs(plan.graphs, runners, run.out_dir, log, both_batches=not run.static_batch
+                                 ) if run.validate else {}
         extras = plan.after_export(runners, log) if plan.after_export else {}
         timings, pipeline = benchmark(plan, runners, run, log)
         report = build_report(family.name, plan, run, parity, timings, pipeline, runners, extras)
@@ -133,7 +139,11 @@ def benchmark(plan: ExportPlan, runners: dict[str, Any], run: RunOptions, log: L
     if not run.bench or not plugin_graph_benchmarkable(plan.merge_impl, run.backend, log):
         return None, None
     timed = {side: runners[graph] for side, graph in plan.bench.graphs.items()}
-    timings = bench.interleaved(timed, plan.bench.feeds, plan.bench.rows, warmup=run.bench_warmup,
+    feeds = dict(plan.bench.feeds)
+    if run.peers:
+        timed.update(pytorch_peers(plan))
+        feeds.update({f"pytorch_{side}": plan.bench.feeds[side] for side in plan.bench.graphs})
+    timings = bench.interleaved(timed, feeds, plan.bench.rows, warmup=run.bench_warmup,
                                 runs=run.bench_runs, progress=run.progress,
                                 desc=plan.bench.fields.get("scope", f"benchmark ({run.backend})"))
     pipeline = None
@@ -144,6 +154,18 @@ def benchmark(plan: ExportPlan, runners: dict[str, Any], run: RunOptions, log: L
             calls, {side: spec["feed"] for side in calls}, plan.bench.rows, warmup=1,
             runs=max(3, run.bench_runs // 2), progress=run.progress, desc=spec["desc"])}
     return timings, pipeline
+
+
+def pytorch_peers(plan: ExportPlan) -> dict[str, Any]:
+    """What a user would run instead of exporting: the same modules in PyTorch eager, unaccelerated and with Turbo
+    (ToMe when alpha is 0), timed beside the graphs."""
+    from turbo_export.backends.torch_runner import TorchRunner
+
+    peers = {}
+    for side, graph in plan.bench.graphs.items():
+        g = plan.graphs[graph]
+        peers[f"pytorch_{side}"] = TorchRunner(g.module, g.example_inputs, g.output_names, f"pytorch_{side}")
+    return peers
 
 
 class _CallAsRunner:
@@ -183,8 +205,9 @@ def plugin_graph_benchmarkable(merge_impl: str, backend: str, log: Log) -> bool:
 
 
 def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: Log, out_dir: str | None = None,
-                  precision: str = "fp32", engine_options: Any = None) -> dict[str, Any]:
-    """Export every graph to ``stage/<name>.onnx`` and open a runner on each.
+                  precision: str = "fp32", engine_options: Any = None, dynamic_batch: bool = False,
+                  max_batch: int = 0) -> dict[str, Any]:
+    """Export every graph to ``stage/<name>.onnx`` and open a runner on each (``dynamic_batch``: a symbolic batch).
 
     With backend tensorrt each graph is linted for TensorRT's parser first, then built (or taken from the engine
     cache: ``stage/engines``, reusing valid engines from ``out_dir/engines``) into a serialized engine.
@@ -195,7 +218,8 @@ def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: L
     for i, (name, g) in enumerate(graphs.items(), 1):
         log(f"[{i}/{len(graphs)}] exporting {name}.onnx{' (fp16)' if precision == 'fp16' else ''} ...")
         start = time.perf_counter()
-        paths[name] = export_onnx(half_graph(g) if precision == "fp16" else g, os.path.join(stage, f"{name}.onnx"))
+        paths[name] = export_onnx(half_graph(g) if precision == "fp16" else g, os.path.join(stage, f"{name}.onnx"),
+                                  dynamic_batch=dynamic_batch)
         log(f"      done in {time.perf_counter() - start:.1f} s ({file_size(paths[name]) / 1e6:.1f} MB)")
     if backend != "tensorrt":
         return {name: make_runner(p, backend) for name, p in paths.items()}
@@ -205,25 +229,56 @@ def export_graphs(graphs: dict[str, GraphSpec], stage: str, backend: str, log: L
     engine_options = engine_options or BuildOptions(precision=precision)
     runners = {}
     for name, p in paths.items():
-        lint = lint_file(p)
+        profile = tensorrt_profile(graphs[name], dynamic_batch, max_batch)
+        lint = lint_file(p, static=not profile)
         if not lint.ok:
             raise TurboExportError(f"{name}.onnx: TensorRT's ONNX parser would reject it: {lint.rejected[0].line()} "
                                    f"(see 'turbo-export check-trt')")
         reuse = (os.path.join(out_dir, "engines"),) if out_dir else ()
-        runners[name] = make_runner(p, "tensorrt", log=log, engine_options=engine_options,
+        runners[name] = make_runner(p, "tensorrt", log=log,
+                                    engine_options=dataclasses.replace(engine_options, profile=profile),
                                     cache_dir=os.path.join(stage, "engines"), reuse_dirs=reuse)
     return runners
 
 
-def validate_graphs(graphs: dict[str, GraphSpec], runners: dict[str, Any], out_dir: str, log: Log
-                    ) -> dict[str, ParityReport]:
-    """Check every graph against its PyTorch module; raises ParityError (after printing all) on a mismatch."""
+def tensorrt_profile(g: GraphSpec, dynamic_batch: bool, max_batch: int = 0) -> tuple:
+    """TensorRT's optimization profile for the graph's symbolic dimensions: the batch from 1 to ``max_batch``
+    (optimal at the export's batch), each other symbolic dimension over its declared (min, opt, max)."""
+    ranges = {name: r for name, r in g.dim_ranges.items()}
+    if dynamic_batch and g.batch_axes:
+        rows = g.rows()
+        ranges["batch"] = (1, rows, max(rows, max_batch or DEFAULT_MAX_BATCH))
+    axes = {n: {**({g.batch_axes[n]: "batch"} if dynamic_batch and n in g.batch_axes else {}),
+                **g.symbolic_dims.get(n, {})} for n in g.example_inputs}
+    profile = []
+    for name, value in g.example_inputs.items():
+        if not axes[name]:
+            continue
+        shapes = [list(value.shape) for _ in range(3)]
+        for axis, dim in axes[name].items():
+            for i in range(3):
+                shapes[i][axis] = ranges[dim][i]
+        profile.append((name, *(tuple(s) for s in shapes)))
+    return tuple(profile)
+
+
+def validate_graphs(graphs: dict[str, GraphSpec], runners: dict[str, Any], out_dir: str, log: Log,
+                    both_batches: bool = False) -> dict[str, ParityReport]:
+    """Check every graph against its PyTorch module; raises ParityError (after printing all) on a mismatch.
+
+    ``both_batches`` (a dynamic-batch export): at the export's batch and at batch 1; the report keeps the worse.
+    """
     parity = {}
     for name, g in graphs.items():
-        report = check_graph(g, os.path.join(out_dir, f"{name}.onnx"), runners[name])
-        parity[name] = report
-        for line in report.lines():
-            log(line)
+        path = os.path.join(out_dir, f"{name}.onnx")
+        reports = [check_graph(g, path, runners[name])]
+        if both_batches and g.batch_axes and g.rows() > 1:
+            reports.append(check_graph(g, path, runners[name], g.first_rows(1)))
+        for report in reports:
+            for line in report.lines():
+                log(line)
+        parity[name] = max(reports, key=lambda r: (not r.ok, r.max_abs_diff))
+        parity[name].batches = [r.samples for r in reports]
     for report in parity.values():
         require_parity(report)
     return parity

@@ -14,6 +14,7 @@ from turbo_export.errors import TurboExportError
 from turbo_export.families.base import GraphSpec
 
 TWO_GB = 2**31
+MAX_DYNAMIC_BATCH = 4096
 
 
 @contextlib.contextmanager
@@ -44,19 +45,34 @@ def _user_error_in(exc: BaseException) -> TurboExportError | None:
     return None
 
 
-def export_onnx(spec: GraphSpec, path: str) -> str:
-    """Export ``spec`` to ``path`` with static shapes; weights go to external data above 2 GB."""
+def export_onnx(spec: GraphSpec, path: str, dynamic_batch: bool = False) -> str:
+    """Export ``spec`` to ``path``; weights go to external data above 2 GB.
+
+    Every shape is static but ``spec.symbolic_dims``, and with ``dynamic_batch`` the batch axis of each input in
+    ``spec.batch_axes``: one symbolic dimension ``batch``. The merge itself keeps every other shape static, since r
+    is fixed per block: the token count of each block is a number in the graph.
+    """
     import onnx
 
     from turbo_export.core.plugin_ops import custom_translation_table
 
     module = spec.module.eval()
-    args = tuple(spec.example_inputs.values())
+    inputs = spec.example_inputs
+    axes: dict[str, dict[int, str]] = {n: dict(a) for n, a in spec.symbolic_dims.items()}
+    if dynamic_batch and spec.batch_axes:
+        inputs = at_least_two_rows(spec)  # torch.export specialises a dimension of size 1
+        for name, axis in spec.batch_axes.items():
+            axes.setdefault(name, {})[axis] = "batch"
+    dims = {d: torch.export.Dim(d, min=1, max=MAX_DYNAMIC_BATCH if d == "batch" else spec.dim_ranges[d][2])
+            for a in axes.values() for d in a.values()}
+    dynamic_shapes = tuple({axis: dims[d] for axis, d in axes[n].items()} if n in axes else None
+                           for n in inputs) if axes else None
+    args = tuple(inputs.values())
     with _quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(
-                module, args, None, dynamo=True, input_names=list(spec.example_inputs),
-                output_names=spec.output_names, optimize=True, custom_translation_table=custom_translation_table(),
+                module, args, None, dynamo=True, input_names=list(inputs), output_names=spec.output_names,
+                optimize=True, custom_translation_table=custom_translation_table(), dynamic_shapes=dynamic_shapes,
             )
         except Exception as exc:  # a user error raised while tracing (plugin_ops.check_plugin_sizes) stays one
             user_error = _user_error_in(exc)
@@ -67,6 +83,15 @@ def export_onnx(spec: GraphSpec, path: str) -> str:
         program.save(path, external_data=param_bytes >= TWO_GB)
     onnx.checker.check_model(path if param_bytes >= TWO_GB else onnx.load(path), full_check=False)
     return path
+
+
+def at_least_two_rows(spec: GraphSpec) -> dict[str, torch.Tensor]:
+    """The example inputs, rows repeated along their batch axes when the batch is 1."""
+    rows = spec.rows()
+    if rows >= 2:
+        return spec.example_inputs
+    return {n: torch.cat([v, v], dim=spec.batch_axes[n]) if n in spec.batch_axes else v
+            for n, v in spec.example_inputs.items()}
 
 
 def file_size(path: str) -> int:

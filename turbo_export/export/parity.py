@@ -21,6 +21,7 @@ class ParityReport:
     # samples left out of the comparison: their merge decisions were within the tie tolerance
     tie_samples: dict[int, float] = field(default_factory=dict)
     samples: int = 0
+    batches: list[int] = field(default_factory=list)  # the batch sizes checked (a dynamic-batch graph: B and 1)
 
     @property
     def ok(self) -> bool:
@@ -55,6 +56,7 @@ class ParityReport:
             "outputs": {o.name: {"max_abs_diff": o.max_abs_diff, "cosine": o.cosine, "atol": o.atol,
                                  "shape": list(o.shape)} for o in self.outputs},
             "tie_samples": {str(k): v for k, v in self.tie_samples.items()},
+            "batches": self.batches or [self.samples],
         }
 
 

@@ -23,6 +23,7 @@ def build_report(family: str, plan: ExportPlan, run: Any, parity: dict[str, Pari
         "flops": flops,
         "files": {name: f"{name}.onnx" for name in plan.graphs},
         "precision": run.precision,
+        "batch_dim": "static" if run.static_batch else "symbolic",
         "parity": None,
         "bench": None,
         **extras,
@@ -79,7 +80,25 @@ def bench_fields(timings: dict[str, bench.Timing], run: Any, plan: ExportPlan, f
         "turbo_ms": [t * 1e3 for t in timings["turbo"].seconds],
         "speedup": ratio,
         "speedup_over_flops_ratio": ratio / flops_ratio,
+        "speedup_vs_fp32": timings["turbo"].items_per_s / timings.get("baseline_fp32",
+                                                                       timings["baseline"]).items_per_s,
+        "peers": peer_rows(timings, run, plan),
     }
+
+
+def peer_rows(timings: dict[str, bench.Timing], run: Any, plan: ExportPlan) -> list[dict[str, Any]]:
+    """Every model of the interleaved run: the exported graphs on the chosen runtime and precision, the
+    unaccelerated fp32 graph (int8 exports), and the PyTorch eager models a user could run instead."""
+    alpha = plan.report.get("alpha")
+    turbo_torch = "pytorch eager, ToMe (alpha 0)" if alpha == 0 else "pytorch eager, Turbo"
+    names = {"baseline": ("unaccelerated", run.backend, run.precision), "turbo": ("turbo", run.backend, run.precision),
+             "baseline_fp32": ("unaccelerated", run.backend, "fp32"),
+             "pytorch_baseline": ("pytorch eager, unaccelerated", "pytorch", "fp32"),
+             "pytorch_turbo": (turbo_torch, "pytorch", "fp32")}
+    return [{"name": names.get(key, (key,))[0], "runtime": names.get(key, (key, run.backend))[1],
+             "precision": names.get(key, (key, run.backend, run.precision))[2], "items_per_s": t.items_per_s,
+             "median_ms": t.median_s * 1e3, "min_ms": min(t.seconds) * 1e3, "max_ms": max(t.seconds) * 1e3}
+            for key, t in timings.items()]
 
 
 def pipeline_fields(pipeline: dict[str, Any]) -> dict[str, Any]:

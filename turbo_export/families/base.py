@@ -55,6 +55,26 @@ class GraphSpec:
     # (which either correct implementation may resolve either way) from a wrong graph.
     merge_model: nn.Module | None = None
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE
+    # input name -> its batch axis: these become one symbolic "batch" dimension in a dynamic-batch export
+    batch_axes: dict[str, int] = field(default_factory=dict)
+    # input name -> {axis: dimension name}: symbolic in every export (e.g. the image tokens a shared decoder reads);
+    # ``dim_ranges`` gives each name's (min, opt, max) for TensorRT's optimization profile
+    symbolic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
+    dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def rows(self) -> int:
+        """The example inputs' batch (0 when no input has a batch axis)."""
+        return next((int(self.example_inputs[n].shape[a]) for n, a in self.batch_axes.items()), 0)
+
+    def first_rows(self, count: int) -> dict[str, torch.Tensor]:
+        """The example inputs cut to their first ``count`` rows along each batch axis."""
+        return {n: v.narrow(self.batch_axes[n], 0, count) if n in self.batch_axes else v
+                for n, v in self.example_inputs.items()}
+
+
+def batch_first(inputs: dict[str, Any]) -> dict[str, int]:
+    """``batch_axes`` for graphs whose every input has its batch on axis 0."""
+    return {name: 0 for name in inputs}
 
 
 @dataclass

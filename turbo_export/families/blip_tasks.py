@@ -4,7 +4,7 @@ the Turbo-vs-unaccelerated agreement, and the user's own inputs. ``TASKS`` says 
 Tasks and their graphs (``<m>`` is ``baseline`` or ``turbo``; text graphs that never see image tokens are
 exported once and shared, since Turbo leaves the text weights alone):
 
-- caption: ``<m>_vision``, ``<m>_cross_kv``, ``<m>_decoder``
+- caption: ``<m>_vision``, ``<m>_cross_kv``, ``decoder`` (shared: its cross-attention length is symbolic)
 - retrieval: ``<m>_vision`` (+ ITC ``image_feat``), ``text_itc``, ``<m>_itm``
 - vqa: ``<m>_vision``, ``<m>_question``, ``answer_cross_kv``, ``answer_decoder`` (the question length is static)
 """
@@ -21,7 +21,7 @@ from torch import nn
 from turbo_export.backends.base import Runner
 from turbo_export.backends.batching import run_in_batches
 from turbo_export.errors import ParityError
-from turbo_export.families.base import DEFAULT_ATOL, GraphSpec, Log
+from turbo_export.families.base import DEFAULT_ATOL, GraphSpec, Log, batch_first
 from turbo_export.families.blip_graphs import CrossKV, DecoderStep, TextEncoder, VisionGraph
 from turbo_export.metrics import corpus_bleu, strip_special
 from turbo_export.pipelines.blip import (
@@ -83,12 +83,15 @@ def _vision_graphs(baseline: nn.Module, turbo: nn.Module, options: BlipOptions, 
         module = VisionGraph(model.vision_model, model.vision_proj if itc else None,
                              interpolate_pos_encoding=interpolate)
         graphs[f"{name}_vision"] = GraphSpec(f"{name}_vision", module, {"pixel_values": pixels}, outputs,
-                                             merge_model=model if name == "turbo" else None)
+                                             merge_model=model if name == "turbo" else None,
+                                             batch_axes={"pixel_values": 0})
     return graphs
 
 
-def _decoder_graph(name: str, lm_model: nn.Module, options: BlipOptions, cross_tokens: int, gen: torch.Generator
-                   ) -> GraphSpec:
+def _decoder_graph(name: str, lm_model: nn.Module, options: BlipOptions, cross_tokens: int, gen: torch.Generator,
+                   shortest: int | None = None) -> GraphSpec:
+    """One decoder step over a static KV cache. With ``shortest``, the cross-attention length is symbolic (from
+    ``shortest`` to ``cross_tokens`` image tokens), so one graph serves the unaccelerated and the Turbo pipeline."""
     text_cfg = lm_model.config
     layers, heads = int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
     head_dim = int(text_cfg.hidden_size) // heads
@@ -102,22 +105,28 @@ def _decoder_graph(name: str, lm_model: nn.Module, options: BlipOptions, cross_t
          "past_keys": torch.randn(cache, generator=gen), "past_values": torch.randn(cache, generator=gen),
          "cross_keys": torch.randn(cross, generator=gen), "cross_values": torch.randn(cross, generator=gen),
          "cross_bias": torch.zeros(rows, 1, 1, cross_tokens)},
-        ["logits", "present_keys", "present_values"])
+        ["logits", "present_keys", "present_values"],
+        batch_axes={"input_ids": 0, "past_keys": 1, "past_values": 1, "cross_keys": 1, "cross_values": 1,
+                    "cross_bias": 0},
+        symbolic_dims={} if shortest is None else {
+            "cross_keys": {3: "image_tokens"}, "cross_values": {3: "image_tokens"}, "cross_bias": {3: "image_tokens"}},
+        dim_ranges={} if shortest is None else {"image_tokens": (shortest, shortest, cross_tokens)})
 
 
 def caption_graphs(baseline, turbo, options: BlipOptions, image_size: int, tokens: dict[str, int]
                    ) -> dict[str, GraphSpec]:
-    """Vision, cross-KV and decoder-step graphs for both models (the text weights are shared)."""
+    """Vision and cross-KV graphs for both models, and one decoder step both share (the text weights are the same;
+    its cross-attention length is symbolic)."""
     gen = torch.Generator().manual_seed(0)
     enc_width = int(baseline.config.vision_config.hidden_size)
     graphs = _vision_graphs(baseline, turbo, options, image_size, gen)
     for name, model in (("baseline", baseline), ("turbo", turbo)):
-        n = tokens[name]
         graphs[f"{name}_cross_kv"] = GraphSpec(
             f"{name}_cross_kv", CrossKV(model.text_decoder.bert),
-            {"encoder_hidden_states": torch.randn(options.batch, n, enc_width, generator=gen)},
-            ["cross_keys", "cross_values"])
-        graphs[f"{name}_decoder"] = _decoder_graph(f"{name}_decoder", model.text_decoder, options, n, gen)
+            {"encoder_hidden_states": torch.randn(options.batch, tokens[name], enc_width, generator=gen)},
+            ["cross_keys", "cross_values"], batch_axes={"encoder_hidden_states": 0})
+    graphs["decoder"] = _decoder_graph("decoder", baseline.text_decoder, options, tokens["baseline"], gen,
+                                       shortest=min(tokens.values()))
     return graphs
 
 
@@ -139,11 +148,13 @@ def retrieval_graphs(baseline, turbo, options: BlipOptions, image_size: int, tok
     ids, mask = example_text(options.batch, options.text_len, text_cfg, gen)
     graphs["text_itc"] = GraphSpec("text_itc", TextEncoder(baseline.text_encoder, cross=False,
                                                            text_proj=baseline.text_proj),
-                                   {"input_ids": ids, "attention_mask": mask}, ["text_feat"])
+                                   {"input_ids": ids, "attention_mask": mask}, ["text_feat"],
+                                   batch_axes={"input_ids": 0, "attention_mask": 0})
     for name, model in (("baseline", baseline), ("turbo", turbo)):
+        inputs = _cross_text_inputs(options, text_cfg, tokens[name], enc_width, gen)
         graphs[f"{name}_itm"] = GraphSpec(
-            f"{name}_itm", TextEncoder(model.text_encoder, cross=True, itm_head=model.itm_head),
-            _cross_text_inputs(options, text_cfg, tokens[name], enc_width, gen), ["itm_logits"])
+            f"{name}_itm", TextEncoder(model.text_encoder, cross=True, itm_head=model.itm_head), inputs,
+            ["itm_logits"], batch_axes=batch_first(inputs))
     return graphs
 
 
@@ -155,12 +166,13 @@ def vqa_graphs(baseline, turbo, options: BlipOptions, image_size: int, tokens: d
     enc_width = int(baseline.config.vision_config.hidden_size)
     graphs = _vision_graphs(baseline, turbo, options, image_size, gen)
     for name, model in (("baseline", baseline), ("turbo", turbo)):
-        graphs[f"{name}_question"] = GraphSpec(
-            f"{name}_question", TextEncoder(model.text_encoder, cross=True),
-            _cross_text_inputs(options, text_cfg, tokens[name], enc_width, gen), ["question_embeds"])
+        inputs = _cross_text_inputs(options, text_cfg, tokens[name], enc_width, gen)
+        graphs[f"{name}_question"] = GraphSpec(f"{name}_question", TextEncoder(model.text_encoder, cross=True),
+                                               inputs, ["question_embeds"], batch_axes=batch_first(inputs))
     question = torch.randn(options.batch, options.text_len, int(text_cfg.hidden_size), generator=gen)
     graphs["answer_cross_kv"] = GraphSpec("answer_cross_kv", CrossKV(baseline.text_decoder.bert),
-                                          {"encoder_hidden_states": question}, ["cross_keys", "cross_values"])
+                                          {"encoder_hidden_states": question}, ["cross_keys", "cross_values"],
+                                          batch_axes={"encoder_hidden_states": 0})
     graphs["answer_decoder"] = _decoder_graph("answer_decoder", baseline.text_decoder, options, options.text_len, gen)
     return graphs
 
@@ -173,7 +185,7 @@ def _size_aware(options: BlipOptions, name: str) -> bool:
 
 
 def caption_pipelines(runners: dict[str, Runner], ids: TokenIds, options: BlipOptions) -> dict[str, Any]:
-    return {n: CaptionPipeline(runners[f"{n}_vision"], runners[f"{n}_cross_kv"], runners[f"{n}_decoder"], ids,
+    return {n: CaptionPipeline(runners[f"{n}_vision"], runners[f"{n}_cross_kv"], runners["decoder"], ids,
                                size_aware=_size_aware(options, n)) for n in NAMES}
 
 

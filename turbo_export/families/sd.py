@@ -17,7 +17,17 @@ from torch import nn
 
 from turbo_export.core.plugin_ops import check_merge_impl
 from turbo_export.errors import TurboExportError
-from turbo_export.families.base import BenchPlan, Defaults, ExportPlan, Family, GraphSpec, Log, PresetInfo, register
+from turbo_export.families.base import (
+    BenchPlan,
+    Defaults,
+    ExportPlan,
+    Family,
+    GraphSpec,
+    Log,
+    PresetInfo,
+    batch_first,
+    register,
+)
 from turbo_export.families.summary import comparison_table
 from turbo_export.metrics import compare_outputs
 from turbo_export.models.sd_presets import SD_PRESETS, TEXT_LEN, SDComponents, load_sd
@@ -43,7 +53,7 @@ class UNetGraph(nn.Module):
 @dataclass
 class SDOptions:
     ratio: float
-    alpha: float = 1.0
+    alpha: float | None = None  # None: the family's default
     blocks: str = "default"
     seed: int | None = None
     resolution: int | None = None
@@ -123,7 +133,8 @@ def count_flops(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
 
 
 def make_turbo(unet: nn.Module, options: SDOptions) -> nn.Module:
-    return unet_patch.apply_turbo_unet(unet, options.ratio, alpha=options.alpha, blocks=options.blocks,
+    alpha = SdUnetFamily.defaults.alpha if options.alpha is None else options.alpha
+    return unet_patch.apply_turbo_unet(unet, options.ratio, alpha=alpha, blocks=options.blocks,
                                        seed=options.seed, merge_impl=options.merge_impl)
 
 
@@ -184,6 +195,8 @@ class SdUnetFamily(Family):
         return sd_summary_lines(report)
 
     def plan(self, components: SDComponents, options: SDOptions, run: Any, log: Log) -> ExportPlan:
+        if options.alpha is None:
+            options.alpha = self.defaults.alpha
         check_merge_impl(options.merge_impl)
         unet_patch.check_fraction(options.ratio)
         resolution = options.resolution or components.resolution
@@ -195,7 +208,8 @@ class SdUnetFamily(Family):
         else:
             check_plugin_grid(turbo, latent_hw)
         inputs = example_inputs(components, latent_hw, options.batch)
-        graphs = {name: GraphSpec(name, UNetGraph(model), inputs, OUTPUT_NAMES, atol=run.atol)
+        graphs = {name: GraphSpec(name, UNetGraph(model), inputs, OUTPUT_NAMES, atol=run.atol,
+                                  batch_axes=batch_first(inputs))
                   for name, model in (("baseline", baseline), ("turbo", turbo))}
         counted = turbo if options.merge_impl == "onnx" else make_turbo(
             copy.deepcopy(baseline), dataclasses.replace(options, merge_impl="onnx"))  # same tokens per block

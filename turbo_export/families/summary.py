@@ -44,3 +44,20 @@ def comparison_table(rows: list[tuple[str, str, str]], report: dict[str, Any], t
         lines.append(f"{'speedup':{width}}  {b['speedup']:>{col}.2f}x  "
                      f"({b['speedup_over_flops_ratio']:.2f} of the FLOPs ratio)")
     return lines
+
+
+def peer_lines(report: dict[str, Any]) -> list[str]:
+    """Every model of the interleaved run (report.json's bench.peers), fastest first, against the unaccelerated
+    graph at the chosen precision."""
+    bench = report.get("bench") or {}
+    peers = bench.get("peers") or []
+    if not peers:
+        return []
+    reference = bench["baseline_ips"]
+    width = max(len(f"{p['name']} ({p['runtime']}, {p['precision']})") for p in peers)
+    lines = ["", f"same interleaved run, batch {bench['batch']} (items/s, median with min..max of the timed runs):"]
+    for p in sorted(peers, key=lambda p: -p["items_per_s"]):
+        label = f"{p['name']} ({p['runtime']}, {p['precision']})"
+        spread = f"{bench['batch'] / p['max_ms'] * 1e3:.1f}..{bench['batch'] / p['min_ms'] * 1e3:.1f}"
+        lines.append(f"  {label:{width}}  {p['items_per_s']:9.1f}  [{spread}]  {p['items_per_s'] / reference:5.2f}x")
+    return lines

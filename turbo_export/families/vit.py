@@ -158,7 +158,7 @@ class VitFamily(Family):
         module = ImageModelGraph(model, self.output_names(loaded), self.forward_kwargs(loaded, size))
         merge_model = model if getattr(model, "_turbo", None) is not None else None
         return GraphSpec(name, module, self.example_inputs(loaded, options.batch, size), self.output_names(loaded),
-                         merge_model=merge_model)
+                         merge_model=merge_model, batch_axes={"pixel_values": 0})
 
     def make_turbo(self, model: nn.Module, options: VitOptions) -> nn.Module:
         alpha = self.defaults_for(type(model).__name__).alpha if options.alpha is None else options.alpha

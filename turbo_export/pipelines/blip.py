@@ -33,22 +33,24 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 class KVDecoder:
-    """Drives a `DecoderStep` graph: a fixed-size self-attention cache, one token per call."""
+    """Drives a `DecoderStep` graph: a fixed-size self-attention cache, one token per call. The graph's rows (batch
+    x beams) may be static or symbolic; the cache length and the layer / head sizes are static."""
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         shapes = {t.name: t.shape for t in runner.inputs}
-        self.cache_shape = tuple(int(d) for d in shapes["past_keys"])  # [L, B, H, T, D]
-        self.batch = self.cache_shape[1]
-        self.cache_len = self.cache_shape[3]
+        layers, _, heads, cache_len, head_dim = shapes["past_keys"]  # [L, rows, H, T, D]
+        self.layers, self.heads, self.head_dim = int(layers), int(heads), int(head_dim)
+        self.cache_len = int(cache_len)
 
-    def start(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.zeros(self.cache_shape, np.float32), np.zeros(self.cache_shape, np.float32)
+    def start(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.layers, rows, self.heads, self.cache_len, self.head_dim)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def step(self, tokens: np.ndarray, position: int, cache: tuple[np.ndarray, np.ndarray],
              cross: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         out = self.runner.run({
-            "input_ids": tokens.reshape(self.batch, 1).astype(np.int64),
+            "input_ids": tokens.reshape(-1, 1).astype(np.int64),
             "position": np.array([position], np.int64),
             "past_keys": cache[0], "past_values": cache[1],
             "cross_keys": cross[0], "cross_values": cross[1], "cross_bias": cross[2],
@@ -81,14 +83,14 @@ class TokenGenerator:
         return self._beam(repeat_for_beams(cross, num_beams), prompt_ids, max_new_tokens, num_beams)
 
     def _prefill(self, cross, prompt_ids: list[int], rows: int):
-        cache = self.decoder.start()
+        cache = self.decoder.start(rows)
         logits = None
         for position, token in enumerate(prompt_ids):
             logits, cache = self.decoder.step(np.full(rows, token), position, cache, cross)
         return logits, cache
 
     def _greedy(self, cross, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> np.ndarray:
-        rows = self.decoder.batch
+        rows = cross[0].shape[1]  # cross keys [L, rows, H, N, D]
         logits, cache = self._prefill(cross, prompt_ids, rows)
         tokens = [np.full(rows, t, np.int64) for t in prompt_ids]
         done = np.zeros(rows, bool)
@@ -105,7 +107,7 @@ class TokenGenerator:
 
     def _beam(self, cross, prompt_ids: list[int], max_new_tokens: int, num_beams: int) -> np.ndarray:
         """Beam search with length penalty 1 (score / length), the graphs exported at batch images * beams."""
-        rows = self.decoder.batch
+        rows = cross[0].shape[1]
         images = rows // num_beams
         logits, cache = self._prefill(cross, prompt_ids, rows)
         seqs = np.tile(np.array(prompt_ids, np.int64), (rows, 1))

@@ -259,7 +259,7 @@ class BlipHandler(ImagePipelineHandler):
         size_aware = bool(spec.get("size_aware")) and flavour == "turbo"
         if self.task == "caption":
             self.pipeline = CaptionPipeline(runner(f"{flavour}_vision"), runner(f"{flavour}_cross_kv"),
-                                            runner(f"{flavour}_decoder"), ids, size_aware=size_aware)
+                                            runner("decoder"), ids, size_aware=size_aware)
         else:
             self.pipeline = VqaPipeline(runner(f"{flavour}_vision"), runner(f"{flavour}_question"),
                                         runner("answer_cross_kv"), runner("answer_decoder"), ids,
