@@ -332,14 +332,14 @@ def test_gateway_decodes_compressed_bodies():
 
 @pytest.fixture(scope="module")
 def vqa_export(tmp_path_factory):
-    from turbo_export.export.blip import BlipOptions, run_blip_export
-
-    from turbo_export.models.presets import build_random_blip
+    from turbo_export.export.job import RunOptions, run_export
+    from turbo_export.families import get_family
+    from turbo_export.families.blip import BlipOptions, build_random_blip
 
     out = str(tmp_path_factory.mktemp("isolation") / "vqa")
-    run_blip_export(build_random_blip("tiny", "vqa"),
-                    BlipOptions(task="vqa", ratio=4, out_dir=out, min_tokens=0, batch=2, max_new_tokens=5,
-                                validate=False, bench=False, progress=False), log=lambda m: None)
+    run_export(get_family("blip"), build_random_blip("tiny", "vqa"),
+               BlipOptions(task="vqa", ratio=4, min_tokens=0, batch=2, max_new_tokens=5),
+               RunOptions(out_dir=out, validate=False, bench=False, progress=False), log=lambda m: None)
     return out
 
 
@@ -567,10 +567,10 @@ def grey_vit_export(tmp_path_factory):
     ../shared/weights/vit-mnist is), exported like any local checkpoint."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-    from turbo_export.export.pipeline import JobOptions, run_export
-    from turbo_export.export.specs import SPECS, TurboOptions
 
-    from turbo_export.models.presets import load_pretrained
+    from turbo_export.export.job import RunOptions, run_export
+    from turbo_export.families import get_family
+    from turbo_export.families.vit import VitOptions
 
     root = tmp_path_factory.mktemp("grey")
     checkpoint = str(root / "vit-grey")
@@ -583,9 +583,9 @@ def grey_vit_export(tmp_path_factory):
     ViTImageProcessor(image_mean=[0.1307], image_std=[0.3081], do_resize=False,
                       size={"height": 28, "width": 28}).save_pretrained(checkpoint)
     out = str(root / "export")
-    loaded = load_pretrained(checkpoint, SPECS["vit"].supported())
-    run_export(SPECS["vit"], loaded, JobOptions(turbo=TurboOptions(ratio=4, batch=2), out_dir=out, validate=False,
-                                                bench=False), log=lambda m: None)
+    vit = get_family("vit")
+    run_export(vit, vit.load(checkpoint), VitOptions(ratio=4, batch=2), RunOptions(out_dir=out, validate=False,
+                                                                                  bench=False), log=lambda m: None)
     return out
 
 
