@@ -14,7 +14,7 @@ import os
 import click
 from PIL import Image
 
-from turbo_export.evaluate.datasets import load_images
+from turbo_export.models.datasets import load_images
 
 
 @click.command()

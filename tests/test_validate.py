@@ -17,10 +17,10 @@ from turbo_export.backends.batching import pad_rows, run_in_batches
 from turbo_export.cli import main
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
-from turbo_export.evaluate import datasets
 from turbo_export.evaluate.validate import fit_linear_probe, probe_parity, run_dataset, split_indices
 from turbo_export.evaluate.visualize import compose_plans
 from turbo_export.families.vit import CLASSIFIER
+from turbo_export.models import datasets
 
 DIGITS = os.path.join(os.path.dirname(__file__), "data", "mnist")
 MNIST_VIT = os.path.join(SHARED, "weights", "vit-mnist")

@@ -25,14 +25,15 @@ from turbo_export.backends import bench, make_runner
 from turbo_export.backends.batching import pad_rows
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
-from turbo_export.evaluate import datasets
 from turbo_export.evaluate.common import load_image_encoder
-from turbo_export.evaluate.validate import INPUT, model_inputs, onnx_forward, parity, run_dataset
+from turbo_export.evaluate.validate import INPUT, onnx_forward, parity, run_dataset
 from turbo_export.export.onnx import export_onnx
 from turbo_export.export.parity import check_graph, require_parity
 from turbo_export.families import family_for_class
 from turbo_export.families.encoders import check_schedule_fits
 from turbo_export.files import write_json_atomic
+from turbo_export.models import datasets
+from turbo_export.models.datasets import model_inputs
 from turbo_export.models.presets import LoadedModel
 
 

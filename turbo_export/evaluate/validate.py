@@ -31,9 +31,9 @@ from turbo_export import metrics
 from turbo_export.backends import Runner, make_runner
 from turbo_export.backends.batching import run_in_batches
 from turbo_export.errors import TurboExportError
-from turbo_export.evaluate import datasets
 from turbo_export.evaluate.common import read_export
 from turbo_export.families import families, get_family
+from turbo_export.models import datasets
 from turbo_export.models.presets import LoadedModel
 
 INPUT = "pixel_values"
@@ -179,28 +179,6 @@ def torch_check(onnx_out: dict[str, np.ndarray], torch_out: dict[str, np.ndarray
 # --------------------------------------------------------------------------------------------------
 
 
-def fallback_pixels(images: datasets.ImageSet, channels: int, image_size: int) -> np.ndarray:
-    """Resize to ``image_size`` and scale to [-1, 1]: for random: presets, which have no image processor."""
-    from PIL import Image
-
-    out = []
-    for image in images.images:
-        array = datasets.to_channels(image, channels)
-        mode = "L" if channels == 1 else "RGB"
-        resized = Image.fromarray(array[..., 0] if channels == 1 else array, mode).resize(
-            (image_size, image_size), Image.BILINEAR)
-        pixels = np.asarray(resized, np.float32).reshape(image_size, image_size, channels) / 127.5 - 1.0
-        out.append(pixels.transpose(2, 0, 1))
-    return np.stack(out)
-
-
-def model_inputs(loaded: LoadedModel, images: datasets.ImageSet, image_size: int) -> np.ndarray:
-    if loaded.image_processor is None:
-        return fallback_pixels(images, loaded.num_channels, image_size)
-    override = None if image_size == loaded.image_size else image_size
-    return datasets.pixel_values(images, loaded.image_processor, loaded.num_channels, override)
-
-
 def turbo_model(loaded: LoadedModel, report: dict[str, Any]) -> torch.nn.Module:
     """The PyTorch Turbo model with the export's settings (for the reference run)."""
     family = get_family(report["family"])
@@ -230,7 +208,7 @@ def validate_export(
     if loaded is None:
         loaded = family.load(model or report["model"])
     image_size, batch = int(report["image_size"]), int(report["batch"])
-    pixels = model_inputs(loaded, images, image_size)
+    pixels = datasets.model_inputs(loaded, images, image_size)
     if pixels.shape[1:] != (loaded.num_channels, image_size, image_size):
         raise TurboExportError(f"data: images became {pixels.shape[1:]}, the export expects "
                                f"{(loaded.num_channels, image_size, image_size)}")

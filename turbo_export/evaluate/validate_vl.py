@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from turbo_export import metrics
 from turbo_export.backends import make_runner
 from turbo_export.errors import TurboExportError
-from turbo_export.evaluate import datasets
 from turbo_export.evaluate.common import weights_note
 from turbo_export.families import get_family
+from turbo_export.models import datasets
 from turbo_export.models.presets import LoadedModel
 
 DEFAULT_TEXTS = (  # short (at most 5 words), so they fit a small exported --text-len

@@ -17,11 +17,11 @@ import torch
 
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
-from turbo_export.evaluate import datasets
 from turbo_export.evaluate.common import load_image_encoder
-from turbo_export.evaluate.validate import model_inputs
 from turbo_export.families import family_for_class
 from turbo_export.families.encoders import check_schedule_fits
+from turbo_export.models import datasets
+from turbo_export.models.datasets import model_inputs
 from turbo_export.models.presets import LoadedModel
 from turbo_export.patch import turbo_settings
 

@@ -221,3 +221,25 @@ def pixel_values(images: ImageSet, processor: Any, channels: int, image_size: in
         chunk = processor(images=arrays[start:start + 256], return_tensors="np", **kwargs)["pixel_values"]
         out.append(np.asarray(chunk, dtype=np.float32))
     return np.concatenate(out)
+
+
+def fallback_pixels(images: ImageSet, channels: int, image_size: int) -> np.ndarray:
+    """Resize to ``image_size`` and scale to [-1, 1]: for random: presets, which have no image processor."""
+    from PIL import Image
+
+    out = []
+    for image in images.images:
+        array = to_channels(image, channels)
+        mode = "L" if channels == 1 else "RGB"
+        resized = Image.fromarray(array[..., 0] if channels == 1 else array, mode).resize(
+            (image_size, image_size), Image.BILINEAR)
+        pixels = np.asarray(resized, np.float32).reshape(image_size, image_size, channels) / 127.5 - 1.0
+        out.append(pixels.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def model_inputs(loaded: Any, images: ImageSet, image_size: int) -> np.ndarray:
+    if loaded.image_processor is None:
+        return fallback_pixels(images, loaded.num_channels, image_size)
+    override = None if image_size == loaded.image_size else image_size
+    return pixel_values(images, loaded.image_processor, loaded.num_channels, override)
