@@ -175,6 +175,13 @@ def test_static_qdq_with_seeded_and_given_calibration(vit, tmp_path):
     given = [{"pixel_values": _pixels(seed=s).numpy()} for s in (1, 2)]
     report = quantize_graph(paths["baseline"], str(tmp_path / "base_static.onnx"), "static", given)
     assert report.calibration == "2 caller-supplied feeds"
+    # TensorRT's explicit quantization takes zero-point-0 scales only
+    symmetric = str(tmp_path / "base_static_sym.onnx")
+    quantize_graph(paths["baseline"], symmetric, "static", given, symmetric_activations=True)
+    model = onnx.load(symmetric)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(not np.any(z) for z in zero_points)
     helper = seeded_calibration(paths["baseline"], 3)
     assert len(helper) == 3 and helper[0]["pixel_values"].shape == (2, 3, 32, 32) and "seeded" in helper.description
 
