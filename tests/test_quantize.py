@@ -1,0 +1,293 @@
+"""int8 quantization of exported graphs (turbo_export.export.quantize) on tiny seeded models.
+
+Tolerances (observed with the seeded tiny presets, fp32 graph vs its int8 graph on the same inputs, cosine of the
+output): ViT logits 0.9999 (dynamic and static), BLIP vision states 0.9999, SD UNet noise 0.9987 (dynamic) and
+0.998 (static, calibrated on the UNet's own kind of inputs). The asserts leave a margin: ViT / BLIP > 0.999,
+SD UNet > 0.995.
+"""
+
+import collections
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from turbo_export import apply_turbo
+from turbo_export.backends import make_runner
+from turbo_export.errors import TurboExportError
+from turbo_export.export.onnx import GraphSpec, cosine, export_onnx
+from turbo_export.export.quantize import (
+    check_fp16_onnxruntime,
+    merge_nodes,
+    naive_quantize_dynamic,
+    op_counts,
+    quantize_graph,
+    seeded_calibration,
+)
+from turbo_export.models.presets import build_random, build_random_blip
+
+VIT_ATOL_COS = 0.999
+SD_ATOL_COS = 0.995
+
+
+class Logits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return (self.model(pixel_values=pixel_values).logits,)
+
+
+class VisionStates(nn.Module):
+    def __init__(self, vision_model):
+        super().__init__()
+        self.vision_model = vision_model
+
+    def forward(self, pixel_values):
+        return (self.vision_model(pixel_values=pixel_values).last_hidden_state,)
+
+
+class UNetNoise(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
+
+
+def _pixels(batch=2, seed=0):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    """Tiny ViT exported unaccelerated and with Turbo (r=8, 4 blocks): {name: path}, and the example pixels."""
+    folder = tmp_path_factory.mktemp("vit")
+    model = build_random("tiny", "vit").model.eval()
+    turbo = apply_turbo(copy.deepcopy(model), 8)
+    pixels = {"pixel_values": _pixels()}
+    paths = {name: export_onnx(GraphSpec(name, Logits(m), pixels, ["out"]), str(folder / f"{name}.onnx"))
+             for name, m in (("baseline", model), ("turbo", turbo))}
+    return paths, {"pixel_values": pixels["pixel_values"].numpy()}
+
+
+def _run(path, feed):
+    return make_runner(path).run(feed)["out"]
+
+
+INT8_OPS = {"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger"}
+
+
+def _assert_float(quantized_path, names, ops):
+    """Every node in ``names`` is still there as itself (same op type) and reads no int8 tensor."""
+    model = onnx.load(quantized_path)
+    by_name = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for name in names:
+        node = by_name.get(name)
+        assert node is not None and node.op_type == ops[name], f"{name} was rewritten"
+        feeding = {producer[i].op_type for i in node.input if i in producer}
+        assert not feeding & INT8_OPS, f"{name} ({node.op_type}) reads {feeding & INT8_OPS}"
+
+
+def _similarity_inputs_quantized(quantized_path):
+    """Whether a quantize node feeds a MatMul (or its int8 replacement) whose output the matching reads."""
+    model = onnx.load(quantized_path)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type == "ReduceMax":
+            sim = producer[n.input[0]]
+            while sim.op_type in ("Mul", "Cast", "Add"):  # MatMulInteger -> Cast -> Mul (scale) before ReduceMax
+                sim = producer[sim.input[0]]
+            if sim.op_type in INT8_OPS or {producer[i].op_type for i in sim.input if i in producer} & INT8_OPS:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("graph", ["baseline", "turbo"])
+def test_dynamic_int8_runs_and_stays_close_to_fp32(vit, graph, tmp_path):
+    paths, feed = vit
+    dst = str(tmp_path / f"{graph}_int8.onnx")
+    report = quantize_graph(paths[graph], dst, "dynamic")
+    counts = op_counts(dst)
+    assert counts.get("MatMulInteger", 0) >= 4 * 4 + 1  # every Linear of the 4 blocks and the head are int8
+    assert report.counts_dst["DynamicQuantizeLinear"] == counts["DynamicQuantizeLinear"]
+    assert cosine(_run(dst, feed), _run(paths[graph], feed)) > VIT_ATOL_COS
+    assert report.calibration is None and report.mode == "dynamic"
+    assert any("int8 dynamic" in line for line in report.lines())
+
+
+def test_merge_nodes_found_and_kept_float(vit, tmp_path):
+    paths, _ = vit
+    model = onnx.load(paths["turbo"])
+    found = merge_nodes(model)
+    names = set(found.names)
+    by_op = collections.defaultdict(set)
+    for n in model.graph.node:
+        by_op[n.op_type].add(n.name)
+    for op in ("TopK", "ArgMax", "ReduceMax", "GatherElements", "ScatterElements"):
+        assert by_op[op] and by_op[op] <= names, op
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    similarity = {producer[n.input[0]].name for n in model.graph.node if n.op_type == "ReduceMax"}
+    assert similarity <= names and all(model.graph.node[[m.name for m in model.graph.node].index(s)].op_type
+                                       == "MatMul" for s in similarity)
+    # the region stops at the model: no weight MatMul, LayerNorm, Softmax or residual Add is in it
+    for n in model.graph.node:
+        if n.name in names:
+            assert n.op_type not in ("LayerNormalization", "Softmax", "Add", "Gemm", "Conv"), n.name
+            assert not (n.op_type == "MatMul" and any(i in inits for i in n.input)), n.name
+    assert merge_nodes(onnx.load(paths["baseline"])).names == []
+
+    # quantized even with MatMulConstBOnly off, every merge node stays as it was and reads no int8 tensor
+    ops = {n.name: n.op_type for n in model.graph.node}
+    dst = str(tmp_path / "turbo_int8.onnx")
+    report = quantize_graph(paths["turbo"], dst, "dynamic", extra_options={"MatMulConstBOnly": False})
+    _assert_float(dst, names, ops)
+    assert not _similarity_inputs_quantized(dst)
+    assert set(report.excluded.names) == names and report.excluded.op_counts["TopK"] == len(by_op["TopK"])
+    assert "float" in report.excluded.reason and "TopK x8" in report.excluded.summary()
+    assert report.excluded.quantizable.get("MatMul") == len(similarity)
+    # without the exclusion the same options quantize the similarity MatMul: the exclusion is what keeps it float
+    unguarded = str(tmp_path / "turbo_int8_all.onnx")
+    quantize_graph(paths["turbo"], unguarded, "dynamic", exclude_merge=False,
+                   extra_options={"MatMulConstBOnly": False})
+    assert _similarity_inputs_quantized(unguarded)
+
+
+def test_static_qdq_with_seeded_and_given_calibration(vit, tmp_path):
+    paths, feed = vit
+    dst = str(tmp_path / "turbo_static.onnx")
+    report = quantize_graph(paths["turbo"], dst, "static")  # no data: seeded random feeds, said in the report
+    assert "seeded random" in report.calibration and report.per_channel
+    counts = op_counts(dst)
+    assert counts.get("QuantizeLinear", 0) > 0 and counts.get("DequantizeLinear", 0) > 0
+    source = onnx.load(paths["turbo"])
+    _assert_float(dst, report.excluded.names, {n.name: n.op_type for n in source.graph.node})
+    assert not _similarity_inputs_quantized(dst)
+    assert cosine(_run(dst, feed), _run(paths["turbo"], feed)) > VIT_ATOL_COS
+
+    given = [{"pixel_values": _pixels(seed=s).numpy()} for s in (1, 2)]
+    report = quantize_graph(paths["baseline"], str(tmp_path / "base_static.onnx"), "static", given)
+    assert report.calibration == "2 caller-supplied feeds"
+    # TensorRT's explicit quantization takes zero-point-0 scales only
+    symmetric = str(tmp_path / "base_static_sym.onnx")
+    quantize_graph(paths["baseline"], symmetric, "static", given, symmetric_activations=True)
+    model = onnx.load(symmetric)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(not np.any(z) for z in zero_points)
+    helper = seeded_calibration(paths["baseline"], 3)
+    assert len(helper) == 3 and helper[0]["pixel_values"].shape == (2, 3, 32, 32) and "seeded" in helper.description
+
+
+def test_fewer_quantize_nodes_and_reshapes_than_ort_preprocessing(vit, tmp_path):
+    """ONNX Runtime's quantization pre-processing (which quantize_dynamic's warning asks for) rewrites every
+    MatMul + Add on a 3-D activation into Reshape -> Gemm -> Reshape: q, k and v each read their own reshaped copy
+    of the LayerNorm output and each gets a DynamicQuantizeLinear. The cleanup folds the chains back."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    paths, feed = vit
+    pre = str(tmp_path / "pre.onnx")
+    quant_pre_process(paths["baseline"], pre)
+    naive = str(tmp_path / "naive.onnx")
+    naive_quantize_dynamic(pre, naive)
+    ours = str(tmp_path / "ours.onnx")
+    report = quantize_graph(pre, ours, "dynamic")
+    blocks = 4
+    expected = blocks * 4 + 2  # per block: q/k/v (one shared), attention output, fc1, fc2; the patch embedding, head
+    assert report.counts_dst["DynamicQuantizeLinear"] == expected
+    assert op_counts(naive)["DynamicQuantizeLinear"] == expected + 2 * blocks
+    assert report.counts_src["Reshape"] > report.counts_dst["Reshape"] == op_counts(paths["baseline"])["Reshape"]
+    assert op_counts(naive)["Reshape"] == report.counts_src["Reshape"]
+    assert any("Gemm" in note for note in report.cleanup)
+    assert cosine(_run(ours, feed), _run(paths["baseline"], feed)) > VIT_ATOL_COS
+    # on the exported file itself the pipeline is never worse than one quantize_dynamic call
+    raw_naive = str(tmp_path / "raw_naive.onnx")
+    naive_quantize_dynamic(paths["baseline"], raw_naive)
+    raw = quantize_graph(paths["baseline"], str(tmp_path / "raw_ours.onnx"))
+    assert raw.counts_dst["DynamicQuantizeLinear"] <= op_counts(raw_naive)["DynamicQuantizeLinear"]
+
+
+def test_bad_calibration_and_mode_are_one_line_errors(vit, tmp_path):
+    paths, _ = vit
+    dst = str(tmp_path / "x.onnx")
+    with pytest.raises(TurboExportError, match="calibration") as err:
+        quantize_graph(paths["baseline"], dst, "static", [])
+    assert "\n" not in str(err.value)
+    with pytest.raises(TurboExportError, match="lacks input") as err:
+        quantize_graph(paths["baseline"], dst, "static", [{"pixels": np.zeros(1)}])
+    assert "\n" not in str(err.value)
+    with pytest.raises(TurboExportError, match="int8 mode"):
+        quantize_graph(paths["baseline"], dst, "int4")
+
+
+def test_blip_vision_graph(tmp_path):
+    model = build_random_blip("tiny", "caption").model.eval()
+    turbo = apply_turbo(copy.deepcopy(model), 8)
+    pixels = {"pixel_values": _pixels()}
+    src = export_onnx(GraphSpec("vision", VisionStates(turbo.vision_model), pixels, ["out"]),
+                      str(tmp_path / "vision.onnx"))
+    feed = {"pixel_values": pixels["pixel_values"].numpy()}
+    for mode in ("dynamic", "static"):
+        dst = str(tmp_path / f"vision_{mode}.onnx")
+        report = quantize_graph(src, dst, mode)
+        assert report.excluded.op_counts.get("TopK", 0) == 4  # two merging blocks, two TopK each
+        assert cosine(_run(dst, feed), _run(src, feed)) > VIT_ATOL_COS
+
+
+@pytest.mark.slow
+def test_sd_unet_graph(tmp_path):
+    from turbo_export.models.sd_presets import build_random_sd
+    from turbo_export.patch.unet import apply_turbo_unet
+
+    sd = build_random_sd("tiny")
+    unet = apply_turbo_unet(copy.deepcopy(sd.unet), 0.5, alpha=2.0)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(2, 4, 8, 8, generator=g), "timestep": torch.full((2,), 400.0),
+              "encoder_hidden_states": sd.encode(["", "a red cat on a table"])}
+    src = export_onnx(GraphSpec("unet", UNetNoise(unet), inputs, ["out"]), str(tmp_path / "unet.onnx"))
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    reference = _run(src, feed)
+    dst = str(tmp_path / "unet_dynamic.onnx")
+    report = quantize_graph(src, dst, "dynamic")
+    assert report.excluded.op_counts.get("ScatterElements", 0) > 0 and report.counts_dst["MatMulInteger"] > 0
+    assert cosine(_run(dst, feed), reference) > SD_ATOL_COS
+    # static, calibrated on the UNet's own kind of inputs (latents at a few timesteps, the same prompts)
+    rng = np.random.default_rng(1)
+    calibration = [{**feed, "sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+                    "timestep": np.full((2,), t, np.float32)} for t in (100.0, 400.0, 700.0)]
+    dst = str(tmp_path / "unet_static.onnx")
+    report = quantize_graph(src, dst, "static", calibration)
+    assert report.calibration == "3 caller-supplied feeds"
+    assert cosine(_run(dst, feed), reference) > SD_ATOL_COS
+
+
+def test_plugin_merge_nodes_stay_float(tmp_path):
+    pytest.importorskip("onnxruntime_extensions")
+    model = build_random("tiny", "vit").model.eval()
+    turbo = apply_turbo(copy.deepcopy(model), 8, merge_impl="plugin")
+    pixels = {"pixel_values": _pixels()}
+    src = export_onnx(GraphSpec("plugin", Logits(turbo), pixels, ["out"]), str(tmp_path / "plugin.onnx"))
+    feed = {"pixel_values": pixels["pixel_values"].numpy()}
+    for mode in ("dynamic", "static"):
+        dst = str(tmp_path / f"plugin_{mode}.onnx")
+        report = quantize_graph(src, dst, mode)
+        assert report.excluded.op_counts.get("TurboMerge") == 4
+        assert sum(n.domain == "turbo" for n in onnx.load(dst).graph.node) == 4
+        assert cosine(_run(dst, feed), _run(src, feed)) > VIT_ATOL_COS
+
+
+def test_fp16_onnxruntime_check():
+    import onnxruntime as ort
+
+    reason = check_fp16_onnxruntime()
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert reason is None
+    else:
+        assert "CUDA" in reason and "\n" not in reason
