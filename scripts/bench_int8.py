@@ -39,10 +39,14 @@ from torch import nn
 from turbo_export import apply_turbo
 from turbo_export.backends import bench, make_runner
 from turbo_export.backends.torch_runner import TorchRunner
-from turbo_export.export.onnx import GraphSpec, cosine, export_onnx, require_parity, validate
+from turbo_export.export.onnx import export_onnx
+from turbo_export.export.parity import check_graph as validate
+from turbo_export.export.parity import require_parity
 from turbo_export.export.quantize import naive_quantize_dynamic, op_counts, quantize_graph
+from turbo_export.families import get_family
+from turbo_export.families.base import GraphSpec
 from turbo_export.files import write_json_atomic
-from turbo_export.models.presets import load_model
+from turbo_export.metrics import cosine
 
 OPTIMUM_EXPORT = """
 import sys
@@ -154,7 +158,7 @@ def main(model_source: str, ratio: int, batch: int, runs: int, warmup: int, work
 
 
 def run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_torch, json_path) -> None:
-    loaded = load_model(model_source, "vit", ["ViTForImageClassification"])
+    loaded = get_family("vit").load(model_source)
     model = loaded.model.eval()
     turbo = apply_turbo(copy.deepcopy(model), ratio)
     size = loaded.image_size

@@ -18,7 +18,7 @@ from torch import nn
 from turbo_export import apply_turbo
 from turbo_export.backends import make_runner
 from turbo_export.errors import TurboExportError
-from turbo_export.export.onnx import GraphSpec, cosine, export_onnx
+from turbo_export.export.onnx import export_onnx
 from turbo_export.export.quantize import (
     check_fp16_onnxruntime,
     merge_nodes,
@@ -27,7 +27,10 @@ from turbo_export.export.quantize import (
     quantize_graph,
     seeded_calibration,
 )
-from turbo_export.models.presets import build_random, build_random_blip
+from turbo_export.families import get_family
+from turbo_export.families.base import GraphSpec
+from turbo_export.families.blip import build_random_blip
+from turbo_export.metrics import cosine
 
 VIT_ATOL_COS = 0.999
 SD_ATOL_COS = 0.995
@@ -68,7 +71,7 @@ def _pixels(batch=2, seed=0):
 def vit(tmp_path_factory):
     """Tiny ViT exported unaccelerated and with Turbo (r=8, 4 blocks): {name: path}, and the example pixels."""
     folder = tmp_path_factory.mktemp("vit")
-    model = build_random("tiny", "vit").model.eval()
+    model = get_family("vit").load("random:tiny").model.eval()
     turbo = apply_turbo(copy.deepcopy(model), 8)
     pixels = {"pixel_values": _pixels()}
     paths = {name: export_onnx(GraphSpec(name, Logits(m), pixels, ["out"]), str(folder / f"{name}.onnx"))
@@ -270,7 +273,7 @@ def test_sd_unet_graph(tmp_path):
 
 def test_plugin_merge_nodes_stay_float(tmp_path):
     pytest.importorskip("onnxruntime_extensions")
-    model = build_random("tiny", "vit").model.eval()
+    model = get_family("vit").load("random:tiny").model.eval()
     turbo = apply_turbo(copy.deepcopy(model), 8, merge_impl="plugin")
     pixels = {"pixel_values": _pixels()}
     src = export_onnx(GraphSpec("plugin", Logits(turbo), pixels, ["out"]), str(tmp_path / "plugin.onnx"))
