@@ -83,13 +83,16 @@ class JobChoices:
     atol: float
     static_batch: bool = False
     max_batch: int = 0
+    int8_mode: str = "dynamic"
+    calib_data: str | None = None
 
     def run_options(self) -> Any:
         from turbo_export.export.job import RunOptions
 
         return RunOptions(out_dir=self.out_dir or "", backend=self.backend, precision=self.precision,
                           validate=self.validate, bench=self.bench, bench_runs=self.runs, atol=self.atol,
-                          static_batch=self.static_batch, max_batch=self.max_batch)
+                          static_batch=self.static_batch, max_batch=self.max_batch, int8_mode=self.int8_mode,
+                          calib_data=self.calib_data)
 
 
 def export_and_print(family_name: str, source: str, options: Any, job: JobChoices) -> dict[str, Any]:
@@ -104,7 +107,8 @@ def export_and_print(family_name: str, source: str, options: Any, job: JobChoice
 
     for line in family.summary_lines(result.report) + peer_lines(result.report):
         click.echo(line)
-    files = [*result.report["files"].values(), *result.report.get("engines", {}).values(), "report.json"]
+    files = [*result.report["files"].values(), *result.report.get("files_fp32", {}).values(),
+             *result.report.get("engines", {}).values(), "report.json"]
     click.echo(f"\nwrote {result.out_dir}/: {', '.join(files)}")
     return result.report
 
@@ -114,8 +118,15 @@ def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerg
     options = [
         click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                      show_default=True),
-        click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-                     help="fp16 exports half-precision graphs (weights and inputs); needs --backend tensorrt."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+                     help="int8: quantized from the checked fp32 graphs, Turbo's merge kept float (the fast path on "
+                          "a CPU); fp16: half-precision graphs, needs --backend tensorrt or ONNX Runtime with CUDA."),
+        click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+                     help="dynamic: int8 weights, activations quantized at run time; static: QDQ with calibration "
+                          "(what TensorRT builds int8 engines from)."),
+        click.option("--calib-data", default=None,
+                     help="--int8-mode static: images to calibrate on (a folder or builtin:<name>, as for validate); "
+                          "random: presets calibrate on seeded inputs without it."),
         click.option("--merge-impl", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
                      help=f"onnx: the merge as standard ops; plugin: {merge_help} (TensorRT plugin)."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -137,9 +148,9 @@ def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerg
         @functools.wraps(command)
         def wrapper(*args: Any, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
                     no_validate: bool, runs: int, atol: float, static_batch: bool, max_batch: int | None,
-                    **kwargs: Any) -> Any:
+                    int8_mode: str, calib_data: str | None, **kwargs: Any) -> Any:
             job = JobChoices(backend, precision, merge_impl, out_dir, not no_validate, not no_bench, runs, atol,
-                             static_batch, max_batch or 0)
+                             static_batch, max_batch or 0, int8_mode, calib_data)
             return command(*args, job=job, **kwargs)
 
         for option in reversed(options):

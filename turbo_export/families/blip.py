@@ -300,7 +300,8 @@ class BlipFamily(Family):
                 flops = {n: vision_flops(loaded, image_size, layers) + caption_text_flops(
                     loaded.model.config, final[n], options.max_new_tokens)
                     for n, layers in (("baseline", tokens.baseline), ("turbo", tokens.turbo))}
-            return {**{n: task.bench_call(pipelines[n], options) for n in NAMES}, "feed": inputs.feed(),
+            timed = task.pipelines(runners, TokenIds.from_text_config(text_cfg), options)  # int8: the int8 graphs
+            return {**{n: task.bench_call(timed[n], options) for n in NAMES}, "feed": inputs.feed(),
                     "what": task.bench_what(options), "desc": f"{options.task} pipeline", "flops": flops}
 
         report = {**tokens.report_fields(options.ratio), "alpha": options.alpha, "merge_impl": options.merge_impl,
