@@ -134,3 +134,16 @@ def test_int8_every_family(command, tmp_path):
     assert report["precision"] == "int8"
     assert set(report["parity_int8"]) - {"compared"} == set(report["files"])
     assert all(r["ok"] for k, r in report["parity_int8"].items() if k != "compared")
+
+
+def test_validate_reports_an_int8_export_against_its_fp32_graph(vit_int8, tmp_path):
+    out = tmp_path / "validate.json"
+    result = _run(["validate", vit_int8, "--data", DIGITS, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "against baseline.fp32.onnx (the unaccelerated fp32 graph):" in result.output
+    report = json.load(open(out))
+    assert report["precision"] == "int8"
+    cmp = report["precision_vs_fp32"]
+    assert set(cmp) == {"reference", "unaccelerated", "turbo", "turbo_fp32_pytorch"}
+    assert all(0 <= cmp[k]["agreement"] <= 1 and "turbo_top1" in cmp[k]
+               for k in ("unaccelerated", "turbo", "turbo_fp32_pytorch"))

@@ -228,15 +228,36 @@ def validate_export(
     # The headline figures (ONNX Runtime) also at the top level of the JSON.
     result.update({k: result["onnx"][k] for k in ("baseline_top1", "turbo_top1", "agreement")
                    if k in result["onnx"]})
+    precision = report.get("precision", "fp32")
+    result["precision"] = precision
+    torch_turbo = None
     if torch_reference:
         names, kwargs = family.output_names(loaded), family.forward_kwargs(loaded, image_size)
         torch_turbo = run_dataset(torch_forward(turbo_model(loaded, report), names, kwargs), pixels, batch,
                                   "turbo (PyTorch)", progress)
         result["pytorch"] = parity(base, torch_turbo, images.labels)
-        result["onnx_vs_pytorch"] = torch_check(turbo, torch_turbo, float((report.get("parity") or {}).get(
-            "atol", 1e-4)))
+        atol = float((report.get("parity") or {}).get("atol", 1e-4))
+        result["onnx_vs_pytorch"] = torch_check(turbo, torch_turbo, atol if precision == "fp32" else float("inf"))
+    fp32_file = (report.get("files_fp32") or {}).get("baseline")
+    if precision != "fp32" and fp32_file:
+        result["precision_vs_fp32"] = precision_parity(
+            os.path.join(folder, fp32_file), pixels, batch, backend, progress, base, turbo, torch_turbo, images)
     result["_baseline_outputs"] = base
     return result
+
+
+def precision_parity(fp32_path: str, pixels: np.ndarray, batch: int, backend: str, progress: bool,
+                     base: dict[str, np.ndarray], turbo: dict[str, np.ndarray],
+                     torch_turbo: dict[str, np.ndarray] | None, images: Any) -> dict[str, Any]:
+    """An int8 (or fp16) export against the unaccelerated fp32 graph it came from: the cost of the precision alone,
+    and of precision and Turbo together (the fp32 Turbo model is PyTorch's, when the reference run was made)."""
+    fp32 = run_dataset(onnx_forward(make_runner(fp32_path, backend)), pixels, batch, os.path.basename(fp32_path),
+                       progress)
+    out = {"reference": f"{os.path.basename(fp32_path)} (the unaccelerated fp32 graph)",
+           "unaccelerated": parity(fp32, base, images.labels), "turbo": parity(fp32, turbo, images.labels)}
+    if torch_turbo is not None:
+        out["turbo_fp32_pytorch"] = parity(fp32, torch_turbo, images.labels)
+    return out
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +266,7 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    if result.get("family", "vit") != "vit":
+    if "family" in result:  # vision-language and text-to-image results say their family
         return family_summary_lines(result)
     p = result["onnx"]
     head = (f"{result['model']}: r={result['ratio']} alpha={result['alpha']:g}, {result['images']} images of "
@@ -270,6 +291,24 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         extra = (f", same prediction {t['prediction_agreement']:.4f}" if "prediction_agreement" in t else "")
         lines.append(f"turbo.onnx vs PyTorch Turbo on this data: max abs diff {t['max_abs_diff']:.2e}, "
                      f"{t['images_beyond_atol']}/{t['images']} images beyond atol{extra}")
+    if "precision_vs_fp32" in result:
+        lines += precision_lines(result["precision"], result["precision_vs_fp32"])
+    return lines
+
+
+def precision_lines(precision: str, cmp: dict[str, Any]) -> list[str]:
+    """Each model against the unaccelerated fp32 graph: top-1 (labelled data) or CLS cosine, and agreement."""
+    rows = [(f"unaccelerated {precision}", cmp["unaccelerated"]), (f"turbo {precision}", cmp["turbo"])]
+    if "turbo_fp32_pytorch" in cmp:
+        rows.append(("turbo fp32 (PyTorch)", cmp["turbo_fp32_pytorch"]))
+    lines = [f"against {cmp['reference']}:"]
+    for label, p in rows:
+        if p["kind"] == "classification":
+            top1 = (f"top-1 {p['turbo_top1']:.4f} vs {p['baseline_top1']:.4f} ({p['top1_drop_points']:.2f} points "
+                    "lower), " if "turbo_top1" in p else "")
+            lines.append(f"  {label:22} {top1}agreement {p['agreement']:.4f}")
+        else:
+            lines.append(f"  {label:22} CLS cosine mean {p['cls_cosine']['mean']:.5f}, min {p['cls_cosine']['min']:.5f}")
     return lines
 
 
