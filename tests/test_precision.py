@@ -147,3 +147,15 @@ def test_validate_reports_an_int8_export_against_its_fp32_graph(vit_int8, tmp_pa
     assert set(cmp) == {"reference", "unaccelerated", "turbo", "turbo_fp32_pytorch"}
     assert all(0 <= cmp[k]["agreement"] <= 1 and "turbo_top1" in cmp[k]
                for k in ("unaccelerated", "turbo", "turbo_fp32_pytorch"))
+
+
+def test_sweep_at_int8_rows_against_the_fp32_graph(tmp_path):
+    out = tmp_path / "sweep.json"
+    result = _run(["sweep", "--model", "random:tiny", "--ratios", "0,4", "--alphas", "150", "--data", DIGITS,
+                   "--batch", "8", "--no-bench", "--precision", "int8", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    sweep = json.load(open(out))
+    assert sweep["precision"] == "int8"
+    assert [(r["r"], r["precision"]) for r in sweep["rows"]] == [(0, "fp32"), (0, "int8"), (4, "int8")]
+    assert sweep["rows"][0]["parity"]["agreement"] == 1.0 and 0 < sweep["rows"][1]["parity"]["agreement"] <= 1.0
+    assert "| 4 | 150 | int8 |" in result.output

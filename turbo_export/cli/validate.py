@@ -80,6 +80,8 @@ def validate_cmd(export_dir: str, source: str | None, limit: int | None, model_s
 @click.option("--min-tokens", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per graph.")
 @click.option("--no-bench", is_flag=True, help="Skip the timing (accuracy only; the plot uses the FLOPs ratio).")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="int8: every graph also quantized (dynamic, the merge float); accuracy against the fp32 graph.")
 @click.option("--lock", default=None, help="Hold an flock on this file while timing (e.g. /tmp/turbo-bench.lock).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write every figure here (rewritten after each configuration with \"complete\": false).")
@@ -87,8 +89,8 @@ def validate_cmd(export_dir: str, source: str | None, limit: int | None, model_s
               help="Write a PNG of throughput against accuracy here (needs matplotlib).")
 @user_errors
 def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, ...], limit: int | None, batch: int,
-              image_size: int | None, min_tokens: int, runs: int, no_bench: bool, lock: str | None, json_path: str | None,
-              plot_path: str | None) -> None:
+              image_size: int | None, min_tokens: int, runs: int, no_bench: bool, precision: str, lock: str | None,
+              json_path: str | None, plot_path: str | None) -> None:
     """Throughput and accuracy parity for every (ratio, alpha): a table, JSON and a plot (Turbo vs ToMe)."""
     from turbo_export.evaluate.sweep import no_arrays, plot, run_sweep, tables
 
@@ -101,7 +103,7 @@ def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, .
     result = run_sweep(model_source, _number_list(ratios, "ratios", int), _number_list(alphas, "alphas", float),
                        sources, limit,
                        batch=batch, image_size=image_size, min_tokens=min_tokens, runs=runs, lock=lock,
-                       timed=not no_bench, partial_json=json_path)
+                       timed=not no_bench, partial_json=json_path, precision=precision)
     click.echo(f"{result['model']}, batch {batch}, image size {result['image_size']}; speedup: ONNX Runtime, "
                f"interleaved with the unaccelerated graph on a real batch")
     click.echo(tables(result))
