@@ -849,5 +849,5 @@ def check_fp16_onnxruntime() -> str | None:
     if "CUDAExecutionProvider" in providers:
         return None
     return (f"fp16 with ONNX Runtime needs the CUDA execution provider (onnxruntime-gpu and a CUDA GPU); this "
-            f"onnxruntime {ort.__version__} has only {', '.join(providers)}, whose CPU kernels lack fp16 for "
-            "most ops")
+            f"onnxruntime {ort.__version__} has only {', '.join(providers)}, and its CPU kernels lack fp16 for most "
+            "ops, Turbo's ScatterElements(reduction='add') among them")
