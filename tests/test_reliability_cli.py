@@ -176,6 +176,7 @@ def _unwritable(workdir, suffix=""):
         "under /proc": f"/proc/turbo-export-test/out{suffix}",
         "dangling symlink": f"dangling{suffix}",
         "name too long": "x" * 240 + suffix,
+        "empty": "",
     }
 
 

@@ -138,6 +138,8 @@ class JobChoices:
     def run_options(self) -> Any:
         from turbo_export.export.job import RunOptions
 
+        if self.out_dir is not None and not self.out_dir.strip():
+            raise TurboExportError("out: empty path; leave --out out for the default folder")
         return RunOptions(out_dir=self.out_dir or "", backend=self.backend, precision=self.precision,
                           validate=self.validate, bench=self.bench, bench_runs=self.runs, atol=self.atol,
                           static_batch=self.static_batch, max_batch=self.max_batch, progress=progress_enabled(),

@@ -104,10 +104,11 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
 
     check_prompt(prompt)
     check_generation(steps, seed, guidance)
-    out_png = out_png or os.path.join(export_dir, "generated.png")
+    out_png = os.path.join(export_dir, "generated.png") if out_png is None else out_png
+    check_writable_target(out_png, "out")
     if not out_png.lower().endswith(".png"):
         raise TurboExportError(f"out: '{out_png}' must end in .png")
-    for path in (out_png, out_png[:-4] + "-baseline.png", out_png[:-4] + "-turbo.png", out_png[:-4] + ".json"):
+    for path in (out_png[:-4] + "-baseline.png", out_png[:-4] + "-turbo.png", out_png[:-4] + ".json"):
         check_writable_target(path, "out")
     report = read_export_dir(export_dir)
     click.echo(f"loading {report['model']} (text encoder, VAE) ...", err=True)

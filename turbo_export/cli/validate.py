@@ -57,7 +57,7 @@ def validate_cmd(export_dir: str, source: str | None, limit: int | None, model_s
 
     if question is not None and not question.strip():
         raise TurboExportError("question: empty --question")
-    if json_path:
+    if json_path is not None:
         check_writable_target(json_path, "json")
     result = validate_folder(export_dir, source, limit, model=model_source, torch_reference=not no_torch,
                              progress=progress_enabled(),
@@ -97,7 +97,7 @@ def sweep_cmd(model_source: str, ratios: str, alphas: str, sources: tuple[str, .
     """Throughput and accuracy parity for every (ratio, alpha): a table, JSON and a plot (Turbo vs ToMe)."""
     from turbo_export.evaluate.sweep import no_arrays, plot, run_sweep, tables
 
-    if plot_path:
+    if plot_path is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:

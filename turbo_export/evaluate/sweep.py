@@ -123,7 +123,7 @@ def run_sweep(
     unaccelerated row. ``partial_json``: rewrite this file after every configuration ("complete": false)."""
     check_sweep_options(ratios, alphas, limit, batch, image_size, min_tokens, runs, warmup)
     for path, what in ((partial_json, "json"), (work_dir, "work-dir")):
-        if path:
+        if path is not None:
             check_writable_target(path, what, folder=what == "work-dir")
     if loaded is None:
         spec, loaded = load_image_encoder(model_source)

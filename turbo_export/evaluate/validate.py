@@ -293,7 +293,7 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
 
     check_optional("limit", limit, 1, MAX_IMAGES)
     check_generation(steps, seed, guidance)
-    if images_dir:
+    if images_dir is not None:
         check_writable_target(images_dir, "images", folder=True)
     report = read_export(folder)
     family = get_family(report["family"])
