@@ -308,6 +308,28 @@ def test_default_folder_with_other_settings_is_not_replaced_silently(workdir):
     assert _tree(workdir) == before
 
 
+def test_same_export_again_needs_no_overwrite_other_settings_do(tmp_path):
+    from turbo_export.errors import TurboExportError
+    from turbo_export.export.job import check_replace
+
+    out = tmp_path / "out"
+    out.mkdir()
+    check_replace(str(out), False, {"alpha": 6.0})  # empty folder
+    (out / "report.json").write_text(json.dumps({"family": "vit", "alpha": 6.0, "ratio": [8, 4],
+                                                 "bench": {"backend": "onnxruntime"}}))
+    check_replace(str(out), False, {"family": "vit", "alpha": 6.0, "ratio": [8, 4], "backend": "onnxruntime",
+                                    "batch": 2})  # the same export again (batch not recorded: not compared)
+    for changed, words in (({"alpha": 150.0}, "alpha 6.0 -> 150.0"), ({"ratio": [8, 8]}, "ratio [8, 4] -> [8, 8]"),
+                           ({"backend": "tensorrt"}, "backend onnxruntime -> tensorrt")):
+        with pytest.raises(TurboExportError, match="other settings") as info:
+            check_replace(str(out), False, {"family": "vit", "alpha": 6.0, "ratio": [8, 4], **changed})
+        assert words in str(info.value) and "--overwrite" in str(info.value)
+        check_replace(str(out), True, changed)
+    (out / "report.json").write_text("{not json")
+    with pytest.raises(TurboExportError, match="unreadable"):
+        check_replace(str(out), False, {"alpha": 6.0})
+
+
 MERGES_NOTHING = {
     "vit ratio 0": (["vit", "--model", "random:tiny", "--ratio", "0"], ["ratio", "above 0"]),
     "vit ratio 0,0,0,0": (["vit", "--model", "random:tiny", "--ratio", "0,0,0,0"], ["ratio", "above 0"]),

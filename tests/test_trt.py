@@ -622,7 +622,7 @@ def test_engines_build_run_match_onnxruntime_and_benchmark(precision, tmp_path):
     assert all((out / path).is_file() for path in report["engines"].values())
     assert report["parity"]["ok"] and report["bench"]["timer"].startswith("CUDA events")
     assert report["bench"]["speedup"] > 0
-    again = _cli(args + ["--overwrite"])  # the second export reuses the cached engines
+    again = _cli(args)  # the second export reuses the cached engines
     assert again.exit_code == 0 and "cached" in again.stderr
     from turbo_export.evaluate.compare import compare_folder
 

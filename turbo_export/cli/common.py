@@ -175,7 +175,8 @@ def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerg
         click.option("--out", "out_dir", type=str, default=None,
                      help=f"Output folder (default: {out_help})."),
         click.option("--overwrite", is_flag=True,
-                     help="Replace an existing export in the output folder (else refused, saying what differs)."),
+                     help="Replace an export made with other settings in the output folder (else refused, saying "
+                          "what differs; the same export again needs no flag)."),
         click.option("--no-bench", is_flag=True, help="Skip the throughput comparison."),
         click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check (not recommended)."),
         click.option("--runs", type=int, default=runs, show_default=True, help="Timed runs per model."),

@@ -69,7 +69,7 @@ class RunOptions:
     peers: bool = True  # also time the PyTorch eager models (unaccelerated and Turbo) in the same interleaved run
     static_batch: bool = False  # True: every graph has the static batch of the family's options (as before 0.2)
     max_batch: int = 0  # dynamic batch: the largest batch a TensorRT profile takes (0: 64, or the batch if larger)
-    overwrite: bool = False  # replace an existing export in out_dir (else refused, saying what differs)
+    overwrite: bool = False  # replace an export with other settings in out_dir (else refused, saying what differs)
 
 
 @dataclass
@@ -155,7 +155,8 @@ def check_plan(plan: ExportPlan) -> None:
 
 
 def check_replace(out_dir: str, overwrite: bool, settings: dict[str, Any]) -> None:
-    """An existing export in ``out_dir`` is replaced only with ``overwrite``; a folder of other files never is."""
+    """An existing export in ``out_dir`` is replaced only by the same export again (same settings: the engines in it
+    are reused) or with ``overwrite``; a folder of other files never is."""
     if not os.path.isdir(out_dir) or not os.listdir(out_dir):
         return
     path = os.path.join(out_dir, "report.json")
@@ -168,13 +169,17 @@ def check_replace(out_dir: str, overwrite: bool, settings: dict[str, Any]) -> No
         with open(path) as f:
             old = json.load(f)
     except (OSError, ValueError):
-        old = {}
-    old = old if isinstance(old, dict) else {}
+        old = None
+    if not isinstance(old, dict):
+        raise TurboExportError(f"out: '{out_dir}' holds an export whose report.json is unreadable; pass --overwrite "
+                               "to replace it, or --out another folder")
+    old = {**old, "backend": (old.get("bench") or {}).get("backend") or ("tensorrt" if old.get("engines")
+                                                                          else "onnxruntime")}
     changed = [f"{k} {old[k]} -> {v}" for k, v in settings.items()
                if k in old and old[k] != v and (k == "ratio" or not isinstance(v, (dict, list)))]
-    what = f"an export with other settings ({', '.join(changed[:4])})" if changed else "an export"
-    raise TurboExportError(f"out: '{out_dir}' already holds {what}; pass --overwrite to replace it, or --out "
-                           "another folder")
+    if changed:
+        raise TurboExportError(f"out: '{out_dir}' already holds an export with other settings "
+                               f"({', '.join(changed[:4])}); pass --overwrite to replace it, or --out another folder")
 
 
 def export_model(family: Family, source: str, options: Any, run: RunOptions, log: Log = log_to_stderr) -> JobResult:
@@ -201,7 +206,8 @@ def _run_checked(family: Family, loaded: Any, options: Any, run: RunOptions, log
     plan = family.plan(loaded, options, run, log)
     check_plan(plan)
     check_replace(run.out_dir, run.overwrite, {"family": family.name, "model": plan.source, **plan.report,
-                                               "precision": run.precision})
+                                               "precision": run.precision, "backend": run.backend,
+                                               "batch_dim": "static" if run.static_batch else "symbolic"})
     set_tolerances(plan.graphs, run.atol, run.precision, run.backend)
     with staged_output(run.out_dir) as stage:
         runners = export_graphs(plan.graphs, stage, run.backend, log, out_dir=run.out_dir, precision=run.precision,
