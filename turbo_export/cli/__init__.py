@@ -17,7 +17,7 @@ import click
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from turbo_export.cli import export, sd, serve, trt, validate
-from turbo_export.cli.common import OneLineErrorGroup
+from turbo_export.cli.common import OneLineErrorGroup, quiet_option
 
 COMMANDS: list[click.Command] = [
     export.vit, export.blip, sd.sd_unet, sd.sd_generate, validate.validate_cmd, validate.sweep_cmd,
@@ -27,6 +27,7 @@ COMMANDS: list[click.Command] = [
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="turbo-export")
+@quiet_option
 def main() -> None:
     """Bake Turbo token merging into ONNX graphs (and TensorRT engines) and measure it honestly."""
 

@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from turbo_export.cli.common import JobChoices, export_and_print, job_options, user_errors
+from turbo_export.cli.common import (
+    JobChoices,
+    export_and_print,
+    job_options,
+    progress_enabled,
+    quiet_option,
+    user_errors,
+)
 from turbo_export.errors import TurboExportError
 
 
@@ -74,13 +81,14 @@ def concat_images(baseline, turbo):
 @click.command("sd-generate")
 @click.argument("export_dir", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--prompt", required=True, help="The text prompt.")
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True)
+@click.option("--steps", type=int, default=25, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--out", "out_png", type=click.Path(dir_okay=False), default=None,
               help="Side-by-side PNG (baseline | Turbo); <stem>-baseline.png and <stem>-turbo.png beside it "
                    "[default: DIR/generated.png].")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@quiet_option
 @user_errors
 def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: float, out_png: str | None,
                 backend: str) -> None:
@@ -89,16 +97,20 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     from PIL import Image
 
     from turbo_export.backends import make_runner
-    from turbo_export.files import write_json_atomic
+    from turbo_export.files import check_writable_target, write_json_atomic
     from turbo_export.metrics import psnr, ssim
     from turbo_export.models.sd_presets import load_sd
-    from turbo_export.pipelines.sd import check_prompt, generate
+    from turbo_export.pipelines.sd import check_generation, check_prompt, generate
 
     check_prompt(prompt)
-    report = read_export_dir(export_dir)
-    out_png = out_png or os.path.join(export_dir, "generated.png")
+    check_generation(steps, seed, guidance)
+    out_png = os.path.join(export_dir, "generated.png") if out_png is None else out_png
+    check_writable_target(out_png, "out")
     if not out_png.lower().endswith(".png"):
         raise TurboExportError(f"out: '{out_png}' must end in .png")
+    for path in (out_png[:-4] + "-baseline.png", out_png[:-4] + "-turbo.png", out_png[:-4] + ".json"):
+        check_writable_target(path, "out")
+    report = read_export_dir(export_dir)
     click.echo(f"loading {report['model']} (text encoder, VAE) ...", err=True)
     components = load_sd(report["model"], with_unet=False)
     results = {}
@@ -106,7 +118,7 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
         # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
         runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend)
         results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
-                                 desc=f"{name} UNet")
+                                 desc=f"{name} UNet", progress=progress_enabled())
         del runner
     base, tur = results["baseline"], results["turbo"]
     metrics: dict[str, Any] = {

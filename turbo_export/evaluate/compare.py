@@ -149,6 +149,12 @@ def _max_errors(actual: np.ndarray, reference: np.ndarray) -> tuple[float, float
 
 def compare_folder(folder: str, atol: float = 1e-3, rtol: float = 1e-3, seed: int = 0, iterations: int = 1,
                    log: Log = lambda m: None, engine_options: Any = None) -> CompareResults:
+    from turbo_export.limits import MAX_RUNS, MAX_SEED, MAX_TOLERANCE, check_range
+
+    check_range("atol", atol, 0.0, MAX_TOLERANCE, integer=False)
+    check_range("rtol", rtol, 0.0, MAX_TOLERANCE, integer=False)
+    check_range("seed", seed, 0, MAX_SEED)
+    check_range("iterations", iterations, 1, MAX_RUNS)
     import onnxruntime as ort
     from polygraphy.logger import G_LOGGER
 

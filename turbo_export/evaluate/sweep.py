@@ -31,7 +31,18 @@ from turbo_export.export.onnx import export_onnx
 from turbo_export.export.parity import check_graph, require_parity
 from turbo_export.families import family_for_class
 from turbo_export.families.encoders import check_schedule_fits
-from turbo_export.files import write_json_atomic
+from turbo_export.files import check_writable_target, write_json_atomic
+from turbo_export.limits import (
+    MAX_ALPHA,
+    MAX_BATCH,
+    MAX_IMAGE_SIZE,
+    MAX_IMAGES,
+    MAX_MIN_TOKENS,
+    MAX_RATIO,
+    MAX_RUNS,
+    check_optional,
+    check_range,
+)
 from turbo_export.models import datasets
 from turbo_export.models.datasets import model_inputs
 from turbo_export.models.presets import LoadedModel
@@ -70,6 +81,26 @@ def token_budget(loaded: LoadedModel, options: Any) -> tuple[list[int], int, flo
     return [n for n, _ in layers], layers[-1][0] - layers[-1][1], spec.flops(loaded, size, unmerged) / spec.flops(loaded, size, layers)
 
 
+def check_sweep_options(ratios: Sequence[int], alphas: Sequence[float], limit: int | None, batch: int,
+                        image_size: int | None, min_tokens: int, runs: int, warmup: int) -> None:
+    """Every number of a sweep in its range, before the model is loaded (the ratios are checked against the
+    model's tokens after)."""
+    if not alphas:
+        raise TurboExportError("alphas: give at least one alpha")
+    if not ratios:
+        raise TurboExportError("ratios: give at least one ratio")
+    for r in ratios:
+        check_range("ratios", r, 0, MAX_RATIO)
+    for alpha in alphas:
+        check_range("alphas", alpha, 0.0, MAX_ALPHA, integer=False)
+    check_optional("limit", limit, 1, MAX_IMAGES)
+    check_range("batch", batch, 1, MAX_BATCH)
+    check_optional("image-size", image_size, 1, MAX_IMAGE_SIZE)
+    check_range("min-tokens", min_tokens, 0, MAX_MIN_TOKENS)
+    check_range("runs", runs, 1, MAX_RUNS)
+    check_range("warmup", warmup, 0, MAX_RUNS)
+
+
 def run_sweep(
     model_source: str,
     ratios: Sequence[int],
@@ -96,10 +127,10 @@ def run_sweep(
     compares the int8 graphs."""
     if precision not in ("fp32", "int8"):
         raise TurboExportError(f"precision: sweep takes fp32 or int8, got '{precision}'")
-    if batch < 1:
-        raise TurboExportError(f"batch: must be >= 1, got {batch}")
-    if not alphas:
-        raise TurboExportError("alphas: give at least one alpha")
+    check_sweep_options(ratios, alphas, limit, batch, image_size, min_tokens, runs, warmup)
+    for path, what in ((partial_json, "json"), (work_dir, "work-dir")):
+        if path is not None:
+            check_writable_target(path, what, folder=what == "work-dir")
     if loaded is None:
         spec, loaded = load_image_encoder(model_source)
     else:

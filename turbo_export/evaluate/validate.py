@@ -265,6 +265,13 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
+def top1_change(drop_points: float) -> str:
+    """``top1_drop_points`` (baseline - turbo, in points) in words: "0.80 points lower than unaccelerated"."""
+    if round(drop_points, 2) == 0:
+        return "the same as unaccelerated"
+    return f"{abs(drop_points):.2f} points {'lower' if drop_points > 0 else 'higher'} than unaccelerated"
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     if "family" in result:  # vision-language and text-to-image results say their family
         return family_summary_lines(result)
@@ -275,7 +282,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if p["kind"] == "classification":
         if "baseline_top1" in p:
             lines.append(f"top-1: baseline {p['baseline_top1']:.4f}, turbo {p['turbo_top1']:.4f} "
-                         f"(drop {p['top1_drop_points']:+.2f} points)")
+                         f"({top1_change(p['top1_drop_points'])})")
         lines.append(f"top-1 agreement turbo vs baseline: {p['agreement']:.4f}; "
                      f"logits cosine mean {p['logits_cosine']['mean']:.5f}, min {p['logits_cosine']['min']:.5f}")
     else:
@@ -319,7 +326,14 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
                     ) -> dict[str, Any]:
     """Any export folder: dispatch on the kind of its family (and its task), never on the family's name."""
     from turbo_export.evaluate import validate_diffusion, validate_vl
+    from turbo_export.files import check_writable_target
+    from turbo_export.limits import MAX_IMAGES, check_optional
+    from turbo_export.pipelines.sd import check_generation
 
+    check_optional("limit", limit, 1, MAX_IMAGES)
+    check_generation(steps, seed, guidance)
+    if images_dir is not None:
+        check_writable_target(images_dir, "images", folder=True)
     report = read_export(folder)
     family = get_family(report["family"])
     task = family.task(report)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import json
 import os
 import sys
 import time
@@ -29,7 +29,23 @@ from turbo_export.export.precision import (
 )
 from turbo_export.export.report import build_report
 from turbo_export.families.base import DEFAULT_ATOL, ExportPlan, Family, GraphSpec, Log
-from turbo_export.files import staged_output, write_json_atomic
+from turbo_export.files import check_writable_target, staged_output, write_json_atomic
+from turbo_export.limits import (
+    MAX_ALPHA,
+    MAX_ATTENTION_SCORES,
+    MAX_BATCH,
+    MAX_BATCH_PIXELS,
+    MAX_BEAMS,
+    MAX_IMAGE_SIZE,
+    MAX_MIN_TOKENS,
+    MAX_NEW_TOKENS,
+    MAX_RUNS,
+    MAX_SEED,
+    MAX_TEXT_LEN,
+    MAX_TOLERANCE,
+    check_optional,
+    check_range,
+)
 
 # fp16 graphs are checked against the fp32 PyTorch model: half-precision rounding (about 1e-3 relative) sets the
 # tolerance, and can flip a merge decision whose fp32 margin is below FP16_TIE_TOLERANCE
@@ -63,6 +79,7 @@ class RunOptions:
     peers: bool = True  # also time the PyTorch eager models (unaccelerated and Turbo) in the same interleaved run
     static_batch: bool = False  # True: every graph has the static batch of the family's options (as before 0.2)
     max_batch: int = 0  # dynamic batch: the largest batch a TensorRT profile takes (0: 64, or the batch if larger)
+    overwrite: bool = False  # replace an export with other settings in out_dir (else refused, saying what differs)
 
 
 @dataclass
@@ -73,33 +90,99 @@ class JobResult:
 
 
 def check_run_options(run: RunOptions, source: str = "") -> None:
-    """The one-line reason the job cannot run as asked here (backend, precision, ...), before any export work."""
+    """The one-line reason the job cannot run as asked here (backend, precision, ranges, output folder), before any
+    export work."""
     require_backend(run.backend)
     check_precision(run.backend, run.precision, run.int8_mode, run.calib_data, source)
-    if run.bench_runs < 1:
-        raise TurboExportError(f"runs: must be >= 1, got {run.bench_runs}")
-    if not (math.isfinite(run.atol) and run.atol >= 0):
-        raise TurboExportError(f"atol: must be a finite number >= 0, got {run.atol}")
+    check_range("runs", run.bench_runs, 1, MAX_RUNS)
+    check_optional("warmup", run.bench_warmup, 0, MAX_RUNS)
+    check_range("atol", run.atol, 0, MAX_TOLERANCE, integer=False)
+    check_range("max-batch", run.max_batch, 0, MAX_BATCH)  # 0: the default profile
+    if run.out_dir:
+        check_writable_target(run.out_dir, "out", folder=True)
+
+
+# The options every family may have: (field, option, lowest, highest, whole numbers only); None means "default".
+FAMILY_RANGES = (
+    ("batch", "batch", 1, MAX_BATCH, True),
+    ("min_tokens", "min-tokens", 0, MAX_MIN_TOKENS, True),
+    ("alpha", "alpha", 0.0, MAX_ALPHA, False),
+    ("image_size", "image-size", 1, MAX_IMAGE_SIZE, True),
+    ("resolution", "resolution", 1, MAX_IMAGE_SIZE, True),
+    ("seed", "dst-seed", 0, MAX_SEED, True),
+    ("max_new_tokens", "max-new-tokens", 1, MAX_NEW_TOKENS, True),
+    ("num_beams", "num-beams", 1, MAX_BEAMS, True),
+    ("text_len", "text-len", 2, MAX_TEXT_LEN, True),
+)
 
 
 def check_family_options(options: Any) -> None:
     """The options every family shares, checked the same way for all (present fields only)."""
+    for name, option, low, high, integer in FAMILY_RANGES:
+        check_optional(option, getattr(options, name, None), low, high, integer=integer)
+    size = getattr(options, "image_size", None) or getattr(options, "resolution", None)
     batch = getattr(options, "batch", 1)
-    if batch < 1:
-        raise TurboExportError(f"batch: must be >= 1, got {batch}")
-    min_tokens = getattr(options, "min_tokens", 0)
-    if min_tokens is not None and min_tokens < 0:
-        raise TurboExportError(f"min-tokens: must be >= 0, got {min_tokens}")
-    alpha = getattr(options, "alpha", None)
-    if alpha is not None and not math.isfinite(alpha):
-        raise TurboExportError(f"alpha: must be a finite number, got {alpha}")
-    for name in ("image_size", "resolution"):
-        value = getattr(options, name, None)
-        if value is not None and value < 1:
-            raise TurboExportError(f"{name.replace('_', '-')}: must be positive, got {value}")
+    if size is not None and batch * size * size > MAX_BATCH_PIXELS:
+        raise TurboExportError(f"batch: {batch} images of {size}x{size} px are {batch * size * size:,} pixels per "
+                               f"call, above {MAX_BATCH_PIXELS:,}; use a smaller --batch or image size")
     from turbo_export.core.plugin_ops import check_merge_impl
 
     check_merge_impl(getattr(options, "merge_impl", "onnx"))
+
+
+def check_plan(plan: ExportPlan) -> None:
+    """After the family's plan, before any graph is exported: the attention fits in memory, and Turbo merges
+    something (a Turbo graph that merges nothing is the unaccelerated one, not a "speedup")."""
+    report = plan.report
+    tokens = (report.get("tokens_per_layer") or {}).get("baseline") or [
+        b.get("tokens", 0) for b in report.get("tokens_per_block") or []]
+    longest = max(tokens, default=0)
+    scores = plan.bench.rows * longest * longest
+    if scores > MAX_ATTENTION_SCORES:
+        option = "resolution" if "resolution" in report else "image-size"
+        raise TurboExportError(f"{option}: {longest} tokens at batch {plan.bench.rows} need {scores:.3g} attention "
+                               f"scores per head, above {MAX_ATTENTION_SCORES:.3g} ({MAX_ATTENTION_SCORES * 4 >> 30} "
+                               f"GiB of float32); use a smaller --{option} or --batch")
+    merged, schedule = report.get("merged_per_layer"), report.get("r_schedule")
+    if merged is not None and any(merged) or merged is None and plan.flops["turbo"] < plan.flops["baseline"]:
+        return
+    if schedule is not None and not any(schedule):
+        raise TurboExportError(f"ratio: {report.get('ratio')} merges no token in any block, so the Turbo graph "
+                               "would be the unaccelerated one; give a ratio above 0")
+    if merged is not None:
+        raise TurboExportError(f"min-tokens: Turbo merges nothing: {longest} tokens enter each block, fewer than "
+                               f"--min-tokens {report.get('min_tokens')}; pass --min-tokens {longest} or less "
+                               "(0: merge in every block)")
+    raise TurboExportError("ratio: Turbo merges nothing with these settings (its FLOPs equal the unaccelerated "
+                           "model's); merge in more blocks or a larger ratio")
+
+
+def check_replace(out_dir: str, overwrite: bool, settings: dict[str, Any]) -> None:
+    """An existing export in ``out_dir`` is replaced only by the same export again (same settings: the engines in it
+    are reused) or with ``overwrite``; a folder of other files never is."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    path = os.path.join(out_dir, "report.json")
+    if not os.path.lexists(path):
+        raise TurboExportError(f"out: '{out_dir}' holds files but no report.json (it is not an export folder); "
+                               "choose a new or empty folder with --out")
+    if overwrite:
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        raise TurboExportError(f"out: '{out_dir}' holds an export whose report.json is unreadable; pass --overwrite "
+                               "to replace it, or --out another folder")
+    old = {**old, "backend": (old.get("bench") or {}).get("backend") or ("tensorrt" if old.get("engines")
+                                                                          else "onnxruntime")}
+    changed = [f"{k} {old[k]} -> {v}" for k, v in settings.items()
+               if k in old and old[k] != v and (k == "ratio" or not isinstance(v, (dict, list)))]
+    if changed:
+        raise TurboExportError(f"out: '{out_dir}' already holds an export with other settings "
+                               f"({', '.join(changed[:4])}); pass --overwrite to replace it, or --out another folder")
 
 
 def export_model(family: Family, source: str, options: Any, run: RunOptions, log: Log = log_to_stderr) -> JobResult:
@@ -121,9 +204,15 @@ def run_export(family: Family, loaded: Any, options: Any, run: RunOptions, log: 
 
 def _run_checked(family: Family, loaded: Any, options: Any, run: RunOptions, log: Log, images: Any = None
                  ) -> JobResult:
-    run = dataclasses.replace(run, out_dir=run.out_dir or family.default_out_dir(loaded, options),
-                              bench_warmup=family.bench_warmup if run.bench_warmup is None else run.bench_warmup)
+    if not run.out_dir:
+        run = dataclasses.replace(run, out_dir=family.default_out_dir(loaded, options))
+        check_writable_target(run.out_dir, "out", folder=True)
+    run = dataclasses.replace(run, bench_warmup=family.bench_warmup if run.bench_warmup is None else run.bench_warmup)
     plan = family.plan(loaded, options, run, log)
+    check_plan(plan)
+    check_replace(run.out_dir, run.overwrite, {"family": family.name, "model": plan.source, **plan.report,
+                                               "precision": run.precision, "backend": run.backend,
+                                               "batch_dim": "static" if run.static_batch else "symbolic"})
     set_tolerances(plan.graphs, run.atol, run.precision, run.backend)
     int8 = run.precision == "int8"
     dynamic = not run.static_batch

@@ -34,6 +34,16 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def check_generation(steps: int, seed: int, guidance: float) -> None:
+    """The numbers a user gives a generation (sd-generate, validate), before anything is loaded: steps, a 63-bit
+    seed, a finite guidance scale. (The server checks its requests itself, in ``serve.handlers``.)"""
+    from turbo_export.limits import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, check_range
+
+    check_range("steps", steps, 1, MAX_STEPS)
+    check_range("seed", seed, 0, MAX_SEED)
+    check_range("guidance", guidance, 0.0, MAX_GUIDANCE, integer=False)
+
+
 def generate(unet: Runner, components: Any, prompt: str, steps: int = 25, seed: int = 0, guidance: float = 7.5,
              progress: bool = True, desc: str = "denoising") -> Generation:
     """Seeded text-to-image with classifier-free guidance; the UNet runs through ``unet``."""

@@ -74,6 +74,28 @@ class ServeOptions:
     pipelines: bool = True
 
 
+def check_serve_options(options: ServeOptions, ports: dict[str, int | None] | None = None) -> None:
+    """Every number of ``options`` (and the ports: None or 0 is off, where a port may be off) in its range."""
+    from turbo_export.limits import (
+        MAX_BATCH,
+        MAX_INSTANCES,
+        MAX_PORT,
+        MAX_REQUEST_MB,
+        MAX_THREADS,
+        check_range,
+    )
+
+    check_range("max-batch", options.max_batch, 1, MAX_BATCH)
+    check_range("max-request-mb", options.max_request_mb, 0.0, MAX_REQUEST_MB, integer=False, low_open=True)
+    check_range("queue-delay-us", options.queue_delay_us, 0, 10 ** 7)
+    check_range("instances", options.instances, 1, MAX_INSTANCES)
+    check_range("threads", options.threads, 0, MAX_THREADS)
+    check_range("top-k", options.top_k, 1, 10 ** 6)
+    for name, port in (ports or {}).items():
+        if port is not None:
+            check_range(name, port, 1 if name == "port" else 0, MAX_PORT)
+
+
 def tritonserver_unavailable_reason() -> str | None:
     try:
         from pytriton.utils.distribution import get_root_module_path  # noqa: F401
@@ -261,10 +283,7 @@ def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[
     if family is None or family.kind not in PIPELINES:
         raise TurboExportError(f"'{export_dir}': serving a '{report.get('family')}' export is not supported yet; "
                                f"supported: {', '.join(f.name for f in families() if f.kind in PIPELINES)}")
-    if options.max_batch < 1:
-        raise TurboExportError(f"max-batch: must be >= 1, got {options.max_batch}")
-    if options.max_request_mb <= 0:
-        raise TurboExportError(f"max-request-mb: must be positive, got {options.max_request_mb}")
+    check_serve_options(options)
     from turbo_export.backends import require_backend
 
     require_backend(options.backend)
@@ -442,6 +461,7 @@ def serving(export_dir: str, options: ServeOptions, host: str = "127.0.0.1", htt
     on exit, the gateway first so no new request reaches a stopping server."""
     from turbo_export.serve.gateway import Gateway
 
+    check_serve_options(options, {"port": http_port, "grpc-port": grpc_port, "metrics-port": metrics_port})
     work_dir = tempfile.mkdtemp(prefix="turbo-serve-")
     server = gateway = None
     try:

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 
 from turbo_export.core.plugin_contract import MERGE_OP, UNMERGE_OP
 from turbo_export.errors import TurboExportError
-from turbo_export.files import read_report, staged_output
+from turbo_export.files import check_writable_target, read_report, staged_output
+from turbo_export.limits import MAX_BATCH, MAX_GPU_ID, MAX_INSTANCES, check_range
 
 # numpy dtype name -> (Triton config type, KServe v2 datatype)
 TRITON_TYPES = {
@@ -185,6 +186,11 @@ def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: in
                     kind: str = "gpu", gpus: Sequence[int] = (), queue_delay_us: int = 100,
                     names: Sequence[str] | None = None) -> list[RepoModel]:
     """What `write_repository` writes: one Triton model per exported graph of the folder."""
+    check_range("max-batch", max_batch, 1, MAX_BATCH)
+    check_range("instances", instances, 1, MAX_INSTANCES)
+    check_range("queue-delay-us", queue_delay_us, 0, 10 ** 7)
+    for gpu in gpus:
+        check_range("gpus", gpu, 0, MAX_GPU_ID)
     report = read_report(export_dir)
     files: dict[str, str] = dict(report.get("files") or {})
     if names:
@@ -194,10 +200,6 @@ def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: in
         files = {n: files[n] for n in names}
     if backend not in ("onnxruntime", "tensorrt"):
         raise TurboExportError(f"backend: unknown '{backend}'; choose onnxruntime or tensorrt")
-    if max_batch < 1:
-        raise TurboExportError(f"max-batch: must be >= 1, got {max_batch}")
-    if instances < 1:
-        raise TurboExportError(f"instances: must be >= 1, got {instances}")
     models = []
     for name, filename in files.items():
         onnx_path = os.path.join(export_dir, filename)
@@ -240,14 +242,14 @@ def _find_plan(export_dir: str, name: str) -> str:
 
 
 def write_repository(models: list[RepoModel], out_dir: str, link: bool = False) -> list[str]:
-    """Write ``<out>/<model>/config.pbtxt`` and ``<out>/<model>/1/<files>`` atomically; returns the model folders."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TurboExportError(f"out: '{out_dir}' is a file")
+    """Write ``<out>/<model>/config.pbtxt`` and ``<out>/<model>/1/<files>`` atomically (all models or none; the
+    folder's other models stay); returns the model folders."""
+    check_writable_target(out_dir, "out", folder=True)
     taken = [m.name for m in models if os.path.exists(os.path.join(out_dir, m.name))]
     if taken:
         raise TurboExportError(f"out: '{out_dir}' already has model folder(s) {', '.join(taken)}; remove them or "
                                "choose another --out")
-    with staged_output(out_dir) as stage:
+    with staged_output(out_dir, merge=True) as stage:
         for m in models:
             folder = os.path.join(stage, m.name)
             os.makedirs(os.path.join(folder, "1"))
