@@ -46,6 +46,20 @@ def vit_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def vit_static_export(tmp_path_factory):
+    """The same export with --static-batch (batch 2): graphs that take exactly 2 rows."""
+    from turbo_export.export.job import RunOptions, run_export
+    from turbo_export.families import get_family
+    from turbo_export.families.vit import VitOptions
+
+    out = str(tmp_path_factory.mktemp("serve") / "vit-static")
+    vit = get_family("vit")
+    run_export(vit, vit.load("random:tiny"), VitOptions(ratio=4, batch=2),
+               RunOptions(out_dir=out, validate=False, bench=False, static_batch=True), log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
 def server(vit_export):
     if not HAVE_TRITON:
         pytest.skip("nvidia-pytriton / tritonclient not installed (pip install 'turbo-export[serve]')")
@@ -497,7 +511,18 @@ def read_config(path: str):
         return text_format.Parse(f.read(), pb2.ModelConfig()), pb2
 
 
-def test_triton_repo_static_batch_export(vit_export, tmp_path):
+def test_triton_repo_dynamic_batch_export(vit_export, tmp_path):
+    out = str(tmp_path / "repo")
+    write_repository(plan_repository(vit_export, "onnxruntime", max_batch=16, instances=1, kind="cpu"), out)
+    for name in ("baseline", "turbo"):
+        config, pb2 = read_config(os.path.join(out, name, "config.pbtxt"))
+        assert config.max_batch_size == 16 and config.HasField("dynamic_batching")  # the symbolic batch
+        assert [(i.name, list(i.dims)) for i in config.input] == [("pixel_values", [3, 32, 32])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [10])]
+
+
+def test_triton_repo_static_batch_export(vit_static_export, tmp_path):
+    vit_export = vit_static_export
     out = str(tmp_path / "repo")
     models = plan_repository(vit_export, "onnxruntime", max_batch=16, instances=2, kind="gpu", gpus=[0, 1])
     write_repository(models, out)
@@ -551,7 +576,8 @@ def test_triton_repo_dynamic_batch_and_plugin_note(tmp_path):
         plan_repository(str(export), "tensorrt")
 
 
-def test_triton_repo_cli(vit_export, tmp_path):
+def test_triton_repo_cli(vit_static_export, tmp_path):
+    vit_export = vit_static_export
     out = tmp_path / "repo"
     result = cli(["triton-repo", vit_export, "--out", str(out), "--model", "turbo"])
     assert result.exit_code == 0, result.stderr
