@@ -32,31 +32,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT_MB = 0.06  # 3 rows of 3x32x32 float32 (37 KB) pass, 8 rows (98 KB) are over the limit
 
 
-@pytest.fixture(scope="module")
-def vit_export(tmp_path_factory):
+def _tiny_vit_export(tmp_path_factory, name: str, static_batch: bool) -> str:
     from turbo_export.export.job import RunOptions, run_export
     from turbo_export.families import get_family
     from turbo_export.families.vit import VitOptions
 
-    out = str(tmp_path_factory.mktemp("serve") / "vit")
+    out = str(tmp_path_factory.mktemp("serve") / name)
     vit = get_family("vit")
     run_export(vit, vit.load("random:tiny"), VitOptions(ratio=4, batch=2),
-               RunOptions(out_dir=out, validate=False, bench=False), log=lambda m: None)
+               RunOptions(out_dir=out, validate=False, bench=False, static_batch=static_batch), log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def vit_export(tmp_path_factory):
+    return _tiny_vit_export(tmp_path_factory, "vit", static_batch=False)
 
 
 @pytest.fixture(scope="module")
 def vit_static_export(tmp_path_factory):
     """The same export with --static-batch (batch 2): graphs that take exactly 2 rows."""
-    from turbo_export.export.job import RunOptions, run_export
-    from turbo_export.families import get_family
-    from turbo_export.families.vit import VitOptions
-
-    out = str(tmp_path_factory.mktemp("serve") / "vit-static")
-    vit = get_family("vit")
-    run_export(vit, vit.load("random:tiny"), VitOptions(ratio=4, batch=2),
-               RunOptions(out_dir=out, validate=False, bench=False, static_batch=True), log=lambda m: None)
-    return out
+    return _tiny_vit_export(tmp_path_factory, "vit-static", static_batch=True)
 
 
 @pytest.fixture(scope="module")

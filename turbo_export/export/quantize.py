@@ -29,7 +29,6 @@ Reshape / MatMul nodes before the cleanup, after it, and in the quantized graph.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 import time
@@ -48,6 +47,7 @@ from turbo_export.export.graph_cleanup import (
     merge_nodes,
     op_counts,
 )
+from turbo_export.logs import quieted
 
 MODES = ("dynamic", "static")
 TWO_GB = 2**31
@@ -397,16 +397,9 @@ def _turbo_ops_in_calibration(active: bool):
         calibrate.onnxruntime = real
 
 
-@contextlib.contextmanager
 def _quiet_quantizer():
     """ONNX Runtime's quantizer logs warnings and progress at the root logger; keep output readable."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+    return quieted("")
 
 
 # ---- fp16 ------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ Hugging Face folder, or a hub id."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from turbo_export.errors import TurboExportError
+from turbo_export.logs import quieted
 
 RANDOM_PREFIX = "random:"
 SEED = 0
@@ -118,16 +118,9 @@ def load_pretrained(source: str, supported: list[str], text_and_image: bool = Fa
     return LoadedModel(model, name, source, image_size, channels, processor)
 
 
-@contextlib.contextmanager
 def _quiet_hub():
     """huggingface_hub logs every retry of an unreachable hub; one error line is enough."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        hub_logger.setLevel(level)
+    return quieted("huggingface_hub", level=logging.CRITICAL)
 
 
 def _default_image_size(config: Any, processor: Any) -> int:
