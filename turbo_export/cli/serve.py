@@ -57,7 +57,8 @@ def serve(export_dir: str, host: str, port: int, grpc_port: int, metrics_port: i
               help="max_batch_size for graphs with a dynamic batch dimension.")
 @click.option("--instances", type=int, default=1, show_default=True,
               help="Instances per model per GPU (instance_group count).")
-@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True)
+@click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Instance kind: auto = KIND_GPU when this machine has a GPU (nvidia-smi / torch), else KIND_CPU.")
 @click.option("--gpus", default="", help="Comma-separated GPU ids for instance_group (default: all).")
 @click.option("--model", "names", multiple=True, help="Only these graphs (repeatable; default: all of the folder).")
 @quiet_option
@@ -66,7 +67,7 @@ def triton_repo(export_dir: str, out_dir: str, backend: str, max_batch: int, ins
                 names: tuple[str, ...]) -> None:
     """Write a Triton model repository (config.pbtxt + version folders) for EXPORT_DIR's graphs."""
     from turbo_export.files import check_writable_target
-    from turbo_export.serve.triton_repo import plan_repository, write_repository
+    from turbo_export.serve.triton_repo import plan_repository, run_hints, write_repository
 
     try:
         gpu_ids = [int(g) for g in gpus.split(",") if g.strip()]
@@ -81,4 +82,6 @@ def triton_repo(export_dir: str, out_dir: str, backend: str, max_batch: int, ins
             "static batch (max_batch_size 0)"
         plugin = f"; custom nodes {', '.join(sorted(m.custom_ops))}: see PLUGINS.md" if m.custom_ops else ""
         click.echo(f"{folder}: {c.platform}, {batching}, {c.instance_count} x {c.instance_kind}{plugin}")
-    click.echo(f"\nrun: tritonserver --model-repository {out_dir}")
+    click.echo("")
+    for line in run_hints(export_dir, out_dir, models):
+        click.echo(line)

@@ -9,7 +9,6 @@ compared is the one the export cached and benchmarked. Inputs: seeded standard-n
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -115,24 +114,26 @@ def seeded_inputs(runner: Runner, seed: int, iterations: int) -> list[OrderedDic
 
 
 def _report(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, "report.json")
-    if not os.path.isfile(path):
+    """The folder's report.json, checked (structure, family fields, every graph a valid ONNX file inside the folder),
+    or {} for a folder of bare ONNX files."""
+    if not os.path.isfile(os.path.join(folder, "report.json")):
         return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError:
-        raise TurboExportError(f"compare: '{path}' is not valid JSON") from None
+    from turbo_export.evaluate.common import read_export
+
+    return read_export(folder, command="compare", match_graphs=False)
 
 
-def graphs_in(folder: str) -> list[str]:
-    names = list((_report(folder).get("files") or {}).values())
-    names = names or sorted(n for n in os.listdir(folder) if n.endswith(".onnx"))
+def graphs_in(folder: str, report: dict[str, Any] | None = None) -> list[str]:
+    report = _report(folder) if report is None else report
+    names = list((report.get("files") or {}).values())
+    if not names:
+        from turbo_export.files import read_onnx
+
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".onnx"))
+        for name in names:
+            read_onnx(os.path.join(folder, name))
     if not names:
         raise TurboExportError(f"compare: no ONNX graphs in '{folder}' (expected an export folder with report.json)")
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise TurboExportError(f"compare: '{folder}' lacks {', '.join(missing)} named by its report.json")
     return names
 
 
@@ -170,12 +171,13 @@ def _compare(folder: str, atol: float, rtol: float, seed: int, iterations: int, 
              ort: Any) -> CompareResults:
     from polygraphy.comparator import Comparator, CompareFunc
 
-    names = graphs_in(folder)
+    report = _report(folder)
+    names = graphs_in(folder, report)
     if engine_options is None:
         from turbo_export.backends.trt_build import BuildOptions
 
         # the engines the export built (and cached) for this folder: same precision, same key
-        engine_options = BuildOptions(precision=_report(folder).get("precision", "fp32"))
+        engine_options = BuildOptions(precision=report.get("precision") or "fp32")
     reason = tensorrt_unavailable_reason()
     results = CompareResults(os.path.abspath(folder), atol, rtol, [], "used" if reason is None else
                              f"not available here ({reason}); compared ONNX Runtime only")

@@ -31,7 +31,7 @@ from turbo_export import metrics
 from turbo_export.backends import Runner, make_runner
 from turbo_export.backends.batching import run_in_batches
 from turbo_export.errors import TurboExportError
-from turbo_export.evaluate.common import read_export
+from turbo_export.evaluate.common import check_export, read_export, read_family_report, task_of
 from turbo_export.families import families, get_family
 from turbo_export.models import datasets
 from turbo_export.models.presets import LoadedModel
@@ -197,12 +197,14 @@ def validate_export(
     progress: bool = True,
     loaded: LoadedModel | None = None,
     baseline_outputs: dict[str, np.ndarray] | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Parity of an export folder's turbo.onnx against its baseline.onnx on ``source`` (see module doc).
 
-    ``loaded`` / ``baseline_outputs`` let a sweep reuse the model and the unaccelerated outputs across folders.
+    ``loaded`` / ``baseline_outputs`` let a sweep reuse the model and the unaccelerated outputs across folders;
+    ``report``: the folder's report.json already read (and checked) by ``read_export``.
     """
-    report = read_export(folder, ("image-encoder",))
+    report = report if report is not None else read_export(folder, ("image-encoder",))
     family = get_family(report["family"])
     images = datasets.load_images(source, limit)
     if loaded is None:
@@ -334,28 +336,28 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
     check_generation(steps, seed, guidance)
     if images_dir is not None:
         check_writable_target(images_dir, "images", folder=True)
-    report = read_export(folder)
-    family = get_family(report["family"])
-    task = family.task(report)
+    report, family = read_family_report(folder)
+    task = task_of(family, report, folder)
     for option, given, fits in (("--texts", texts, "retrieval"), ("--question", question, "vqa"),
                                 ("--prompts", prompts, "text-to-image"), ("--images", images_dir, "text-to-image")):
         if given and task != fits:
             kind_names = " / ".join(f.name for f in families() if f.kind == fits)  # a kind: its families' names
             raise TurboExportError(f"{option.lstrip('-')}: {option} is for {kind_names or fits} exports; '{folder}' "
                                    f"is a {task} export")
-    if family.kind == "text-to-image":
-        if source is not None:
-            raise TurboExportError(f"data: a {family.name} export generates images from prompts; pass --prompts FILE "
-                                   "(or nothing, for the built-in prompts), not --data")
-        return validate_diffusion.validate_sd(folder, report, prompts, steps, seed, guidance, backend, images_dir,
-                                              progress)
-    if source is None:
+    if family.kind == "text-to-image" and source is not None:
+        raise TurboExportError(f"data: a {family.name} export generates images from prompts; pass --prompts FILE "
+                               "(or nothing, for the built-in prompts), not --data")
+    if family.kind != "text-to-image" and source is None:
         raise TurboExportError(f"data: --data is required for a {family.name} export (a folder of images or "
                                "builtin:<name>)")
+    check_export(folder, report, family)  # the options fit the export: now its fields and graphs, once
+    if family.kind == "text-to-image":
+        return validate_diffusion.validate_sd(folder, report, prompts, steps, seed, guidance, backend, images_dir,
+                                              progress)
     if family.kind == "vision-language":
         return validate_vl.validate_blip(folder, report, source, limit, backend, texts, question, progress)
     return validate_export(folder, source, limit, model=model, torch_reference=torch_reference, backend=backend,
-                           progress=progress)
+                           progress=progress, report=report)
 
 
 

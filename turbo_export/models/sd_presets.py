@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from turbo_export.errors import TurboExportError
+from turbo_export.models.presets import check_weight_files, first_line, load_checked, quiet_loaders
 
 RANDOM_PREFIX = "random:"
 SEED = 0
@@ -167,20 +168,32 @@ def load_sd_folder(path: str, with_unet: bool = True) -> SDComponents:
     if missing:
         raise TurboExportError(f"model: '{path}' has no {', '.join(m + '/' for m in missing)} folder; expected a "
                                "diffusers Stable Diffusion folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
+    components = {}
+    for name, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL)):
+        if name == "unet" and not with_unet:
+            components[name] = None
+            continue
+        folder = os.path.join(path, name)
+        check_weight_files(folder)
+        components[name] = load_checked(cls, folder, folder).eval()
+    unet, text_encoder, vae = components["unet"], components["text_encoder"], components["vae"]
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval() if with_unet else None
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
-    except (OSError, ValueError) as exc:
-        raise TurboExportError(f"model: cannot load '{path}': {str(exc).splitlines()[0]}") from None
+        with quiet_loaders():
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    except Exception as exc:  # noqa: BLE001  (missing vocabulary, bad JSON, ...)
+        raise TurboExportError(f"model: cannot load the tokenizer of '{path}': {first_line(exc)}") from None
     scheduler_config = dict(SD_SCHEDULER)
     config_file = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(config_file):
         import json
 
-        with open(config_file) as f:
-            loaded = json.load(f)
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise TurboExportError(f"model: '{config_file}' is unreadable: {first_line(exc)}") from None
+        if not isinstance(loaded, dict):
+            raise TurboExportError(f"model: '{config_file}' must hold a JSON object, got {type(loaded).__name__}")
         scheduler_config.update({k: v for k, v in loaded.items() if not k.startswith("_") and k != "skip_prk_steps"})
     sample = int((unet.config.sample_size if unet is not None else 64))
     return SDComponents(unet, text_encoder, tokenizer, vae, scheduler_config, os.path.abspath(path),

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from turbo_export.patch.blocks import TURBO_ATTR, BlockLayout, FamilyAdapter, TurboSettings, run_blocks, separate_qkv
+from turbo_export.patch.blocks import (
+    TURBO_ATTR,
+    BlockLayout,
+    BlockOutputs,
+    FamilyAdapter,
+    TurboSettings,
+    finish,
+    run_blocks,
+    separate_qkv,
+)
 
 VIT_BLOCK = BlockLayout(
     attention="attention", norm1="layernorm_before", norm2="layernorm_after", qkv=separate_qkv, out_proj="o_proj",
@@ -28,10 +37,12 @@ class TurboViTBackbone:
             bool_masked_pos=bool_masked_pos,
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
         )
-        x, _ = run_blocks(self.layers, VIT_BLOCK, x, settings)
+        outputs = BlockOutputs.requested(self.config, kwargs)
+        x, _ = run_blocks(self.layers, VIT_BLOCK, x, settings, outputs)
         sequence_output = self.layernorm(x)
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
-        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled)
+        return finish(BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled,
+                                                 **(outputs.fields() if outputs else {})), kwargs)
 
 
 class TurboDinov2Backbone:
@@ -42,9 +53,12 @@ class TurboDinov2Backbone:
 
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        x, _ = run_blocks(self.encoder.layer, DINOV2_BLOCK, x, settings)
+        outputs = BlockOutputs.requested(self.config, kwargs)
+        x, _ = run_blocks(self.encoder.layer, DINOV2_BLOCK, x, settings, outputs)
         sequence_output = self.layernorm(x)
-        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0, :])
+        return finish(BaseModelOutputWithPooling(last_hidden_state=sequence_output,
+                                                 pooler_output=sequence_output[:, 0, :],
+                                                 **(outputs.fields() if outputs else {})), kwargs)
 
 
 def _vit_blocks(backbone: nn.Module) -> nn.ModuleList:

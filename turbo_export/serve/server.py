@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from turbo_export.errors import TurboExportError
-from turbo_export.files import read_report
 from turbo_export.serve.request_checks import integer_input_ranges
 from turbo_export.serve.triton_repo import ModelConfig, TensorSpec, onnx_signature, to_pbtxt
 
@@ -177,7 +176,7 @@ def blip_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions
     tokenizer_dir, preprocess, token_ids = blip_processor_files(report, work_dir)
     common = {"handler": "blip", "export_dir": os.path.abspath(export_dir), "task": task["name"],
               "tokenizer_dir": tokenizer_dir, "preprocess": preprocess, "token_ids": token_ids,
-              "max_new_tokens": int(task["max_new_tokens"]), "num_beams": int(task["num_beams"]),
+              "max_new_tokens": int(task.get("max_new_tokens", 20)), "num_beams": int(task.get("num_beams", 1)),
               "size_aware": bool(task.get("size_aware_cross_attention")), "text_len": int(task.get("text_len", 0))}
     for flavour in FLAVOURS:
         if task["name"] == "caption":
@@ -276,13 +275,12 @@ PIPELINES: dict[str, Callable[..., list[Binding]]] = {
 
 
 def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[Binding]:
-    from turbo_export.families import families
+    from turbo_export.evaluate.common import read_export
+    from turbo_export.families import get_family
 
-    report = read_report(export_dir)
-    family = next((f for f in families() if f.name == report.get("family")), None)
-    if family is None or family.kind not in PIPELINES:
-        raise TurboExportError(f"'{export_dir}': serving a '{report.get('family')}' export is not supported yet; "
-                               f"supported: {', '.join(f.name for f in families() if f.kind in PIPELINES)}")
+    # report.json and every graph it names checked once, before the server starts (one line naming the file)
+    report = read_export(export_dir, tuple(PIPELINES), command="serve")
+    family = get_family(report["family"])
     check_serve_options(options)
     from turbo_export.backends import require_backend
 
