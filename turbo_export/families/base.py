@@ -208,7 +208,8 @@ KIND_REPORT_FIELDS: dict[str, dict[str, str]] = {
 
 def kind_graph_signatures(kind: str, report: dict[str, Any]) -> dict[str, GraphSignature]:
     """The graphs the readers of ``kind`` open, with the shapes report.json implies (see ``graph_signatures``)."""
-    batch = report.get("batch")
+    symbolic = report.get("batch_dim") == "symbolic"  # any batch: the graphs' first dimension is symbolic
+    batch = None if symbolic else report.get("batch")
     if kind in ("image-encoder", "vision-language"):
         size = report.get("image_size")
         pixels = {"pixel_values": (batch, None, size, size)}
@@ -231,7 +232,7 @@ def kind_graph_signatures(kind: str, report: dict[str, Any]) -> dict[str, GraphS
             out[name] = GraphSignature(pixels, outputs)
         return out
     if kind == "text-to-image":
-        rows = report.get("graph_batch") or (2 * batch if isinstance(batch, int) else None)
+        rows = None if symbolic else report.get("graph_batch") or (2 * batch if isinstance(batch, int) else None)
         latent = list(report.get("latent_size") or [None, None])[:2]
         sample = (rows, None, *latent)
         signature = GraphSignature({"sample": sample, "timestep": (rows,),
