@@ -81,10 +81,16 @@ def concat_images(baseline, turbo):
               help="Side-by-side PNG (baseline | Turbo); <stem>-baseline.png and <stem>-turbo.png beside it "
                    "[default: DIR/generated.png].")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--image", "init_path", default=None,
+              help="Image-to-image: the init image (resized to the export's resolution), encoded by the VAE.")
+@click.option("--strength", type=float, default=None,
+              help="Image-to-image: how much noise is added to the init image, in (0, 1]; int(steps * strength) "
+                   "steps are denoised [default with --image: 0.8].")
 @user_errors
 def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: float, out_png: str | None,
-                backend: str) -> None:
-    """Generate with the exported baseline and Turbo UNets (same seed) and compare latents and images."""
+                backend: str, init_path: str | None, strength: float | None) -> None:
+    """Generate with the exported baseline and Turbo UNets (same seed) and compare latents and images
+    (text-to-image, or image-to-image with --image and --strength)."""
     import numpy as np
     from PIL import Image
 
@@ -92,9 +98,15 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     from turbo_export.files import write_json_atomic
     from turbo_export.metrics import psnr, ssim
     from turbo_export.models.sd_presets import load_sd
-    from turbo_export.pipelines.sd import check_prompt, generate
+    from turbo_export.pipelines.sd import check_prompt, check_strength, generate, load_init_image
 
     check_prompt(prompt)
+    init_image = None
+    if init_path is None and strength is not None:
+        raise TurboExportError("strength: only with --image (image-to-image)")
+    if init_path is not None:
+        strength = check_strength(0.8 if strength is None else strength, steps)
+        init_image = load_init_image(init_path)
     report = read_export_dir(export_dir)
     out_png = out_png or os.path.join(export_dir, "generated.png")
     if not out_png.lower().endswith(".png"):
@@ -106,11 +118,12 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
         # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
         runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend)
         results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
-                                 desc=f"{name} UNet")
+                                 desc=f"{name} UNet", init_image=init_image, strength=strength or 1.0)
         del runner
     base, tur = results["baseline"], results["turbo"]
     metrics: dict[str, Any] = {
         "prompt": prompt, "steps": steps, "seed": seed, "guidance": guidance,
+        "mode": "text-to-image" if init_image is None else "image-to-image",
         "latents_psnr_db": psnr(base.latents, tur.latents),
         "images_psnr_db": psnr(base.images, tur.images, data_range=255.0),
         "images_ssim": float(np.mean([ssim(b, t, data_range=255.0) for b, t in zip(base.images, tur.images)])),
@@ -120,6 +133,9 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
                                                  for b, t in zip(base.latents, tur.latents)]))
     except ValueError:
         metrics["latents_ssim"] = None  # latents smaller than the SSIM window
+    if init_image is not None:
+        metrics.update(image=os.path.abspath(init_path), strength=strength,
+                       denoised_steps=min(int(steps * strength), steps))
     if str(report["model"]).startswith("random:"):
         metrics["note"] = "random weights: agreement figures are weak evidence of quality"
 
@@ -136,6 +152,9 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     write_json_atomic(stem + ".json", {**metrics, "files": paths})
 
     click.echo(f"prompt: {prompt}  ({steps} steps, seed {seed}, guidance {guidance:g})")
+    if init_image is not None:
+        click.echo(f"image-to-image from {init_path}: strength {strength:g}, {metrics['denoised_steps']} steps "
+                   "denoised")
     latents_ssim = "n/a (latents smaller than the 11-px window)" if metrics["latents_ssim"] is None \
         else f"{metrics['latents_ssim']:.4f}"
     click.echo(f"turbo vs baseline, final latents: PSNR {metrics['latents_psnr_db']:.2f} dB, SSIM {latents_ssim}")

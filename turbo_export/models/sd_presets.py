@@ -116,6 +116,10 @@ class SDComponents:
         with torch.no_grad():
             return self.text_encoder(ids)[0]
 
+    def conditioning(self, prompts: list[str], image_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs for ``prompts`` (graph input name -> tensor); SD: the text states."""
+        return {"encoder_hidden_states": self.encode(prompts)}
+
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens of ``prompt`` with start and end, untruncated (``encode`` cuts at the text encoder's length)."""
         if isinstance(self.tokenizer, HashTokenizer):
