@@ -25,14 +25,16 @@ def parse_fraction(value: str) -> float:
 
 @click.command("sd-unet")
 @click.option("--model", "model_source", required=True,
-              help="random:sd-1.5 (SD 1.5 UNet config, seeded random weights), random:tiny, or a local diffusers "
-                   "Stable Diffusion folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/).")
+              help="random:sd-1.5 (SD 1.5 UNet config, seeded random weights), random:sdxl (SDXL base UNet config), "
+                   "random:tiny, random:tiny-sdxl, or a local diffusers Stable Diffusion / SDXL folder (unet/, "
+                   "text_encoder/, tokenizer/, vae/, scheduler/; SDXL adds text_encoder_2/, tokenizer_2/).")
 @click.option("--ratio", required=True, help="Fraction of tokens merged in each chosen block, in (0, 0.75].")
 @click.option("--alpha", type=float, default=None,
               help="Weight of the semantic value in the cross-attention merge (0 = ToMe for SD) [default: the "
                    "family's, 1].")
 @click.option("--blocks", type=click.Choice(["default", "all"]), default="default", show_default=True,
-              help="default: the highest-resolution blocks (as ToMe for SD); all: every transformer block.")
+              help="default: the highest-resolution level with transformer blocks (as ToMe for SD; on SDXL the "
+                   "64x64 level at 1024 px); all: every transformer block.")
 @click.option("--dst-seed", type=int, default=None,
               help="Seeded random destination inside each 2x2 cell (default: top-left), fixed in the graph.")
 @click.option("--resolution", type=int, default=None, help="Image size in pixels (default: the model's).")
