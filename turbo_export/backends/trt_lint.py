@@ -298,8 +298,8 @@ def _type_findings(graph: Any, scope: _Scope, static: bool) -> Iterator[Finding]
                     shape = [d.dim_param or "?" if not d.HasField("dim_value") else d.dim_value
                              for d in vi.type.tensor_type.shape.dim]
                     yield Finding("dynamic-shape", REJECTED, vi.name, kind,
-                                  f"shape {shape} has dynamic dimensions, but static shapes were promised (engines "
-                                  "are built without optimisation profiles)")
+                                  f"shape {shape} has dynamic dimensions, but static shapes were promised (an engine "
+                                  "without an optimization profile)")
 
 
 def lint_model(model: Any, path: str = "<model>", base_dir: str = ".", static: bool = True) -> LintResult:
@@ -324,7 +324,7 @@ def lint_model(model: Any, path: str = "<model>", base_dir: str = ".", static: b
     return LintResult(path, findings, nodes)
 
 
-def lint_file(path: str, static: bool = True) -> LintResult:
+def lint_file(path: str, static: bool = False) -> LintResult:
     """Lint an ONNX file; external weights are not read (only small constants, on demand)."""
     import onnx
 

@@ -14,16 +14,19 @@ from turbo_export.cli.common import quiet_option, user_errors
 @click.command("check-trt")
 @click.argument("onnx_files", metavar="FILE.onnx|DIR...", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
-@click.option("--allow-dynamic", is_flag=True, help="Do not flag dynamic input/output dimensions.")
+@click.option("--static-shapes", is_flag=True,
+              help="Flag symbolic input/output dimensions (for an engine built without an optimization profile; "
+                   "exports get one over their symbolic batch by default).")
+@click.option("--allow-dynamic", is_flag=True, hidden=True, help="The default now (kept for old scripts).")
 @quiet_option
 @user_errors
-def check_trt(onnx_files: tuple[str, ...], as_json: bool, allow_dynamic: bool) -> None:
+def check_trt(onnx_files: tuple[str, ...], as_json: bool, static_shapes: bool, allow_dynamic: bool) -> None:
     """List every node TensorRT's ONNX parser would reject or build only through a plugin (exit 1 if any
     would be rejected). A folder (an export) stands for every .onnx file in it."""
     from turbo_export.backends.trt_lint import lint_file
     from turbo_export.files import onnx_files_in
 
-    results = [lint_file(path, static=not allow_dynamic) for path in onnx_files_in(onnx_files)]
+    results = [lint_file(path, static=static_shapes) for path in onnx_files_in(onnx_files)]
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:

@@ -96,19 +96,21 @@ def _polygraphy_runner(runner: Runner, name: str) -> Any:
     return Adapter()
 
 
-def seeded_inputs(runner: Runner, seed: int, iterations: int) -> list[OrderedDict]:
+def seeded_inputs(runner: Runner, seed: int, iterations: int, batch: int = 1) -> list[OrderedDict]:
+    """Seeded inputs of the graph's shapes; a symbolic ``batch`` dimension takes the export's batch."""
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(iterations):
         feed = OrderedDict()
         for info in runner.inputs:
-            if any(not isinstance(d, int) for d in info.shape):
-                raise TurboExportError(f"compare: input '{info.name}' has dynamic shape {info.shape}; only static "
-                                       "exports can be compared")
+            shape = tuple(batch if d == "batch" else d for d in info.shape)
+            if any(not isinstance(d, int) for d in shape):
+                raise TurboExportError(f"compare: input '{info.name}' has the symbolic shape {info.shape}; compare "
+                                       "takes graphs whose only symbolic dimension is the batch")
             if np.issubdtype(info.dtype, np.floating):
-                feed[info.name] = rng.standard_normal(info.shape).astype(info.dtype)
+                feed[info.name] = rng.standard_normal(shape).astype(info.dtype)
             else:
-                feed[info.name] = np.ones(info.shape, dtype=info.dtype)
+                feed[info.name] = np.ones(shape, dtype=info.dtype)
         feeds.append(feed)
     return feeds
 
@@ -193,7 +195,8 @@ def _compare(folder: str, atol: float, rtol: float, seed: int, iterations: int, 
         results.runners = [n for n in ours if n != REFERENCE]
         log(f"comparing {file}: {', '.join(ours)} ...")
         run_results = Comparator.run([_polygraphy_runner(r, n) for n, r in ours.items()],
-                                     data_loader=seeded_inputs(ours[REFERENCE], seed, iterations))
+                                     data_loader=seeded_inputs(ours[REFERENCE], seed, iterations,
+                                                                 int(report.get("batch") or 1)))
         verdict = Comparator.compare_accuracy(run_results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol),
                                               comparisons=[(0, i) for i in range(1, len(ours))])
         results.polygraphy_passed[graph] = bool(verdict)

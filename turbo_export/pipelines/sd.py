@@ -22,12 +22,6 @@ class Generation:
     images: np.ndarray  # [B, H, W, 3] uint8
 
 
-def unet_batch(runner: Runner) -> int:
-    """Images per call B (the graph's batch is 2B)."""
-    shape = {t.name: t.shape for t in runner.inputs}["sample"]
-    return int(shape[0]) // 2
-
-
 def check_prompt(prompt: str) -> str:
     if not prompt or not prompt.strip():
         raise TurboExportError("prompt: empty; pass --prompt TEXT")
