@@ -764,7 +764,8 @@ def test_sd_tensor_level_unet_equals_runner(sd_server, sd_export):
     from turbo_export.backends import make_runner
 
     runner = make_runner(os.path.join(sd_export, "turbo.onnx"))
-    shapes = {t.name: [int(d) for d in t.shape] for t in runner.inputs}
+    # a symbolic batch (the default export): one image per call, its classifier-free guidance pair
+    shapes = {t.name: [2 if d == "batch" else int(d) for d in t.shape] for t in runner.inputs}
     rng = np.random.default_rng(4)
     feed = {"sample": rng.standard_normal(shapes["sample"]).astype(np.float32),
             "timestep": np.full(shapes["timestep"], 500.0, np.float32),
