@@ -166,18 +166,18 @@ def cleanup_graph(model: Any) -> tuple[Any, list[str]]:
     notes: list[str] = []
     with contextlib.suppress(Exception):  # shapes are a help (zero-add check), not a requirement
         model = _infer_shapes(model)
-    n = _remove_identities(model)
-    if n:
-        notes.append(f"removed {n} Identity nodes")
-    n = _unfuse_reshaped_gemms(model)
-    if n:
-        notes.append(f"{n} Reshape -> Gemm -> Reshape chains back to MatMul + Add (one shared activation per input)")
-    n = _dedupe(model)
-    if n:
-        notes.append(f"merged {n} duplicate nodes (same op, inputs and attributes)")
-    n = _bypass_zero_adds(model)
-    if n:
-        notes.append(f"bypassed {n} Adds of an all-zero tensor computed from constants (a mask that masks nothing)")
+    passes = (
+        (_remove_identities, "removed {} Identity nodes"),
+        (_unfuse_reshaped_gemms, "{} Reshape -> Gemm -> Reshape chains back to MatMul + Add (one shared activation "
+                                 "per input)"),
+        (_dedupe, "merged {} duplicate nodes (same op, inputs and attributes)"),
+        (_bypass_zero_adds, "bypassed {} Adds of an all-zero tensor computed from constants (a mask that masks "
+                            "nothing)"),
+    )
+    for rewrite, note in passes:
+        count = rewrite(model)
+        if count:
+            notes.append(note.format(count))
     _drop_dead(model)
     return model, notes
 
