@@ -159,9 +159,20 @@ def read_image(path: str) -> Any:
         raise TurboExportError(f"image: '{path}' does not exist")
     if os.path.isdir(path):
         raise TurboExportError(f"image: '{path}' is a folder, not an image file")
+    from turbo_export.files import MAX_IMAGE_PIXELS, open_image
+
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as probe:  # the header only: decompression bombs are refused before decoding
+            width, height = probe.size
+    except UnidentifiedImageError:
+        raise TurboExportError(f"image: '{path}' is not an image file (PIL cannot identify it)") from None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        width = height = 0  # open_image below says why, in one line
+    if width * height > MAX_IMAGE_PIXELS:
+        raise TurboExportError(f"image: '{path}' is too large ({width} x {height} pixels); at most "
+                               f"{MAX_IMAGE_PIXELS:,} pixels are read, a guard against decompression bombs")
+    try:
+        with open_image(path, "image") as image:
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise TurboExportError(f"image: '{path}' is not an image file (PIL cannot identify it)") from None
