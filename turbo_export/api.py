@@ -17,6 +17,7 @@ def apply_turbo(
     min_tokens: int = 0,
     prop_attn: bool = True,
     merge_impl: str = "onnx",
+    semantic: str | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place so every block merges tokens with Turbo; returns the model.
 
@@ -25,12 +26,13 @@ def apply_turbo(
     None: the family's default for the model's class, e.g. 150 for ViT classifiers, 6 for backbones and BLIP).
     Blocks whose input is shorter than ``min_tokens`` do not merge. Calling it again replaces the settings.
     ``merge_impl="plugin"`` routes every merge through the ``turbo::merge`` custom op (one TurboMerge node per
-    block when exported). A diffusers UNet merges a fraction of tokens: ``patch.unet.apply_turbo_unet``.
+    block when exported). ``semantic``: the semantic value I, "cls" or "received" (None: the architecture's; SigLIP
+    has no CLS token and uses "received"). A diffusers UNet merges a fraction of tokens: ``patch.unet.apply_turbo_unet``.
     """
     if alpha is None:
         family = family_for_class(type(model).__name__)
         alpha = family.defaults_for(type(model).__name__).alpha if family is not None else 0.0
-    return patch_model(model, ratio, alpha, min_tokens, prop_attn, merge_impl)
+    return patch_model(model, ratio, alpha, min_tokens, prop_attn, merge_impl, semantic)
 
 
 def remove_turbo(model: nn.Module) -> nn.Module:

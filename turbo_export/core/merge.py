@@ -77,6 +77,48 @@ def information_degree(
     return degree, dst
 
 
+SEMANTIC_VALUES = ("cls", "received")
+
+
+def cls_attention(probs: torch.Tensor) -> torch.Tensor:
+    """Turbo's semantic value: the CLS query's attention to every token, averaged over heads. [B, H, N, N] -> [B, N]."""
+    return probs[:, :, 0, :].mean(dim=1)
+
+
+def received_attention(probs: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+    """A semantic value for models without a CLS token (SigLIP): the attention each token *receives*, averaged
+    over heads and over queries, each query weighted by how many patches it stands for. [B, H, N, N] -> [B, N].
+
+    Why this definition. Turbo's I is the CLS row: how much the token that becomes the image representation reads
+    from each token. Without a CLS token the representation is read from every token (SigLIP's attention-pooling
+    head, mean pooling, a VLM reading all tokens), so the natural stand-in is how much *all* tokens read from it:
+    the column mean of the attention matrix. It keeps what makes the CLS row usable as I:
+    - the same scale: every query's row sums to 1, so I sums to 1 over the tokens, like the CLS row, and the same
+      alpha weighs it the same way (E = R - alpha * I with R in [-1, 1]);
+    - the same size semantics: with proportional attention a merged key already gets log(size) added, so it
+      receives the weight of the tokens it replaced, and a merged query is weighted by its size here, as if its
+      ``size`` tokens were still querying: I is then (to first order) what it was before the merge;
+    - it costs one reduction over the probabilities the block computes anyway (no extra matmul, static shapes).
+    What it measures: a token that many others read from (an object part, or the high-norm "register-like" tokens
+    ViTs use as global memory) carries information beyond its patch, so merging it into a neighbour loses more.
+    The check on real weights (scripts/semantic_no_cls_check.py, DINOv2, where both exist) is in docs/validation.md.
+    """
+    per_query = probs.mean(dim=1)  # [B, N (queries), N (keys)]
+    if size is None:
+        return per_query.mean(dim=1)
+    weight = size / size.sum(dim=1, keepdim=True)  # [B, N, 1], sums to 1 over the queries
+    return (per_query * weight).sum(dim=1)
+
+
+def semantic_value(probs: torch.Tensor, kind: str, size: torch.Tensor | None = None) -> torch.Tensor:
+    """I from one block's attention probabilities [B, H, N, N]: ``"cls"`` (Turbo's CLS row) or ``"received"``."""
+    if kind == "cls":
+        return cls_attention(probs)
+    if kind == "received":
+        return received_attention(probs, size)
+    raise ValueError(f"semantic value: unknown '{kind}'; choose one of {', '.join(SEMANTIC_VALUES)}")
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor,
     r: int,
