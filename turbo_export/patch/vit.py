@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from turbo_export.patch.blocks import TURBO_ATTR, BlockLayout, FamilyAdapter, TurboSettings, run_blocks, separate_qkv
+from turbo_export.patch.blocks import (
+    TURBO_ATTR,
+    BlockLayout,
+    FamilyAdapter,
+    TurboSettings,
+    TurboVisionOutput,
+    run_blocks,
+    separate_qkv,
+)
 
 VIT_BLOCK = BlockLayout(
     attention="attention", norm1="layernorm_before", norm2="layernorm_after", qkv=separate_qkv, out_proj="o_proj",
@@ -20,31 +28,28 @@ class TurboViTBackbone:
     """Forward for ViTModel / DeiTModel (mixed into a subclass of the original class)."""
 
     def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(
             pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype),
             bool_masked_pos=bool_masked_pos,
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
         )
-        x, _ = run_blocks(self.layers, VIT_BLOCK, x, settings)
+        x, sizes = run_blocks(self.layers, VIT_BLOCK, x, settings)
         sequence_output = self.layernorm(x)
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
-        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled)
+        return TurboVisionOutput(last_hidden_state=sequence_output, pooler_output=pooled, token_sizes=sizes)
 
 
 class TurboDinov2Backbone:
     """Forward for Dinov2Model (mixed into a subclass of the original class)."""
 
     def forward(self, pixel_values=None, bool_masked_pos=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        x, _ = run_blocks(self.encoder.layer, DINOV2_BLOCK, x, settings)
+        x, sizes = run_blocks(self.encoder.layer, DINOV2_BLOCK, x, settings)
         sequence_output = self.layernorm(x)
-        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0, :])
+        return TurboVisionOutput(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0, :],
+                                 token_sizes=sizes)
 
 
 def _vit_blocks(backbone: nn.Module) -> nn.ModuleList:
