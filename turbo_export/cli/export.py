@@ -10,8 +10,9 @@ from turbo_export.errors import TurboExportError
 
 @click.command()
 @click.option("--model", "model_source", required=True,
-              help="random:<preset> (vit-base-patch16-224, vit-large-patch16-224, tiny, ...), a local "
-                   "Hugging Face folder, or a hub id.")
+              help="random:<preset> (vit-base-patch16-224, clip-vit-base-patch16, siglip-base-patch16-224, "
+                   "tiny, ...: 'turbo-export presets'), a local Hugging Face folder, or a hub id (ViT, DeiT, "
+                   "DINOv2, CLIP or SigLIP image encoders).")
 @click.option("--ratio", required=True, help="Tokens merged per block (r): an int, or a comma-separated per-layer list.")
 @click.option("--schedule", type=click.Choice(["constant", "decreasing"]), default="constant", show_default=True,
               help="For an int ratio: constant r, or ToMe's decreasing schedule (1.5r down to 0.5r).")
@@ -27,7 +28,9 @@ from turbo_export.errors import TurboExportError
 @user_errors
 def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_tokens: int, no_prop_attn: bool,
         batch: int, image_size: int | None, job: JobChoices) -> None:
-    """Export a ViT / DeiT / DINOv2 model unaccelerated and with Turbo, check parity, compare throughput."""
+    """Export an image encoder (ViT, DeiT, DINOv2, CLIP, SigLIP) unaccelerated and with Turbo, check parity,
+    compare throughput."""
+    from turbo_export.families.base import image_encoder_for
     from turbo_export.families.vit import VitOptions
 
     r = parse_ratio(ratio)
@@ -37,7 +40,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_t
         r = (r, -0.5)
     options = VitOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, prop_attn=not no_prop_attn, batch=batch,
                          image_size=image_size, merge_impl=job.merge_impl)
-    export_and_print("vit", model_source, options, job)
+    export_and_print(image_encoder_for(model_source).name, model_source, options, job)
 
 
 @click.command()

@@ -58,12 +58,12 @@ def onnx_forward(runner: Runner) -> Callable[[np.ndarray], dict[str, np.ndarray]
     return lambda x: runner.run({INPUT: x})
 
 
-def torch_forward(model: torch.nn.Module, output_names: list[str], forward_kwargs: dict[str, Any]
-                  ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def torch_forward(module: torch.nn.Module, output_names: list[str]) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """``module``: the family's graph module (pixel_values -> the tuple of ``output_names``)."""
     def forward(x: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            out = model(pixel_values=torch.from_numpy(x), **forward_kwargs)
-        return {name: out[name].float().numpy() for name in output_names}
+            out = module(torch.from_numpy(x))
+        return {name: value.float().numpy() for name, value in zip(output_names, out)}
     return forward
 
 
@@ -229,8 +229,8 @@ def validate_export(
     result.update({k: result["onnx"][k] for k in ("baseline_top1", "turbo_top1", "agreement")
                    if k in result["onnx"]})
     if torch_reference:
-        names, kwargs = family.output_names(loaded), family.forward_kwargs(loaded, image_size)
-        torch_turbo = run_dataset(torch_forward(turbo_model(loaded, report), names, kwargs), pixels, batch,
+        module = family.graph_module(turbo_model(loaded, report), loaded, image_size)
+        torch_turbo = run_dataset(torch_forward(module, family.output_names(loaded)), pixels, batch,
                                   "turbo (PyTorch)", progress)
         result["pytorch"] = parity(base, torch_turbo, images.labels)
         result["onnx_vs_pytorch"] = torch_check(turbo, torch_turbo, float((report.get("parity") or {}).get(
