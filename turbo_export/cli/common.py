@@ -83,13 +83,14 @@ class JobChoices:
     atol: float
     static_batch: bool = False
     max_batch: int = 0
+    peers: bool = True
 
     def run_options(self) -> Any:
         from turbo_export.export.job import RunOptions
 
         return RunOptions(out_dir=self.out_dir or "", backend=self.backend, precision=self.precision,
                           validate=self.validate, bench=self.bench, bench_runs=self.runs, atol=self.atol,
-                          static_batch=self.static_batch, max_batch=self.max_batch)
+                          static_batch=self.static_batch, max_batch=self.max_batch, peers=self.peers)
 
 
 def export_and_print(family_name: str, source: str, options: Any, job: JobChoices) -> dict[str, Any]:
@@ -125,6 +126,8 @@ def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerg
         click.option("--runs", type=click.IntRange(min=1), default=runs, show_default=True,
                      help="Timed runs per model."),
         click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff)."),
+        click.option("--no-peers", is_flag=True,
+                     help="Time only the exported graphs (not also the PyTorch eager models in the same run)."),
         click.option("--static-batch", is_flag=True,
                      help="Export graphs with the static batch --batch (default: a symbolic batch dimension; parity "
                           "is then checked at batch 1 and at --batch)."),
@@ -136,10 +139,10 @@ def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerg
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(*args: Any, backend: str, precision: str, merge_impl: str, out_dir: str | None, no_bench: bool,
-                    no_validate: bool, runs: int, atol: float, static_batch: bool, max_batch: int | None,
-                    **kwargs: Any) -> Any:
+                    no_validate: bool, runs: int, atol: float, no_peers: bool, static_batch: bool,
+                    max_batch: int | None, **kwargs: Any) -> Any:
             job = JobChoices(backend, precision, merge_impl, out_dir, not no_validate, not no_bench, runs, atol,
-                             static_batch, max_batch or 0)
+                             static_batch, max_batch or 0, not no_peers)
             return command(*args, job=job, **kwargs)
 
         for option in reversed(options):
