@@ -8,12 +8,12 @@ the unaccelerated model's:
 - mean patch: cosine of the mean patch feature (unaccelerated: the mean over the 256 patch tokens; Turbo: the
   size-weighted mean over the merged patch tokens, each standing for ``size`` patches).
 
-Rows: ToMe (alpha 0, the floor that uses no semantic value), the CLS row at alpha 6 (the backbone default), the
-received attention at alpha 6, and at a larger alpha (the received value is flatter than the CLS row, so the same
-alpha moves E less). Images: scikit-image's ten photos, each as the full photo, its four corner crops (60 % of the
+Rows: ToMe (alpha 0, the floor that uses no semantic value), the CLS row at alpha 6 (the backbone default), and
+the no-CLS candidates at alpha 6: the mean query's attention row ("mean-query", SigLIP's default), the attention
+each token receives ("received"; also without the diagonal, and at alpha 30). Images: scikit-image's ten photos, each as the full photo, its four corner crops (60 % of the
 side) and its mirror image (60 views), and optionally lfw_subset faces.
 
-    PYTHONPATH=.:plugins python scripts/semantic_no_cls_check.py [--model FOLDER] [--lfw 50] [--json out.json]
+    PYTHONPATH=.:plugins python scripts/semantic_no_cls_check.py --lfw 40 [--only mean-query,ToMe] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,13 +31,29 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from turbo_export import apply_turbo  # noqa: E402
+from turbo_export.core import merge  # noqa: E402
 from turbo_export.models import datasets  # noqa: E402
 from turbo_export.families import get_family  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "weights",
                              "dinov2-small-imgfocus")
-VARIANTS = (("ToMe", "cls", 0.0), ("CLS row", "cls", 6.0), ("received", "received", 6.0),
-            ("received", "received", 30.0))
+# (label, semantic value, alpha); "received-noself" is defined here only (the column mean without the diagonal)
+VARIANTS = (("ToMe", "cls", 0.0), ("CLS row", "cls", 6.0), ("mean-query", "mean-query", 6.0),
+            ("received", "received", 6.0), ("recv-noself", "received-noself", 6.0), ("received", "received", 30.0))
+
+
+def _add_received_without_self() -> None:
+    """A variant tried and rejected: the attention each token receives from the *other* tokens."""
+    original = merge.semantic_value
+
+    def semantic_value(probs, kind, size=None, q=None, k=None, scale=1.0, bias=None):
+        if kind == "received-noself":
+            eye = torch.eye(probs.shape[-1], dtype=probs.dtype)
+            return (probs * (1 - eye)).mean(dim=1).mean(dim=1)
+        return original(probs, kind, size, q, k, scale, bias)
+
+    merge.semantic_value = semantic_value
+    merge.SEMANTIC_VALUES = (*merge.SEMANTIC_VALUES, "received-noself")
 
 
 def photo_views(images: datasets.ImageSet) -> datasets.ImageSet:
@@ -84,9 +100,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def run(model_dir: str, lfw: int, ratios: list[int]) -> dict:
+def run(model_dir: str, lfw: int, ratios: list[int], photos: bool = True, only: list[str] | None = None) -> dict:
+    _add_received_without_self()
     loaded = get_family("vit").load(os.path.abspath(model_dir))
-    sets = [photo_views(datasets.load_images("builtin:skimage"))]
+    sets = [photo_views(datasets.load_images("builtin:skimage"))] if photos else []
     if lfw:
         sets.append(datasets.load_images("builtin:lfw", lfw))
     results = {"model": os.path.basename(os.path.normpath(model_dir)), "image_size": 224, "sets": []}
@@ -97,6 +114,8 @@ def run(model_dir: str, lfw: int, ratios: list[int]) -> dict:
         rows = []
         for r in ratios:
             for label, semantic, alpha in VARIANTS:
+                if only and label not in only:
+                    continue
                 model = apply_turbo(copy.deepcopy(loaded.model), r, alpha=alpha, semantic=semantic)
                 start = time.perf_counter()
                 cls, mean = features(model, pixels)
@@ -108,9 +127,9 @@ def run(model_dir: str, lfw: int, ratios: list[int]) -> dict:
                 if full.any() and not full.all():
                     row["full_photos_only"] = stats(c[full], m[full])
                 rows.append(row)
-                print(f"{images.source:28} r={r:2} {label:9} alpha={alpha:5g}  " + line(row), flush=True)
+                print(f"{images.source:28} r={r:2} {label:11} alpha={alpha:5g}  " + line(row), flush=True)
                 if "full_photos_only" in row:
-                    print(f"{'  (the 10 full photos)':28} r={r:2} {label:9} alpha={alpha:5g}  "
+                    print(f"{'  (the 10 full photos)':28} r={r:2} {label:11} alpha={alpha:5g}  "
                           + line(row["full_photos_only"]), flush=True)
         results["sets"].append({"source": images.source, "images": len(images), "rows": rows})
     return results
@@ -121,10 +140,13 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--lfw", type=int, default=0, help="also this many lfw_subset images (0: none)")
     parser.add_argument("--ratios", default="8,16")
+    parser.add_argument("--no-photos", action="store_true", help="skip the scikit-image photo views")
+    parser.add_argument("--only", default=None, help="comma-separated labels of VARIANTS to run (default: all)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = run(args.model, args.lfw, [int(r) for r in args.ratios.split(",")])
+    results = run(args.model, args.lfw, [int(r) for r in args.ratios.split(",")], not args.no_photos,
+                  args.only.split(",") if args.only else None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -80,7 +80,7 @@ def test_cli_exports_match_pytorch(tmp_path, preset, tokens, outputs):
     assert report["family"] == "clip" and report["alpha"] == 6.0
     assert report["tokens_per_layer"]["turbo"] == [tokens - 4 * i for i in range(4)]
     assert report["protected"] == (1 if preset == "tiny-clip" else 0)
-    assert report["semantic"] == ("cls" if preset == "tiny-clip" else "received")
+    assert report["semantic"] == ("cls" if preset == "tiny-clip" else "mean-query")
     assert report["parity"]["max_abs_diff"] < 1e-4 and report["parity_baseline"]["max_abs_diff"] < 1e-4
     assert report["flops"]["baseline"] > report["flops"]["turbo"]
     import onnx
@@ -106,10 +106,27 @@ def test_received_attention_is_a_distribution_weighted_by_query_size():
         merge.semantic_value(probs, "nope")
 
 
-def test_siglip_merges_with_received_attention_and_no_protected_token():
+def test_mean_query_attention_is_the_row_of_the_size_weighted_mean_query():
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 3, 6, 4, generator=gen), torch.randn(2, 3, 6, 4, generator=gen)
+    size = torch.tensor([[1.0, 2.0, 1.0, 3.0, 1.0, 1.0], [1.0] * 6]).unsqueeze(-1)
+    bias = merge.proportional_attention_bias(size)
+    row = merge.mean_query_attention(q, k, 0.5, bias, size)
+    assert row.shape == (2, 6) and (row > 0).all()
+    torch.testing.assert_close(row.sum(dim=-1), torch.ones(2))
+    # the softmax of the size-weighted mean log attention (a geometric mean of the rows)
+    log_probs = ((q @ k.transpose(2, 3)) * 0.5 + bias).log_softmax(dim=-1)  # [B, H, N, N]
+    weight = (size / size.sum(dim=1, keepdim=True))[:, None]
+    expected = (log_probs * weight).sum(dim=2).softmax(dim=-1).mean(dim=1)
+    torch.testing.assert_close(row, expected)
+    probs = log_probs.exp()
+    assert torch.equal(merge.semantic_value(probs, "mean-query", size, q, k, 0.5, bias), row)
+
+
+def test_siglip_merges_with_no_cls_semantic_value_and_no_protected_token():
     model = get_family("clip").load("random:tiny-siglip").model
     apply_turbo(model, 8)
-    assert model._turbo.semantic == "received" and model._turbo.protected == 0
+    assert model._turbo.semantic == "mean-query" and model._turbo.protected == 0
     model._turbo.record_plans = True
     with torch.no_grad():
         out = model(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
@@ -118,6 +135,9 @@ def test_siglip_merges_with_received_attention_and_no_protected_token():
     assert len(model._turbo.plans) == 4 and all(p.src_idx.shape[1] == 8 for p in model._turbo.plans)
     with pytest.raises(TurboExportError, match="no CLS token"):
         apply_turbo(model, 8, semantic="cls")
+    apply_turbo(model, 8, semantic="received")
+    with torch.no_grad():
+        assert model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state.shape[1] == 32
 
 
 def test_pooling_head_with_size_bias_sees_merged_duplicates_as_the_originals():

@@ -26,8 +26,8 @@ def apply_turbo(
     None: the family's default for the model's class, e.g. 150 for ViT classifiers, 6 for backbones and BLIP).
     Blocks whose input is shorter than ``min_tokens`` do not merge. Calling it again replaces the settings.
     ``merge_impl="plugin"`` routes every merge through the ``turbo::merge`` custom op (one TurboMerge node per
-    block when exported). ``semantic``: the semantic value I, "cls" or "received" (None: the architecture's; SigLIP
-    has no CLS token and uses "received"). A diffusers UNet merges a fraction of tokens: ``patch.unet.apply_turbo_unet``.
+    block when exported). ``semantic``: the semantic value I, "cls", "mean-query" or "received" (None: the
+    architecture's; SigLIP has no CLS token and uses "mean-query"). A diffusers UNet merges a fraction of tokens: ``patch.unet.apply_turbo_unet``.
     """
     if alpha is None:
         family = family_for_class(type(model).__name__)

@@ -9,8 +9,8 @@ outputs, the FLOPs of the projection / pooling head and the presets differ.
 - CLIP: the CLS token is protected (never merged) and gives Turbo's semantic value (its attention row); outputs
   ``last_hidden_state`` (the merged sequence, CLS first, before any final norm, as transformers returns it),
   ``pooler_output`` (post_layernorm(CLS)) and, with a projection, ``image_embeds``.
-- SigLIP: no CLS token, nothing protected; the semantic value is the attention each token receives
-  (``core.merge.received_attention``); outputs ``last_hidden_state`` (post_layernorm of the merged sequence) and
+- SigLIP: no CLS token, nothing protected; the semantic value is the mean query's attention row
+  (``core.merge.mean_query_attention``); outputs ``last_hidden_state`` (post_layernorm of the merged sequence) and
   ``pooler_output`` (the attention-pooling head over it, with the log(size) key bias: ``patch/clip.py``).
 """
 
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 DEFAULTS = Defaults(6.0, 0, evidence="not measured on CLIP or SigLIP (no real weights on this machine; random weights "
                                      "cannot settle alpha): the backbone default, set on dinov2-small-imgfocus (CLS "
                                      "cosine on scikit-image photos, alpha 6 best at r = 8, 16, 20); SigLIP's "
-                                     "received-attention semantic value was checked against the CLS row at alpha 6 on "
-                                     "that DINOv2 (scripts/semantic_no_cls_check.py, docs/clip-siglip.md)")
+                                     "mean-query semantic value was checked against the CLS row at alpha 6 on that "
+                                     "DINOv2 (scripts/semantic_no_cls_check.py, docs/clip-siglip.md)")
 
 _QUICK_GELU = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)  # OpenAI CLIP's activation
 # (model class, config class, config, description); sizes are the public checkpoints' vision configs

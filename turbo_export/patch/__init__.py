@@ -44,8 +44,9 @@ def patch_model(
     (``alpha = 0`` is ToMe). Blocks whose input is shorter than ``min_tokens`` do not merge.
     Calling it again on a patched model replaces the settings. ``merge_impl="plugin"`` routes every merge
     through the ``turbo::merge`` custom op (same values; one TurboMerge node per block when exported).
-    ``semantic``: the semantic value I, ``"cls"`` (Turbo's CLS row) or ``"received"`` (the attention each token
-    receives, for models without a CLS token); None: the architecture's default (SigLIP: received, else cls).
+    ``semantic``: the semantic value I, ``"cls"`` (Turbo's CLS row), or for models without a CLS token
+    ``"mean-query"`` (the mean query's attention row) or ``"received"`` (the attention each token receives); None:
+    the architecture's default (SigLIP: mean-query, else cls). core/merge.py says why.
     A diffusers UNet takes a fraction of tokens instead: use ``patch.unet.apply_turbo_unet``.
     """
     from turbo_export.core.plugin_ops import merge_fn

@@ -41,7 +41,7 @@ class TurboSettings:
     min_tokens: int
     prop_attn: bool
     protected: int
-    semantic: str = "cls"  # the semantic value I: "cls" (the CLS row) or "received" (merge.received_attention)
+    semantic: str = "cls"  # the semantic value I: "cls", "mean-query" or "received" (merge.semantic_value)
     merge_fn: Callable[..., Any] = field(default=merge.turbo_merge, repr=False)
     # Filled by the forward when `record_plans` is set (visualisation, debugging); never during export.
     record_plans: bool = False
@@ -83,16 +83,18 @@ def turbo_attention(
     """Eager self-attention with an additive key bias, also returning Turbo's two inputs.
 
     Returns (output [B, N, C], metric = keys averaged over heads [B, N, D], semantic value [B, N]: the CLS row of
-    the attention probabilities averaged over heads, or with ``semantic="received"`` the attention each token
-    receives (``merge.received_attention``, queries weighted by ``size``)).
+    the attention probabilities averaged over heads, or a no-CLS value: ``"mean-query"`` (the mean query's row) or
+    ``"received"`` (the attention each token receives), queries weighted by ``size``: ``merge.semantic_value``).
     """
     q, k, v = layout.qkv(attn, x)
-    logits = torch.matmul(q, k.transpose(2, 3)) * getattr(attn, layout.scaling)
+    scale = getattr(attn, layout.scaling)
+    logits = torch.matmul(q, k.transpose(2, 3)) * scale
     if bias is not None:
         logits = logits + bias
     probs = logits.softmax(dim=-1)
     out = torch.matmul(probs, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-    return getattr(attn, layout.out_proj)(out), k.mean(dim=1), merge.semantic_value(probs, semantic, size)
+    semantic_value = merge.semantic_value(probs, semantic, size, q, k, scale, bias)
+    return getattr(attn, layout.out_proj)(out), k.mean(dim=1), semantic_value
 
 
 def _apply_chain(block: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +187,7 @@ def patch(
     if semantic not in merge.SEMANTIC_VALUES:
         raise TurboExportError(f"semantic: unknown '{semantic}'; choose one of {', '.join(merge.SEMANTIC_VALUES)}")
     if semantic == "cls" and adapter.protected < 1:
-        raise TurboExportError(f"semantic: {adapter.class_name} has no CLS token; use semantic='received'")
+        raise TurboExportError(f"semantic: {adapter.class_name} has no CLS token; use semantic='mean-query'")
     backbone = adapter.backbone(model)
     blocks = adapter.blocks(backbone)
     try:

@@ -8,8 +8,8 @@ Both towers are pre-norm ViTs with the same block (``layer_norm1``, ``self_attn`
   encoder output *without* a final norm, ``pooler_output = post_layernorm(CLS)``; the projection models apply
   ``visual_projection`` to the pooler outside this forward. Semantic value: Turbo's CLS row.
 - SigLIP: no CLS token (nothing protected), ``post_layernorm`` over the sequence, then the attention-pooling head
-  ``head`` (a learned probe attends over all tokens). Semantic value: the attention each token receives
-  (``core.merge.received_attention``), since there is no CLS row to read.
+  ``head`` (a learned probe attends over all tokens). Semantic value: there is no CLS row to read, so the attention
+  row of the mean query (``core.merge.mean_query_attention``; why, and what else was measured: core/merge.py).
 
 The pooling head and proportional attention. The head is one more softmax attention over the (merged) sequence.
 Proportional attention adds log(size) to the logits of a merged key so that it gets the attention mass of the
@@ -105,7 +105,7 @@ ADAPTERS: dict[str, FamilyAdapter] = {
         FamilyAdapter("CLIPVisionModel", None, TurboClipVisionModel, 1, _vision_blocks),
         FamilyAdapter("CLIPVisionModelWithProjection", "vision_model", TurboClipVisionModel, 1, _vision_blocks),
         FamilyAdapter("CLIPModel", "vision_model", TurboClipVisionModel, 1, _vision_blocks),
-        FamilyAdapter("SiglipVisionModel", None, TurboSiglipVisionModel, 0, _vision_blocks, semantic="received"),
-        FamilyAdapter("SiglipModel", "vision_model", TurboSiglipVisionModel, 0, _vision_blocks, semantic="received"),
+        FamilyAdapter("SiglipVisionModel", None, TurboSiglipVisionModel, 0, _vision_blocks, semantic="mean-query"),
+        FamilyAdapter("SiglipModel", "vision_model", TurboSiglipVisionModel, 0, _vision_blocks, semantic="mean-query"),
     )
 }
