@@ -87,7 +87,7 @@ SEMANTIC_VALUES = ("cls", "received", "mean-query")
 # - "mean-query" (SigLIP's default): the attention row of the size-weighted mean query. It is a CLS-like query made
 #   from the tokens themselves: one row, as peaked as the CLS row, asking what the image as a whole attends to. At
 #   alpha 6 it lies between ToMe and the CLS row on the mean cosine and has the best worst case at r = 16 (CLS output
-#   cosine on 60 photo views: mean 0.9929, min 0.9732; ToMe 0.9937 / 0.9619; CLS row 0.9950 / 0.9537).
+#   cosine on 60 photo views: mean 0.9929, min 0.9732; ToMe 0.9937 / 0.9618; CLS row 0.9950 / 0.9537).
 # - "received": the attention each token receives, averaged over heads and queries (the column mean). Measured worse
 #   than ToMe at r = 8 and 16, and the reason is structural: a token in a large uniform region is attended by the many
 #   tokens similar to it, so what it receives grows with its redundancy; E = R - alpha * I then cancels part of R and
