@@ -182,3 +182,40 @@ def test_flops_count_the_projection_and_the_pooling_head():
     merged = merge.tokens_per_layer(64, [2] * 4, protected=0)
     head = 2 * w * w * 2 + 2 * 2 * final * w * w + 2 * 2 * final * w + 2 * 2 * w * m
     assert family.flops(siglip, 32, merged) == config_flops(siglip.model.config, 3, 32, merged) + head
+
+
+@pytest.mark.parametrize("preset", ["tiny-clip-zero-shot", "tiny-siglip-zero-shot"])
+def test_zero_shot_export_and_validate(tmp_path, preset):
+    out = tmp_path / preset
+    result = CliRunner().invoke(main, ["clip", "--model", f"random:{preset}", "--labels", "a cat,a dog,a red car",
+                                       "--ratio", "4", "--batch", "2", "--no-bench", "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["family"] == "clip-zero-shot" and set(report["files"]) == {"baseline", "turbo", "text"}
+    assert report["zero_shot"]["prompts"] == ["a photo of a cat", "a photo of a dog", "a photo of a red car"]
+    assert 0.0 <= report["zero_shot_example"]["top1_agreement"] <= 1.0
+    assert report["parity"]["max_abs_diff"] < 1e-4
+    result = CliRunner().invoke(main, ["validate", str(out), "--data", "builtin:skimage", "--limit", "4",
+                                       "--json", str(tmp_path / "v.json")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output + result.stderr
+    figures = json.loads((tmp_path / "v.json").read_text())
+    assert figures["images"] == 4 and len(figures["labels"]) == 3
+    assert 0.0 <= figures["zero_shot"]["top1_agreement"] <= 1.0
+    assert set(figures["retrieval"]) == {"text_to_image_recall@1_agreement", "text_to_image_recall@5_agreement"}
+    assert "zero-shot top-1 agreement" in result.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--labels", " , "], "labels: empty"),
+    (["--labels", "a cat,a cat"], "labels: repeated"),
+    (["--labels", "a cat,a dog", "--template", "a photo"], "template"),
+    (["--model", "random:tiny-clip", "--labels", "a cat"], "unknown preset"),
+])
+def test_zero_shot_bad_input_is_one_line_exit_2(args, fragment):
+    base = ["clip", "--model", "random:tiny-clip-zero-shot", "--ratio", "4", "--no-bench"]
+    result = CliRunner().invoke(main, base + args)
+    assert result.exit_code == 2, result.output + result.stderr
+    lines = result.stderr.strip().splitlines()  # at most the "loading ..." progress line before the error
+    assert len(lines) <= 2 and lines[-1].startswith("turbo-export: error:") and fragment in lines[-1]
+    assert "Traceback" not in result.stderr

@@ -301,6 +301,10 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
                                "builtin:<name>)")
     if family.kind == "vision-language":
         return validate_vl.validate_blip(folder, report, source, limit, backend, texts, question, progress)
+    if family.kind == "image-text":
+        from turbo_export.evaluate import validate_zero_shot
+
+        return validate_zero_shot.validate_zero_shot(folder, report, source, limit, backend, progress)
     return validate_export(folder, source, limit, model=model, torch_reference=torch_reference, backend=backend,
                            progress=progress)
 
@@ -308,11 +312,13 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
 
 
 def family_summary_lines(result: dict[str, Any]) -> list[str]:
-    """The printed summary of a vision-language or text-to-image result (image encoders: ``summary_lines``)."""
-    from turbo_export.evaluate import validate_diffusion, validate_vl
+    """The printed summary of a vision-language, image-text or text-to-image result (image encoders:
+    ``summary_lines``)."""
+    from turbo_export.evaluate import validate_diffusion, validate_vl, validate_zero_shot
 
     kind = get_family(result["family"]).kind
-    lines = (validate_diffusion if kind == "text-to-image" else validate_vl).summary_lines(result)
+    module = {"text-to-image": validate_diffusion, "image-text": validate_zero_shot}.get(kind, validate_vl)
+    lines = module.summary_lines(result)
     if "note" in result:
         lines.append(f"[{result['note']}]")
     return lines
