@@ -14,8 +14,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MAX_LINES = 520
 # Lower layers never import higher ones at module level (cli/serve -> evaluate -> export -> families -> patch/core).
 LAYERS = {
-    "errors": 0, "files": 0, "metrics": 0, "core": 1, "models": 1, "backends": 1, "patch": 2, "pipelines": 2,
-    "families": 3, "api": 4, "export": 4, "evaluate": 5, "serve": 6, "cli": 7,
+    "errors": 0, "files": 0, "limits": 0, "logs": 0, "metrics": 0, "core": 1, "models": 1, "backends": 1, "patch": 2,
+    "pipelines": 2, "families": 3, "api": 4, "export": 4, "evaluate": 5, "serve": 6, "cli": 7,
 }
 
 

@@ -86,6 +86,10 @@ def test_cli_exports_match_pytorch(tmp_path, preset, tokens, outputs):
     import onnx
 
     assert [o.name for o in onnx.load(str(out / "turbo.onnx"), load_external_data=False).graph.output] == outputs
+    result = CliRunner().invoke(main, ["validate", str(out), "--data", "builtin:skimage", "--limit", "3"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "CLS cosine turbo vs baseline" in result.output and "0/3 images beyond atol" in result.output
 
 
 def test_received_attention_is_a_distribution_weighted_by_query_size():
@@ -138,6 +142,15 @@ def test_siglip_merges_with_no_cls_semantic_value_and_no_protected_token():
     apply_turbo(model, 8, semantic="received")
     with torch.no_grad():
         assert model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state.shape[1] == 32
+
+
+def test_hidden_states_and_attentions_have_the_merged_lengths():
+    model = _model("CLIPVisionModel")
+    apply_turbo(model, 8)
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(1, 3, 32, 32), output_hidden_states=True, output_attentions=True)
+    assert [h.shape[1] for h in out.hidden_states] == [65, 57, 49, 41, 33]
+    assert [a.shape[-1] for a in out.attentions] == [65, 57, 49, 41]
 
 
 def test_pooling_head_with_size_bias_sees_merged_duplicates_as_the_originals():

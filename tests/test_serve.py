@@ -32,17 +32,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT_MB = 0.06  # 3 rows of 3x32x32 float32 (37 KB) pass, 8 rows (98 KB) are over the limit
 
 
-@pytest.fixture(scope="module")
-def vit_export(tmp_path_factory):
+def _tiny_vit_export(tmp_path_factory, name: str, static_batch: bool) -> str:
     from turbo_export.export.job import RunOptions, run_export
     from turbo_export.families import get_family
     from turbo_export.families.vit import VitOptions
 
-    out = str(tmp_path_factory.mktemp("serve") / "vit")
+    out = str(tmp_path_factory.mktemp("serve") / name)
     vit = get_family("vit")
     run_export(vit, vit.load("random:tiny"), VitOptions(ratio=4, batch=2),
-               RunOptions(out_dir=out, validate=False, bench=False), log=lambda m: None)
+               RunOptions(out_dir=out, validate=False, bench=False, static_batch=static_batch), log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def vit_export(tmp_path_factory):
+    return _tiny_vit_export(tmp_path_factory, "vit", static_batch=False)
+
+
+@pytest.fixture(scope="module")
+def vit_static_export(tmp_path_factory):
+    """The same export with --static-batch (batch 2): graphs that take exactly 2 rows."""
+    return _tiny_vit_export(tmp_path_factory, "vit-static", static_batch=True)
 
 
 @pytest.fixture(scope="module")
@@ -497,7 +507,18 @@ def read_config(path: str):
         return text_format.Parse(f.read(), pb2.ModelConfig()), pb2
 
 
-def test_triton_repo_static_batch_export(vit_export, tmp_path):
+def test_triton_repo_dynamic_batch_export(vit_export, tmp_path):
+    out = str(tmp_path / "repo")
+    write_repository(plan_repository(vit_export, "onnxruntime", max_batch=16, instances=1, kind="cpu"), out)
+    for name in ("baseline", "turbo"):
+        config, pb2 = read_config(os.path.join(out, name, "config.pbtxt"))
+        assert config.max_batch_size == 16 and config.HasField("dynamic_batching")  # the symbolic batch
+        assert [(i.name, list(i.dims)) for i in config.input] == [("pixel_values", [3, 32, 32])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [10])]
+
+
+def test_triton_repo_static_batch_export(vit_static_export, tmp_path):
+    vit_export = vit_static_export
     out = str(tmp_path / "repo")
     models = plan_repository(vit_export, "onnxruntime", max_batch=16, instances=2, kind="gpu", gpus=[0, 1])
     write_repository(models, out)
@@ -551,7 +572,8 @@ def test_triton_repo_dynamic_batch_and_plugin_note(tmp_path):
         plan_repository(str(export), "tensorrt")
 
 
-def test_triton_repo_cli(vit_export, tmp_path):
+def test_triton_repo_cli(vit_static_export, tmp_path):
+    vit_export = vit_static_export
     out = tmp_path / "repo"
     result = cli(["triton-repo", vit_export, "--out", str(out), "--model", "turbo"])
     assert result.exit_code == 0, result.stderr
@@ -603,7 +625,8 @@ def test_blip_caption_pipeline_equals_onnx_pipeline(blip_server, flavour):
 
     from transformers import BertTokenizer
 
-    runner = {n: make_runner(os.path.join(folder, f"{flavour}_{n}.onnx")) for n in ("vision", "cross_kv", "decoder")}
+    runner = {n: make_runner(os.path.join(folder, f"{flavour}_{n}.onnx")) for n in ("vision", "cross_kv")}
+    runner["decoder"] = make_runner(os.path.join(folder, "decoder.onnx"))  # shared by both pipelines
     pipeline = CaptionPipeline(runner["vision"], runner["cross_kv"], runner["decoder"], TokenIds(**spec["token_ids"]))
     pre = spec["preprocess"]
     x = np.stack([decode_image(b, pre["size"], pre["mean"], pre["std"], pre["resample"]) for b in images])
@@ -741,7 +764,8 @@ def test_sd_tensor_level_unet_equals_runner(sd_server, sd_export):
     from turbo_export.backends import make_runner
 
     runner = make_runner(os.path.join(sd_export, "turbo.onnx"))
-    shapes = {t.name: [int(d) for d in t.shape] for t in runner.inputs}
+    # a symbolic batch (the default export): one image per call, its classifier-free guidance pair
+    shapes = {t.name: [2 if d == "batch" else int(d) for d in t.shape] for t in runner.inputs}
     rng = np.random.default_rng(4)
     feed = {"sample": rng.standard_normal(shapes["sample"]).astype(np.float32),
             "timestep": np.full(shapes["timestep"], 500.0, np.float32),

@@ -339,7 +339,8 @@ def vqa_export(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("isolation") / "vqa")
     run_export(get_family("blip"), build_random_blip("tiny", "vqa"),
                BlipOptions(task="vqa", ratio=4, min_tokens=0, batch=2, max_new_tokens=5),
-               RunOptions(out_dir=out, validate=False, bench=False, progress=False), log=lambda m: None)
+               RunOptions(out_dir=out, validate=False, bench=False, progress=False, static_batch=True),
+               log=lambda m: None)
     return out
 
 

@@ -382,7 +382,7 @@ def test_engine_from_a_previous_output_folder_is_reused_and_failed_builds_leave_
 
 
 def test_bad_build_options_are_user_errors(tiny_onnx, tmp_path):
-    for options in (trt_export.BuildOptions(precision="int8"), trt_export.BuildOptions(optimization_level=9)):
+    for options in (trt_export.BuildOptions(precision="int4"), trt_export.BuildOptions(optimization_level=9)):
         with pytest.raises(TurboExportError):
             trt_export.get_engine(tiny_onnx, options, str(tmp_path), print, TARGET, FakeBuild())
 

@@ -26,13 +26,15 @@ from turbo_export.errors import TurboExportError
 from turbo_export.files import write_json_atomic
 
 Log = Callable[[str], None]
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 KEY_VERSION = 1  # bump when the key's meaning changes
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    precision: str = "fp32"  # the graph's precision; "fp16" graphs also get BuilderFlag.FP16 on TensorRT 10
+    # the graph's precision; on TensorRT 10 "fp16" graphs also get BuilderFlag.FP16 and "int8" (QDQ) graphs
+    # BuilderFlag.INT8 (explicit quantization); TensorRT 11 reads both from the graph alone
+    precision: str = "fp32"
     workspace_bytes: int = 4 << 30
     optimization_level: int = 3  # IBuilderConfig.builder_optimization_level (0..5)
     tf32: bool = False  # TensorRT enables TF32 for fp32 layers by default; off keeps fp32 engines fp32-accurate
@@ -319,6 +321,8 @@ def build_serialized(onnx_path: str, options: BuildOptions) -> bytes:
         config.clear_flag(trt.BuilderFlag.TF32)
     if options.precision == "fp16" and not strongly_typed(trt):
         config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10; on 11 the fp16 graph alone decides
+    if options.precision == "int8" and not strongly_typed(trt) and hasattr(trt.BuilderFlag, "INT8"):
+        config.set_flag(trt.BuilderFlag.INT8)  # TensorRT 10: the Q/DQ nodes say where; 11: the graph alone
     cache = _load_timing_cache(config, options.timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

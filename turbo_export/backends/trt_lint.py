@@ -143,8 +143,17 @@ class _Scope:
             if tensor.data_location == 1:  # EXTERNAL: small constants are never external in our exports
                 from onnx.external_data_helper import load_external_data_for_tensor
 
+                from turbo_export.files import check_inside
+
                 tensor = type(tensor).FromString(tensor.SerializeToString())
-                load_external_data_for_tensor(tensor, self.base_dir)
+                location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+                check_inside(self.base_dir, location, f"external data of '{name}'")
+                try:
+                    load_external_data_for_tensor(tensor, self.base_dir)
+                except Exception as exc:  # noqa: BLE001  (a missing or short external file)
+                    raise TurboExportError(f"external data of '{name}': cannot read '{location}' in "
+                                           f"{self.base_dir}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                                           ) from None
             return self._numpy.to_array(tensor)
         if name in self.constants:
             for attr in self.constants[name].attribute:
@@ -289,8 +298,8 @@ def _type_findings(graph: Any, scope: _Scope, static: bool) -> Iterator[Finding]
                     shape = [d.dim_param or "?" if not d.HasField("dim_value") else d.dim_value
                              for d in vi.type.tensor_type.shape.dim]
                     yield Finding("dynamic-shape", REJECTED, vi.name, kind,
-                                  f"shape {shape} has dynamic dimensions, but static shapes were promised (engines "
-                                  "are built without optimisation profiles)")
+                                  f"shape {shape} has dynamic dimensions, but static shapes were promised (an engine "
+                                  "without an optimization profile)")
 
 
 def lint_model(model: Any, path: str = "<model>", base_dir: str = ".", static: bool = True) -> LintResult:
@@ -315,17 +324,13 @@ def lint_model(model: Any, path: str = "<model>", base_dir: str = ".", static: b
     return LintResult(path, findings, nodes)
 
 
-def lint_file(path: str, static: bool = True) -> LintResult:
+def lint_file(path: str, static: bool = False) -> LintResult:
     """Lint an ONNX file; external weights are not read (only small constants, on demand)."""
     import onnx
 
-    if not os.path.isfile(path):
-        raise TurboExportError(f"ONNX file '{path}' does not exist")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:
-        raise TurboExportError(f"cannot read ONNX file '{path}': {str(exc).splitlines()[0] if str(exc) else exc}"
-                               ) from None
+    from turbo_export.files import read_onnx
+
+    model = read_onnx(path)  # a missing, empty or non-ONNX file is one error, never "nothing the parser rejects"
     for tensor in model.graph.initializer:
         # weights: only their type and shape matter here; dropping the bytes keeps shape inference cheap
         if len(tensor.raw_data) > _KEEP_BYTES:

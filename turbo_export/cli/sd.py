@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from turbo_export.cli.common import JobChoices, export_and_print, job_options, user_errors
+from turbo_export.cli.common import (
+    JobChoices,
+    export_and_print,
+    job_options,
+    progress_enabled,
+    quiet_option,
+    user_errors,
+)
 from turbo_export.errors import TurboExportError
 
 
@@ -25,14 +32,16 @@ def parse_fraction(value: str) -> float:
 
 @click.command("sd-unet")
 @click.option("--model", "model_source", required=True,
-              help="random:sd-1.5 (SD 1.5 UNet config, seeded random weights), random:tiny, or a local diffusers "
-                   "Stable Diffusion folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/).")
+              help="random:sd-1.5 (SD 1.5 UNet config, seeded random weights), random:sdxl (SDXL base UNet config), "
+                   "random:tiny, random:tiny-sdxl, or a local diffusers Stable Diffusion / SDXL folder (unet/, "
+                   "text_encoder/, tokenizer/, vae/, scheduler/; SDXL adds text_encoder_2/, tokenizer_2/).")
 @click.option("--ratio", required=True, help="Fraction of tokens merged in each chosen block, in (0, 0.75].")
 @click.option("--alpha", type=float, default=None,
               help="Weight of the semantic value in the cross-attention merge (0 = ToMe for SD) [default: the "
                    "family's, 1].")
 @click.option("--blocks", type=click.Choice(["default", "all"]), default="default", show_default=True,
-              help="default: the highest-resolution blocks (as ToMe for SD); all: every transformer block.")
+              help="default: the highest-resolution level with transformer blocks (as ToMe for SD; on SDXL the "
+                   "64x64 level at 1024 px); all: every transformer block.")
 @click.option("--dst-seed", type=int, default=None,
               help="Seeded random destination inside each 2x2 cell (default: top-left), fixed in the graph.")
 @click.option("--resolution", type=int, default=None, help="Image size in pixels (default: the model's).")
@@ -74,31 +83,48 @@ def concat_images(baseline, turbo):
 @click.command("sd-generate")
 @click.argument("export_dir", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--prompt", required=True, help="The text prompt.")
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True)
+@click.option("--steps", type=int, default=25, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--out", "out_png", type=click.Path(dir_okay=False), default=None,
               help="Side-by-side PNG (baseline | Turbo); <stem>-baseline.png and <stem>-turbo.png beside it "
                    "[default: DIR/generated.png].")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@quiet_option
+@click.option("--image", "init_path", default=None,
+              help="Image-to-image: the init image (resized to the export's resolution), encoded by the VAE.")
+@click.option("--strength", type=float, default=None,
+              help="Image-to-image: how much noise is added to the init image, in (0, 1]; int(steps * strength) "
+                   "steps are denoised [default with --image: 0.8].")
 @user_errors
 def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: float, out_png: str | None,
-                backend: str) -> None:
-    """Generate with the exported baseline and Turbo UNets (same seed) and compare latents and images."""
+                backend: str, init_path: str | None, strength: float | None) -> None:
+    """Generate with the exported baseline and Turbo UNets (same seed) and compare latents and images
+    (text-to-image, or image-to-image with --image and --strength)."""
     import numpy as np
     from PIL import Image
 
     from turbo_export.backends import make_runner
-    from turbo_export.files import write_json_atomic
+    from turbo_export.files import check_writable_target, write_json_atomic
     from turbo_export.metrics import psnr, ssim
     from turbo_export.models.sd_presets import load_sd
-    from turbo_export.pipelines.sd import check_prompt, generate
+    from turbo_export.pipelines.sd import check_generation, check_prompt, check_strength, generate, load_init_image
 
     check_prompt(prompt)
-    report = read_export_dir(export_dir)
-    out_png = out_png or os.path.join(export_dir, "generated.png")
+    check_generation(steps, seed, guidance)
+    init_image = None
+    if init_path is None and strength is not None:
+        raise TurboExportError("strength: only with --image (image-to-image)")
+    if init_path is not None:
+        strength = check_strength(0.8 if strength is None else strength, steps)
+        init_image = load_init_image(init_path)
+    out_png = os.path.join(export_dir, "generated.png") if out_png is None else out_png
+    check_writable_target(out_png, "out")
     if not out_png.lower().endswith(".png"):
         raise TurboExportError(f"out: '{out_png}' must end in .png")
+    for path in (out_png[:-4] + "-baseline.png", out_png[:-4] + "-turbo.png", out_png[:-4] + ".json"):
+        check_writable_target(path, "out")
+    report = read_export_dir(export_dir)
     click.echo(f"loading {report['model']} (text encoder, VAE) ...", err=True)
     components = load_sd(report["model"], with_unet=False)
     results = {}
@@ -106,11 +132,13 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
         # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
         runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend)
         results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
-                                 desc=f"{name} UNet")
+                                 desc=f"{name} UNet", progress=progress_enabled(), init_image=init_image,
+                                 strength=strength or 1.0)
         del runner
     base, tur = results["baseline"], results["turbo"]
     metrics: dict[str, Any] = {
         "prompt": prompt, "steps": steps, "seed": seed, "guidance": guidance,
+        "mode": "text-to-image" if init_image is None else "image-to-image",
         "latents_psnr_db": psnr(base.latents, tur.latents),
         "images_psnr_db": psnr(base.images, tur.images, data_range=255.0),
         "images_ssim": float(np.mean([ssim(b, t, data_range=255.0) for b, t in zip(base.images, tur.images)])),
@@ -120,6 +148,9 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
                                                  for b, t in zip(base.latents, tur.latents)]))
     except ValueError:
         metrics["latents_ssim"] = None  # latents smaller than the SSIM window
+    if init_image is not None:
+        metrics.update(image=os.path.abspath(init_path), strength=strength,
+                       denoised_steps=min(int(steps * strength), steps))
     if str(report["model"]).startswith("random:"):
         metrics["note"] = "random weights: agreement figures are weak evidence of quality"
 
@@ -136,6 +167,9 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     write_json_atomic(stem + ".json", {**metrics, "files": paths})
 
     click.echo(f"prompt: {prompt}  ({steps} steps, seed {seed}, guidance {guidance:g})")
+    if init_image is not None:
+        click.echo(f"image-to-image from {init_path}: strength {strength:g}, {metrics['denoised_steps']} steps "
+                   "denoised")
     latents_ssim = "n/a (latents smaller than the 11-px window)" if metrics["latents_ssim"] is None \
         else f"{metrics['latents_ssim']:.4f}"
     click.echo(f"turbo vs baseline, final latents: PSNR {metrics['latents_psnr_db']:.2f} dB, SSIM {latents_ssim}")

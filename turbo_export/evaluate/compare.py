@@ -9,7 +9,6 @@ compared is the one the export cached and benchmarked. Inputs: seeded standard-n
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -97,42 +96,46 @@ def _polygraphy_runner(runner: Runner, name: str) -> Any:
     return Adapter()
 
 
-def seeded_inputs(runner: Runner, seed: int, iterations: int) -> list[OrderedDict]:
+def seeded_inputs(runner: Runner, seed: int, iterations: int, batch: int = 1) -> list[OrderedDict]:
+    """Seeded inputs of the graph's shapes; a symbolic ``batch`` dimension takes the export's batch."""
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(iterations):
         feed = OrderedDict()
         for info in runner.inputs:
-            if any(not isinstance(d, int) for d in info.shape):
-                raise TurboExportError(f"compare: input '{info.name}' has dynamic shape {info.shape}; only static "
-                                       "exports can be compared")
+            shape = tuple(batch if d == "batch" else d for d in info.shape)
+            if any(not isinstance(d, int) for d in shape):
+                raise TurboExportError(f"compare: input '{info.name}' has the symbolic shape {info.shape}; compare "
+                                       "takes graphs whose only symbolic dimension is the batch")
             if np.issubdtype(info.dtype, np.floating):
-                feed[info.name] = rng.standard_normal(info.shape).astype(info.dtype)
+                feed[info.name] = rng.standard_normal(shape).astype(info.dtype)
             else:
-                feed[info.name] = np.ones(info.shape, dtype=info.dtype)
+                feed[info.name] = np.ones(shape, dtype=info.dtype)
         feeds.append(feed)
     return feeds
 
 
 def _report(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, "report.json")
-    if not os.path.isfile(path):
+    """The folder's report.json, checked (structure, family fields, every graph a valid ONNX file inside the folder),
+    or {} for a folder of bare ONNX files."""
+    if not os.path.isfile(os.path.join(folder, "report.json")):
         return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError:
-        raise TurboExportError(f"compare: '{path}' is not valid JSON") from None
+    from turbo_export.evaluate.common import read_export
+
+    return read_export(folder, command="compare", match_graphs=False)
 
 
-def graphs_in(folder: str) -> list[str]:
-    names = list((_report(folder).get("files") or {}).values())
-    names = names or sorted(n for n in os.listdir(folder) if n.endswith(".onnx"))
+def graphs_in(folder: str, report: dict[str, Any] | None = None) -> list[str]:
+    report = _report(folder) if report is None else report
+    names = list((report.get("files") or {}).values())
+    if not names:
+        from turbo_export.files import read_onnx
+
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".onnx"))
+        for name in names:
+            read_onnx(os.path.join(folder, name))
     if not names:
         raise TurboExportError(f"compare: no ONNX graphs in '{folder}' (expected an export folder with report.json)")
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise TurboExportError(f"compare: '{folder}' lacks {', '.join(missing)} named by its report.json")
     return names
 
 
@@ -149,6 +152,12 @@ def _max_errors(actual: np.ndarray, reference: np.ndarray) -> tuple[float, float
 
 def compare_folder(folder: str, atol: float = 1e-3, rtol: float = 1e-3, seed: int = 0, iterations: int = 1,
                    log: Log = lambda m: None, engine_options: Any = None) -> CompareResults:
+    from turbo_export.limits import MAX_RUNS, MAX_SEED, MAX_TOLERANCE, check_range
+
+    check_range("atol", atol, 0.0, MAX_TOLERANCE, integer=False)
+    check_range("rtol", rtol, 0.0, MAX_TOLERANCE, integer=False)
+    check_range("seed", seed, 0, MAX_SEED)
+    check_range("iterations", iterations, 1, MAX_RUNS)
     import onnxruntime as ort
     from polygraphy.logger import G_LOGGER
 
@@ -164,12 +173,13 @@ def _compare(folder: str, atol: float, rtol: float, seed: int, iterations: int, 
              ort: Any) -> CompareResults:
     from polygraphy.comparator import Comparator, CompareFunc
 
-    names = graphs_in(folder)
+    report = _report(folder)
+    names = graphs_in(folder, report)
     if engine_options is None:
         from turbo_export.backends.trt_build import BuildOptions
 
         # the engines the export built (and cached) for this folder: same precision, same key
-        engine_options = BuildOptions(precision=_report(folder).get("precision", "fp32"))
+        engine_options = BuildOptions(precision=report.get("precision") or "fp32")
     reason = tensorrt_unavailable_reason()
     results = CompareResults(os.path.abspath(folder), atol, rtol, [], "used" if reason is None else
                              f"not available here ({reason}); compared ONNX Runtime only")
@@ -185,7 +195,8 @@ def _compare(folder: str, atol: float, rtol: float, seed: int, iterations: int, 
         results.runners = [n for n in ours if n != REFERENCE]
         log(f"comparing {file}: {', '.join(ours)} ...")
         run_results = Comparator.run([_polygraphy_runner(r, n) for n, r in ours.items()],
-                                     data_loader=seeded_inputs(ours[REFERENCE], seed, iterations))
+                                     data_loader=seeded_inputs(ours[REFERENCE], seed, iterations,
+                                                                 int(report.get("batch") or 1)))
         verdict = Comparator.compare_accuracy(run_results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol),
                                               comparisons=[(0, i) for i in range(1, len(ours))])
         results.polygraphy_passed[graph] = bool(verdict)

@@ -31,7 +31,18 @@ from turbo_export.export.onnx import export_onnx
 from turbo_export.export.parity import check_graph, require_parity
 from turbo_export.families import family_for_class
 from turbo_export.families.encoders import check_schedule_fits
-from turbo_export.files import write_json_atomic
+from turbo_export.files import check_writable_target, write_json_atomic
+from turbo_export.limits import (
+    MAX_ALPHA,
+    MAX_BATCH,
+    MAX_IMAGE_SIZE,
+    MAX_IMAGES,
+    MAX_MIN_TOKENS,
+    MAX_RATIO,
+    MAX_RUNS,
+    check_optional,
+    check_range,
+)
 from turbo_export.models import datasets
 from turbo_export.models.datasets import model_inputs
 from turbo_export.models.presets import LoadedModel
@@ -70,6 +81,26 @@ def token_budget(loaded: LoadedModel, options: Any) -> tuple[list[int], int, flo
     return [n for n, _ in layers], layers[-1][0] - layers[-1][1], spec.flops(loaded, size, unmerged) / spec.flops(loaded, size, layers)
 
 
+def check_sweep_options(ratios: Sequence[int], alphas: Sequence[float], limit: int | None, batch: int,
+                        image_size: int | None, min_tokens: int, runs: int, warmup: int) -> None:
+    """Every number of a sweep in its range, before the model is loaded (the ratios are checked against the
+    model's tokens after)."""
+    if not alphas:
+        raise TurboExportError("alphas: give at least one alpha")
+    if not ratios:
+        raise TurboExportError("ratios: give at least one ratio")
+    for r in ratios:
+        check_range("ratios", r, 0, MAX_RATIO)
+    for alpha in alphas:
+        check_range("alphas", alpha, 0.0, MAX_ALPHA, integer=False)
+    check_optional("limit", limit, 1, MAX_IMAGES)
+    check_range("batch", batch, 1, MAX_BATCH)
+    check_optional("image-size", image_size, 1, MAX_IMAGE_SIZE)
+    check_range("min-tokens", min_tokens, 0, MAX_MIN_TOKENS)
+    check_range("runs", runs, 1, MAX_RUNS)
+    check_range("warmup", warmup, 0, MAX_RUNS)
+
+
 def run_sweep(
     model_source: str,
     ratios: Sequence[int],
@@ -87,13 +118,19 @@ def run_sweep(
     progress: bool = True,
     loaded: LoadedModel | None = None,
     partial_json: str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Every (r, alpha) with r > 0 (alpha-major: all ratios of the first alpha come first), plus the
-    unaccelerated row. ``partial_json``: rewrite this file after every configuration ("complete": false)."""
-    if batch < 1:
-        raise TurboExportError(f"batch: must be >= 1, got {batch}")
-    if not alphas:
-        raise TurboExportError("alphas: give at least one alpha")
+    unaccelerated row. ``partial_json``: rewrite this file after every configuration ("complete": false).
+    ``precision="int8"``: every graph is also quantized (dynamic int8, the merge float) after its fp32 parity check;
+    accuracies are then against the unaccelerated fp32 graph, with an extra unaccelerated int8 row, and the timing
+    compares the int8 graphs."""
+    if precision not in ("fp32", "int8"):
+        raise TurboExportError(f"precision: sweep takes fp32 or int8, got '{precision}'")
+    check_sweep_options(ratios, alphas, limit, batch, image_size, min_tokens, runs, warmup)
+    for path, what in ((partial_json, "json"), (work_dir, "work-dir")):
+        if path is not None:
+            check_writable_target(path, what, folder=what == "work-dir")
     if loaded is None:
         spec, loaded = load_image_encoder(model_source)
     else:
@@ -129,9 +166,15 @@ def run_sweep(
         base_out = {src: run_dataset(onnx_forward(base_runner), x, batch, f"baseline.onnx {src}", progress)
                     for src, x in inputs.items()}
         base_row = {"r": 0, "alpha": None, "tokens_per_layer": [tokens] * spec.num_layers(loaded),
-                    "final_tokens": tokens, "flops_ratio": 1.0, "bench": None,
+                    "final_tokens": tokens, "flops_ratio": 1.0, "bench": None, "precision": "fp32",
                     "parity_by_data": {src: parity(base_out[src], base_out[src], sets[src].labels) for src in sources}}
         rows.append(base_row)
+        timed_base = base_runner
+        if precision == "int8":
+            timed_base = make_runner(_int8(base_path))
+            rows.append({**base_row, "precision": "int8", "alpha": None, "parity_by_data": {
+                src: parity(base_out[src], run_dataset(onnx_forward(timed_base), x, batch, f"baseline int8 {src}",
+                                                       progress), sets[src].labels) for src, x in inputs.items()}})
 
         combos = [(r, a) for a in alphas for r in ratios if r > 0]
         for r, alpha in tqdm(combos, desc="sweep", unit="config", disable=not progress, file=sys.stderr):
@@ -144,6 +187,9 @@ def run_sweep(
                                                                                                real_batch)}
             for report in checks.values():
                 require_parity(report)
+            if precision == "int8":
+                del runner
+                runner = make_runner(_int8(path))
             by_data = {src: parity(base_out[src], run_dataset(onnx_forward(runner), x, batch,
                                                                 f"r={r} alpha={alpha:g} {src}", progress),
                                    sets[src].labels) for src, x in inputs.items()}
@@ -151,12 +197,12 @@ def run_sweep(
             if timed:
                 with bench_lock(lock):
                     feed = {INPUT: real_batch[INPUT]}
-                    timings = bench.interleaved({"baseline": base_runner, "turbo": runner},
+                    timings = bench.interleaved({"baseline": timed_base, "turbo": runner},
                                                 {"baseline": feed, "turbo": feed}, batch, warmup=warmup, runs=runs,
                                                 progress=False)
             layers, final, flops_ratio = token_budget(loaded, options)
             rows.append({
-                "r": r, "alpha": alpha, "tokens_per_layer": layers, "final_tokens": final, "flops_ratio": flops_ratio,
+                "r": r, "alpha": alpha, "precision": precision, "tokens_per_layer": layers, "final_tokens": final, "flops_ratio": flops_ratio,
                 "export_parity": {k: {"max_abs_diff": v.max_abs_diff, "tie_samples": len(v.tie_samples),
                                       "samples": v.samples} for k, v in checks.items()},
                 "parity_by_data": by_data,
@@ -165,18 +211,32 @@ def run_sweep(
                     "speedup": bench.speedup(timings), "runs": runs, "warmup": warmup},
             })
             del runner
-            os.remove(path)
+            for leftover in (path, path[:-len(".onnx")] + ".int8.onnx"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
             if partial_json:
                 write_json_atomic(partial_json, no_arrays(finish(rows, False)))
     finally:
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
-    return finish(rows, True)
+    result = finish(rows, True)
+    result["precision"] = precision
+    return result
+
+
+def _int8(path: str) -> str:
+    """The dynamic int8 graph of an exported fp32 graph, beside it (the merge kept float)."""
+    from turbo_export.export.quantize import quantize_graph
+
+    dst = path[:-len(".onnx")] + ".int8.onnx"
+    quantize_graph(path, dst, "dynamic")
+    return dst
 
 
 def _summary(model_source, sources, sets, images, batch, size, min_tokens, base_runner, ratios, alphas, rows,
              complete) -> dict[str, Any]:
-    rows = sorted(rows, key=lambda row: (row["r"], -1 if row["alpha"] is None else row["alpha"]))
+    rows = sorted(rows, key=lambda row: (row["r"], -1 if row["alpha"] is None else row["alpha"],
+                                         row.get("precision") == "int8"))
     for row in rows:
         row["parity"] = row["parity_by_data"][sources[0]]  # the first source is the one plotted
         row["accuracy"], metric = accuracy_of(row)
@@ -209,7 +269,7 @@ def table(result: dict[str, Any], source: str | None = None) -> str:
     first = parity_of(result["rows"][0])
     classification = first["kind"] == "classification"
     labelled = "turbo_top1" in first
-    header = ["r", "alpha", "tokens out", "FLOPs ratio", "speedup (ORT)"]
+    header = ["r", "alpha", "precision", "tokens out", "FLOPs ratio", "speedup (ORT)"]
     if classification:
         header += ["top-1", "agreement"] if labelled else ["agreement"]
     else:
@@ -220,7 +280,8 @@ def table(result: dict[str, Any], source: str | None = None) -> str:
     for row in result["rows"]:
         p = parity_of(row)
         speed = "–" if row["bench"] is None else f"{row['bench']['speedup']:.2f}x"
-        cells = [str(row["r"]), _fmt_alpha(row["alpha"]), str(row["final_tokens"]), f"{row['flops_ratio']:.2f}x", speed]
+        cells = [str(row["r"]), _fmt_alpha(row["alpha"]), row.get("precision", "fp32"), str(row["final_tokens"]),
+                 f"{row['flops_ratio']:.2f}x", speed]
         if classification:
             if labelled:
                 cells.append(f"{100 * p['turbo_top1']:.2f}%")

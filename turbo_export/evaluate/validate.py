@@ -31,7 +31,7 @@ from turbo_export import metrics
 from turbo_export.backends import Runner, make_runner
 from turbo_export.backends.batching import run_in_batches
 from turbo_export.errors import TurboExportError
-from turbo_export.evaluate.common import read_export
+from turbo_export.evaluate.common import check_export, read_export, read_family_report, task_of
 from turbo_export.families import families, get_family
 from turbo_export.models import datasets
 from turbo_export.models.presets import LoadedModel
@@ -197,12 +197,14 @@ def validate_export(
     progress: bool = True,
     loaded: LoadedModel | None = None,
     baseline_outputs: dict[str, np.ndarray] | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Parity of an export folder's turbo.onnx against its baseline.onnx on ``source`` (see module doc).
 
-    ``loaded`` / ``baseline_outputs`` let a sweep reuse the model and the unaccelerated outputs across folders.
+    ``loaded`` / ``baseline_outputs`` let a sweep reuse the model and the unaccelerated outputs across folders;
+    ``report``: the folder's report.json already read (and checked) by ``read_export``.
     """
-    report = read_export(folder, ("image-encoder",))
+    report = report if report is not None else read_export(folder, ("image-encoder",))
     family = get_family(report["family"])
     images = datasets.load_images(source, limit)
     if loaded is None:
@@ -228,15 +230,36 @@ def validate_export(
     # The headline figures (ONNX Runtime) also at the top level of the JSON.
     result.update({k: result["onnx"][k] for k in ("baseline_top1", "turbo_top1", "agreement")
                    if k in result["onnx"]})
+    precision = report.get("precision", "fp32")
+    result["precision"] = precision
+    torch_turbo = None
     if torch_reference:
         module = family.graph_module(turbo_model(loaded, report), loaded, image_size)
         torch_turbo = run_dataset(torch_forward(module, family.output_names(loaded)), pixels, batch,
                                   "turbo (PyTorch)", progress)
         result["pytorch"] = parity(base, torch_turbo, images.labels)
-        result["onnx_vs_pytorch"] = torch_check(turbo, torch_turbo, float((report.get("parity") or {}).get(
-            "atol", 1e-4)))
+        atol = float((report.get("parity") or {}).get("atol", 1e-4))
+        result["onnx_vs_pytorch"] = torch_check(turbo, torch_turbo, atol if precision == "fp32" else float("inf"))
+    fp32_file = (report.get("files_fp32") or {}).get("baseline")
+    if precision != "fp32" and fp32_file:
+        result["precision_vs_fp32"] = precision_parity(
+            os.path.join(folder, fp32_file), pixels, batch, backend, progress, base, turbo, torch_turbo, images)
     result["_baseline_outputs"] = base
     return result
+
+
+def precision_parity(fp32_path: str, pixels: np.ndarray, batch: int, backend: str, progress: bool,
+                     base: dict[str, np.ndarray], turbo: dict[str, np.ndarray],
+                     torch_turbo: dict[str, np.ndarray] | None, images: Any) -> dict[str, Any]:
+    """An int8 (or fp16) export against the unaccelerated fp32 graph it came from: the cost of the precision alone,
+    and of precision and Turbo together (the fp32 Turbo model is PyTorch's, when the reference run was made)."""
+    fp32 = run_dataset(onnx_forward(make_runner(fp32_path, backend)), pixels, batch, os.path.basename(fp32_path),
+                       progress)
+    out = {"reference": f"{os.path.basename(fp32_path)} (the unaccelerated fp32 graph)",
+           "unaccelerated": parity(fp32, base, images.labels), "turbo": parity(fp32, turbo, images.labels)}
+    if torch_turbo is not None:
+        out["turbo_fp32_pytorch"] = parity(fp32, torch_turbo, images.labels)
+    return out
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
@@ -244,8 +267,15 @@ def public(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
+def top1_change(drop_points: float) -> str:
+    """``top1_drop_points`` (baseline - turbo, in points) in words: "0.80 points lower than unaccelerated"."""
+    if round(drop_points, 2) == 0:
+        return "the same as unaccelerated"
+    return f"{abs(drop_points):.2f} points {'lower' if drop_points > 0 else 'higher'} than unaccelerated"
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    if result.get("family", "vit") != "vit":
+    if "family" in result:  # vision-language and text-to-image results say their family
         return family_summary_lines(result)
     p = result["onnx"]
     head = (f"{result['model']}: r={result['ratio']} alpha={result['alpha']:g}, {result['images']} images of "
@@ -254,7 +284,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if p["kind"] == "classification":
         if "baseline_top1" in p:
             lines.append(f"top-1: baseline {p['baseline_top1']:.4f}, turbo {p['turbo_top1']:.4f} "
-                         f"(drop {p['top1_drop_points']:+.2f} points)")
+                         f"({top1_change(p['top1_drop_points'])})")
         lines.append(f"top-1 agreement turbo vs baseline: {p['agreement']:.4f}; "
                      f"logits cosine mean {p['logits_cosine']['mean']:.5f}, min {p['logits_cosine']['min']:.5f}")
     else:
@@ -270,6 +300,24 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         extra = (f", same prediction {t['prediction_agreement']:.4f}" if "prediction_agreement" in t else "")
         lines.append(f"turbo.onnx vs PyTorch Turbo on this data: max abs diff {t['max_abs_diff']:.2e}, "
                      f"{t['images_beyond_atol']}/{t['images']} images beyond atol{extra}")
+    if "precision_vs_fp32" in result:
+        lines += precision_lines(result["precision"], result["precision_vs_fp32"])
+    return lines
+
+
+def precision_lines(precision: str, cmp: dict[str, Any]) -> list[str]:
+    """Each model against the unaccelerated fp32 graph: top-1 (labelled data) or CLS cosine, and agreement."""
+    rows = [(f"unaccelerated {precision}", cmp["unaccelerated"]), (f"turbo {precision}", cmp["turbo"])]
+    if "turbo_fp32_pytorch" in cmp:
+        rows.append(("turbo fp32 (PyTorch)", cmp["turbo_fp32_pytorch"]))
+    lines = [f"against {cmp['reference']}:"]
+    for label, p in rows:
+        if p["kind"] == "classification":
+            top1 = (f"top-1 {p['turbo_top1']:.4f} vs {p['baseline_top1']:.4f} ({p['top1_drop_points']:.2f} points "
+                    "lower), " if "turbo_top1" in p else "")
+            lines.append(f"  {label:22} {top1}agreement {p['agreement']:.4f}")
+        else:
+            lines.append(f"  {label:22} CLS cosine mean {p['cls_cosine']['mean']:.5f}, min {p['cls_cosine']['min']:.5f}")
     return lines
 
 
@@ -280,25 +328,32 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
                     ) -> dict[str, Any]:
     """Any export folder: dispatch on the kind of its family (and its task), never on the family's name."""
     from turbo_export.evaluate import validate_diffusion, validate_vl
+    from turbo_export.files import check_writable_target
+    from turbo_export.limits import MAX_IMAGES, check_optional
+    from turbo_export.pipelines.sd import check_generation
 
-    report = read_export(folder)
-    family = get_family(report["family"])
-    task = family.task(report)
+    check_optional("limit", limit, 1, MAX_IMAGES)
+    check_generation(steps, seed, guidance)
+    if images_dir is not None:
+        check_writable_target(images_dir, "images", folder=True)
+    report, family = read_family_report(folder)
+    task = task_of(family, report, folder)
     for option, given, fits in (("--texts", texts, "retrieval"), ("--question", question, "vqa"),
                                 ("--prompts", prompts, "text-to-image"), ("--images", images_dir, "text-to-image")):
         if given and task != fits:
             kind_names = " / ".join(f.name for f in families() if f.kind == fits)  # a kind: its families' names
             raise TurboExportError(f"{option.lstrip('-')}: {option} is for {kind_names or fits} exports; '{folder}' "
                                    f"is a {task} export")
-    if family.kind == "text-to-image":
-        if source is not None:
-            raise TurboExportError(f"data: a {family.name} export generates images from prompts; pass --prompts FILE "
-                                   "(or nothing, for the built-in prompts), not --data")
-        return validate_diffusion.validate_sd(folder, report, prompts, steps, seed, guidance, backend, images_dir,
-                                              progress)
-    if source is None:
+    if family.kind == "text-to-image" and source is not None:
+        raise TurboExportError(f"data: a {family.name} export generates images from prompts; pass --prompts FILE "
+                               "(or nothing, for the built-in prompts), not --data")
+    if family.kind != "text-to-image" and source is None:
         raise TurboExportError(f"data: --data is required for a {family.name} export (a folder of images or "
                                "builtin:<name>)")
+    check_export(folder, report, family)  # the options fit the export: now its fields and graphs, once
+    if family.kind == "text-to-image":
+        return validate_diffusion.validate_sd(folder, report, prompts, steps, seed, guidance, backend, images_dir,
+                                              progress)
     if family.kind == "vision-language":
         return validate_vl.validate_blip(folder, report, source, limit, backend, texts, question, progress)
     if family.kind == "image-text":
@@ -306,7 +361,7 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
 
         return validate_zero_shot.validate_zero_shot(folder, report, source, limit, backend, progress)
     return validate_export(folder, source, limit, model=model, torch_reference=torch_reference, backend=backend,
-                           progress=progress)
+                           progress=progress, report=report)
 
 
 

@@ -51,7 +51,8 @@ def validate_sd(folder: str, report: dict[str, Any], prompts: list[str] | None, 
     mean = {key: (float(np.mean([r[key] for r in rows])) if all(r[key] is not None for r in rows) else None)
             for key in ("latents_psnr_db", "latents_ssim", "images_psnr_db", "images_ssim")}
     result: dict[str, Any] = {
-        "family": "sd-unet", "export": os.path.abspath(folder), "model": report["model"], "ratio": report["ratio"],
+        "family": report["family"], "layout": report.get("layout", "sd"), "export": os.path.abspath(folder),
+        "model": report["model"], "ratio": report["ratio"],
         "alpha": report["alpha"], "blocks": report.get("blocks"), "resolution": report.get("resolution"),
         "batch": report["batch"], "backend": backend, "flops_ratio": report["flops"]["ratio"], "steps": steps,
         "seed": seed, "guidance": guidance, "prompts": len(rows),

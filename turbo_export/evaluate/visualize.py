@@ -20,6 +20,8 @@ from turbo_export.errors import TurboExportError
 from turbo_export.evaluate.common import load_image_encoder
 from turbo_export.families import family_for_class
 from turbo_export.families.encoders import check_schedule_fits
+from turbo_export.files import check_writable_target
+from turbo_export.limits import MAX_ALPHA, MAX_IMAGE_SIZE, MAX_MIN_TOKENS, check_optional, check_range
 from turbo_export.models import datasets
 from turbo_export.models.datasets import model_inputs
 from turbo_export.models.presets import LoadedModel
@@ -133,6 +135,10 @@ def visualize(model_source: str, image_path: str, ratio: merge.RSchedule, out: s
               min_tokens: int = 0, image_size: int | None = None, loaded: LoadedModel | None = None
               ) -> dict[str, Any]:
     """Write a PNG: the input, ToMe's groups (alpha = 0) and Turbo's groups (``alpha``) at ``ratio``."""
+    check_optional("alpha", alpha, 0.0, MAX_ALPHA, integer=False)
+    check_range("min-tokens", min_tokens, 0, MAX_MIN_TOKENS)
+    check_optional("image-size", image_size, 1, MAX_IMAGE_SIZE)
+    check_writable_target(out, "out")
     if loaded is None:
         spec, loaded = load_image_encoder(model_source)
     else:

@@ -22,6 +22,7 @@ class ParityReport:
     tie_samples: dict[int, float] = field(default_factory=dict)
     samples: int = 0
     batches: list[int] = field(default_factory=list)  # the batch sizes checked (a dynamic-batch graph: B and 1)
+    max_abs_diff_by_batch: dict[int, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -57,6 +58,8 @@ class ParityReport:
                                  "shape": list(o.shape)} for o in self.outputs},
             "tie_samples": {str(k): v for k, v in self.tie_samples.items()},
             "batches": self.batches or [self.samples],
+            "max_abs_diff_by_batch": {str(k): v for k, v in (self.max_abs_diff_by_batch or {
+                self.samples: self.max_abs_diff}).items()},
         }
 
 

@@ -158,8 +158,88 @@ class Family:
         """The export's task, for families with several (BLIP: caption, retrieval, vqa)."""
         return self.kind
 
-    def check_report(self, report: dict[str, Any]) -> None:
-        """Raise TurboExportError when a report.json of this family lacks what readers need."""
+    def report_fields(self) -> dict[str, str]:
+        """The report.json fields that readers of this family's exports use (validate, serve): dotted path -> a type
+        of ``files.FIELD_TYPES``, ``?`` when optional. Default: what the readers of the family's kind read."""
+        return KIND_REPORT_FIELDS.get(self.kind, {})
+
+    def check_report(self, report: dict[str, Any], where: str = "report.json") -> None:
+        """Raise a one-line TurboExportError when a report.json of this family lacks what readers need, or has it
+        with the wrong type (checked once, before any field is used)."""
+        from turbo_export.files import check_fields
+
+        check_fields(report, self.report_fields(), where)
+
+    def graph_signatures(self, report: dict[str, Any]) -> dict[str, GraphSignature]:
+        """The graphs (report.json ``files`` keys) an export described by ``report`` holds, and what each takes and
+        gives, for readers to check before they run one (``evaluate.common.read_export``): a graph of another model
+        or another export is a one-line error, not a runtime failure. Call after ``check_report``. Default: the
+        graphs the readers of the family's kind open; graphs not declared are still compared with their Turbo /
+        baseline counterpart."""
+        return kind_graph_signatures(self.kind, report)
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    """The inputs and outputs a graph must have, by name: a shape with None for a free dimension (a name mapped to
+    None: any shape). ``outputs`` None: not declared."""
+
+    inputs: dict[str, tuple[int | None, ...] | None]
+    outputs: dict[str, tuple[int | None, ...] | None] | None = None
+
+
+_ENCODER_FIELDS = {
+    "model": "str", "model_class": "str", "batch": "pos-int", "image_size": "pos-int", "ratio": "int|int-list", "alpha": "number",
+    "min_tokens": "int", "tokens_per_layer": "dict", "tokens_per_layer.baseline": "int-list",
+    "tokens_per_layer.turbo": "int-list", "merged_per_layer": "int-list?", "flops": "dict", "flops.ratio": "number",
+}
+# What the readers of each kind (validate's validators, serve's pipelines) read from report.json.
+KIND_REPORT_FIELDS: dict[str, dict[str, str]] = {
+    "image-encoder": {**_ENCODER_FIELDS, "r_schedule": "int-list", "prop_attn": "bool", "files.baseline": "str",
+                      "files.turbo": "str"},
+    "vision-language": {**_ENCODER_FIELDS, "task": "dict", "task.name": "str:caption|retrieval|vqa", "task.max_new_tokens": "pos-int?",
+                        "task.num_beams": "pos-int?", "task.text_len": "pos-int?", "task.size_aware_cross_attention": "bool?",
+                        "files.baseline_vision": "str", "files.turbo_vision": "str"},
+    "text-to-image": {"model": "str", "batch": "pos-int", "graph_batch": "pos-int?", "ratio": "number",
+                      "alpha": "number", "text_len": "pos-int?", "latent_size": "int-list?", "resolution": "int?",
+                      "flops": "dict", "flops.ratio": "number", "files.baseline": "str", "files.turbo": "str"},
+}
+
+
+def kind_graph_signatures(kind: str, report: dict[str, Any]) -> dict[str, GraphSignature]:
+    """The graphs the readers of ``kind`` open, with the shapes report.json implies (see ``graph_signatures``)."""
+    symbolic = report.get("batch_dim") == "symbolic"  # any batch: the graphs' first dimension is symbolic
+    batch = None if symbolic else report.get("batch")
+    if kind in ("image-encoder", "vision-language"):
+        size = report.get("image_size")
+        pixels = {"pixel_values": (batch, None, size, size)}
+        if kind == "vision-language":
+            return {f"{n}_vision": GraphSignature(pixels) for n in ("baseline", "turbo")}
+        tokens, merged = report.get("tokens_per_layer") or {}, report.get("merged_per_layer")
+        final: dict[str, int | None] = {"baseline": None, "turbo": None}  # tokens after the last block
+        if tokens.get("baseline"):
+            final["baseline"] = tokens["baseline"][-1]
+        if tokens.get("turbo") and merged and len(merged) == len(tokens["turbo"]):
+            final["turbo"] = tokens["turbo"][-1] - merged[-1]
+        out: dict[str, GraphSignature] = {}
+        for name in ("baseline", "turbo"):
+            if "ForImageClassification" in str(report.get("model_class", "")):
+                outputs: dict[str, Any] = {"logits": (batch, None)}
+            elif report.get("model_class"):  # a backbone: the tokens after the last block, and the pooled CLS
+                outputs = {"last_hidden_state": (batch, final[name], None), "pooler_output": (batch, None)}
+            else:
+                outputs = None
+            out[name] = GraphSignature(pixels, outputs)
+        return out
+    if kind == "text-to-image":
+        rows = None if symbolic else report.get("graph_batch") or (2 * batch if isinstance(batch, int) else None)
+        latent = list(report.get("latent_size") or [None, None])[:2]
+        sample = (rows, None, *latent)
+        signature = GraphSignature({"sample": sample, "timestep": (rows,),
+                                    "encoder_hidden_states": (rows, report.get("text_len"), None)},
+                                   {"noise_pred": sample})
+        return {"baseline": signature, "turbo": signature}
+    return {}
 
 
 REGISTRY: dict[str, Family] = {}

@@ -271,10 +271,12 @@ class BlipFamily(Family):
         image_size = check_options(loaded, options)
         tokens = self.token_plan(loaded, options, image_size)
         num_tokens, final = tokens.num_tokens, tokens.final_tokens()
+        user = prepare_user_inputs(loaded, options, image_size)  # mistakes in --image / --text first
         if any(tokens.schedule) and final["turbo"] == num_tokens:
-            log(f"note: Turbo merges nothing: the {num_tokens} image tokens are below --min-tokens "
-                f"{options.resolved_min_tokens()} (the {options.task} default is {DEFAULT_MIN_TOKENS[options.task]})")
-        user = prepare_user_inputs(loaded, options, image_size)
+            raise TurboExportError(
+                f"min-tokens: Turbo merges nothing: the {num_tokens} image tokens are below --min-tokens "
+                f"{options.resolved_min_tokens()} (the {options.task} default is {DEFAULT_MIN_TOKENS[options.task]}); "
+                f"pass --min-tokens {num_tokens} or less (0: merge in every block), or a larger --image-size")
 
         baseline = loaded.model
         turbo = patch_model(copy.deepcopy(baseline), options.ratio, alpha=options.alpha,
@@ -300,7 +302,8 @@ class BlipFamily(Family):
                 flops = {n: vision_flops(loaded, image_size, layers) + caption_text_flops(
                     loaded.model.config, final[n], options.max_new_tokens)
                     for n, layers in (("baseline", tokens.baseline), ("turbo", tokens.turbo))}
-            return {**{n: task.bench_call(pipelines[n], options) for n in NAMES}, "feed": inputs.feed(),
+            timed = task.pipelines(runners, TokenIds.from_text_config(text_cfg), options)  # int8: the int8 graphs
+            return {**{n: task.bench_call(timed[n], options) for n in NAMES}, "feed": inputs.feed(),
                     "what": task.bench_what(options), "desc": f"{options.task} pipeline", "flops": flops}
 
         report = {**tokens.report_fields(options.ratio), "alpha": options.alpha, "merge_impl": options.merge_impl,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from turbo_export.families.base import Defaults, register
+from turbo_export.families.base import Defaults, ExportPlan, GraphSignature, Log, kind_graph_signatures, register
 from turbo_export.families.encoders import config_flops
 from turbo_export.families.vit import VitFamily
 
@@ -111,6 +111,22 @@ class ClipFamily(VitFamily):
         if getattr(vision_tower(loaded.model), "use_head", True):  # SigLIP without its head has no pooler
             names.append("pooler_output")
         return names + (["image_embeds"] if has_projection(loaded.model) else [])
+
+    def plan(self, loaded: LoadedModel, options: Any, run: Any, log: Log) -> ExportPlan:
+        plan = super().plan(loaded, options, run, log)
+        plan.report["outputs"] = self.output_names(loaded)  # what the image graphs give (readers check it)
+        return plan
+
+    def graph_signatures(self, report: dict[str, Any]) -> dict[str, GraphSignature]:
+        """The image-encoder kind's signatures, with the outputs report.json lists (``image_embeds`` with a
+        projection; no ``pooler_output`` for a SigLIP without its head)."""
+        signatures = kind_graph_signatures("image-encoder", report)
+        names = report.get("outputs")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return signatures
+        batch = None if report.get("batch_dim") == "symbolic" else report.get("batch")
+        return {key: GraphSignature(sig.inputs, {n: (sig.outputs or {}).get(n, (batch, None)) for n in names})
+                for key, sig in signatures.items()}
 
     def graph_module(self, model: nn.Module, loaded: LoadedModel, image_size: int) -> nn.Module:
         return ImageTowerGraph(model, self.forward_kwargs(loaded, image_size))

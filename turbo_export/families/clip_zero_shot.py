@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from turbo_export.errors import TurboExportError
-from turbo_export.families.base import ExportPlan, GraphSpec, Log, batch_first, register
+from turbo_export.families.base import (
+    KIND_REPORT_FIELDS,
+    ExportPlan,
+    GraphSignature,
+    GraphSpec,
+    Log,
+    batch_first,
+    register,
+)
 from turbo_export.families.clip import PRESETS as TOWERS
 from turbo_export.families.clip import ClipFamily
 from turbo_export.families.vit import VitOptions
@@ -196,10 +204,33 @@ class ClipZeroShotFamily(ClipFamily):
         plan.after_export = after_export
         return plan
 
-    def check_report(self, report: dict[str, Any]) -> None:
-        if "zero_shot" not in report or "text" not in (report.get("files") or {}):
-            raise TurboExportError("validate: report.json has no zero-shot prompts or text.onnx; re-export with "
-                                   f"'{self.command}'")
+    def report_fields(self) -> dict[str, str]:
+        return {**KIND_REPORT_FIELDS["image-encoder"], "files.text": "str", "zero_shot": "dict",
+                "zero_shot.template": "str", "zero_shot.image_output": "str:image_embeds|pooler_output"}
+
+    def check_report(self, report: dict[str, Any], where: str = "report.json") -> None:
+        super().check_report(report, where)
+        zero_shot = report["zero_shot"]
+        labels, rows = zero_shot.get("labels"), zero_shot.get("input_ids")
+        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+            raise TurboExportError(f"{where}: zero_shot.labels must be a non-empty list of strings")
+        for key in ("input_ids", "attention_mask"):
+            value = zero_shot.get(key)
+            if key == "attention_mask" and value is None:
+                continue
+            if not (isinstance(value, list) and len(value) == len(labels) and all(
+                    isinstance(row, list) and row and len(row) == len(value[0])
+                    and all(isinstance(t, int) and not isinstance(t, bool) for t in row) for row in value)):
+                raise TurboExportError(f"{where}: zero_shot.{key} must be one list of token ids per label, all of "
+                                       "one length")
+
+    def graph_signatures(self, report: dict[str, Any]) -> dict[str, GraphSignature]:
+        zero_shot = report["zero_shot"]
+        length = len(zero_shot["input_ids"][0])
+        inputs: dict[str, Any] = {"input_ids": (None, length)}
+        if "attention_mask" in zero_shot:
+            inputs["attention_mask"] = (None, length)
+        return {**super().graph_signatures(report), "text": GraphSignature(inputs, {"text_embeds": (None, None)})}
 
     def summary_lines(self, report: dict[str, Any]) -> list[str]:
         lines = super().summary_lines(report)

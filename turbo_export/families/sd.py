@@ -3,6 +3,10 @@ the chosen transformer blocks and restores them after (generation models merge, 
 
 Graph inputs (static): sample [2B, 4, H/8, W/8] (classifier-free guidance: B unconditional + B conditional),
 timestep float32 [2B], encoder_hidden_states float32 [2B, 77, D]; output noise_pred [2B, 4, H/8, W/8].
+One declaration for both UNet layouts: an SDXL UNet (``addition_embed_type="text_time"``, presets and folders in
+``models/sdxl_presets.py``) also takes text_embeds [2B, P] and time_ids [2B, 6]. The components say which
+conditioning inputs their UNet reads (``conditioning``), so the graph, its example inputs, the FLOPs count and the
+generation pipeline follow the layout without a second family (report.json: ``layout``, ``graph_inputs``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from turbo_export.families.base import (
 )
 from turbo_export.families.summary import comparison_table
 from turbo_export.metrics import compare_outputs
-from turbo_export.models.sd_presets import SD_PRESETS, TEXT_LEN, SDComponents, load_sd
+from turbo_export.models.sd_presets import TEXT_LEN, SDComponents, all_presets, load_sd
 from turbo_export.patch import unet as unet_patch
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
@@ -40,14 +44,23 @@ EXAMPLE_TIMESTEP = 500.0
 
 
 class UNetGraph(nn.Module):
-    """(sample, timestep, encoder_hidden_states) -> (noise_pred,): the UNet call the pipeline makes per step."""
+    """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) -> (noise_pred,): the UNet call the
+    pipeline makes per step. SDXL's layout (``addition_embed_type="text_time"``) also takes the pooled text
+    embedding and the time ids (its added conditioning); SD 1.x's graph has the first three inputs only."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None):
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return (self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0],)
+
+
+def layout(unet: nn.Module) -> str:
+    """"sdxl" for a UNet with SDXL's added conditioning (text_embeds + time_ids), else "sd"."""
+    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
 
 
 @dataclass
@@ -97,18 +110,19 @@ def check_backend_sort_limit(turbo_unet: nn.Module, latent_hw: tuple[int, int], 
     k = largest_sort(turbo_unet, latent_hw)
     if backend == "tensorrt" and k >= TENSORRT_TOPK_LIMIT:
         raise TurboExportError(f"resolution: the merge sorts {k} tokens, above TensorRT's TopK limit "
-                               f"(K < {TENSORRT_TOPK_LIMIT}); use a resolution up to 512 px or merge coarser blocks")
+                               f"(K < {TENSORRT_TOPK_LIMIT}); use a smaller resolution (SD 1.x: up to 512 px) or merge "
+                               "coarser blocks")
 
 
 def example_inputs(components: SDComponents, latent_hw: tuple[int, int], batch: int, seed: int = 0,
                    prompt: str = EXAMPLE_PROMPT) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     channels = int(components.unet.config.in_channels)
-    text = components.encode([""] * batch + [prompt] * batch)
+    image_hw = tuple(s * components.vae_scale for s in latent_hw)
     return {
         "sample": torch.randn((2 * batch, channels, *latent_hw), generator=generator),
         "timestep": torch.full((2 * batch,), EXAMPLE_TIMESTEP),
-        "encoder_hidden_states": text,
+        **components.conditioning([""] * batch + [prompt] * batch, image_hw),
     }
 
 
@@ -126,7 +140,7 @@ def count_flops(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
     unet.set_attn_processor(AttnProcessor())
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
-            unet(*inputs.values(), return_dict=False)
+            UNetGraph(unet)(*inputs.values())
         return int(counter.get_total_flops())
     finally:
         unet.set_attn_processor(saved)
@@ -178,12 +192,12 @@ class SdUnetFamily(Family):
     bench_warmup = 1
 
     def presets(self) -> list[PresetInfo]:
-        return [PresetInfo(name, "UNet2DConditionModel (sd-unet)", p.description) for name, p in SD_PRESETS.items()]
+        return [PresetInfo(name, "UNet2DConditionModel (sd-unet)", p.description) for name, p in all_presets().items()]
 
     def preset_config(self, name: str) -> Any:
-        if name not in SD_PRESETS:
+        if name not in all_presets():
             return super().preset_config(name)
-        return SD_PRESETS[name]
+        return all_presets()[name]
 
     def load(self, source: str, options: Any = None, with_unet: bool = True) -> SDComponents:
         return load_sd(source, with_unet=with_unet)
@@ -229,6 +243,7 @@ class SdUnetFamily(Family):
 
         blocks = unet_patch.tokens_per_block(turbo, latent_hw, options.ratio, options.seed)
         report = {
+            "layout": layout(baseline), "graph_inputs": list(inputs),
             "ratio": options.ratio, "alpha": options.alpha, "blocks": options.blocks,
             "destination_seed": options.seed, "merge_impl": options.merge_impl, "resolution": resolution,
             "latent_size": list(latent_hw), "batch": options.batch, "graph_batch": 2 * options.batch,

@@ -43,6 +43,12 @@ def comparison_table(rows: list[tuple[str, str, str]], report: dict[str, Any], t
         b = report["bench"]
         lines.append(f"{'speedup':{width}}  {b['speedup']:>{col}.2f}x  "
                      f"({b['speedup_over_flops_ratio']:.2f} of the FLOPs ratio)")
+        spread = speedup_spread(b.get("baseline_ms") or [], b.get("turbo_ms") or [], report["flops"]["ratio"])
+        if spread:
+            lines.append(f"{'speedup per run':{width}}  {spread['min']:>{col}.2f}x  to {spread['max']:.2f}x, median "
+                         f"{spread['median']:.2f}x ({spread['runs']} interleaved runs, min to max)")
+            if spread["verdict"]:
+                lines.append(f"{'':{width}}  {spread['verdict']}")
     return lines
 
 
@@ -61,3 +67,26 @@ def peer_lines(report: dict[str, Any]) -> list[str]:
         spread = f"{bench['batch'] / p['max_ms'] * 1e3:.1f}..{bench['batch'] / p['min_ms'] * 1e3:.1f}"
         lines.append(f"  {label:{width}}  {p['items_per_s']:9.1f}  [{spread}]  {p['items_per_s'] / reference:5.2f}x")
     return lines
+
+
+def speedup_spread(baseline_ms: list[float], turbo_ms: list[float], flops_ratio: float) -> dict[str, Any] | None:
+    """The spread of the speedup over the interleaved runs: run i's speedup is baseline_ms[i] / turbo_ms[i] (the two
+    sides were timed one after the other in the same round). Returns min / median / max, the number of runs and a
+    ``verdict``: a plain sentence when even the slowest run beats the FLOPs ratio (more speedup than the removed
+    FLOPs explain: noise or a measurement artifact), or when only the median does (within the run-to-run spread);
+    else "". None without paired runs."""
+    pairs = [(b, t) for b, t in zip(baseline_ms, turbo_ms) if b > 0 and t > 0]
+    if not pairs:
+        return None
+    runs = sorted(b / t for b, t in pairs)
+    middle = len(runs) // 2
+    median = runs[middle] if len(runs) % 2 else (runs[middle - 1] + runs[middle]) / 2
+    verdict = ""
+    if runs[0] > flops_ratio:
+        verdict = (f"above the FLOPs ratio ({flops_ratio:.2f}x) in every run, by more than the run-to-run spread: "
+                   "likely noise or a measurement artifact (a loaded machine?), not a gain beyond the FLOPs removed")
+    elif median > flops_ratio:
+        verdict = (f"median above the FLOPs ratio ({flops_ratio:.2f}x) but within the run-to-run spread "
+                   f"(min {runs[0]:.2f}x): not a gain beyond the FLOPs removed")
+    return {"runs": len(runs), "min": runs[0], "median": median, "max": runs[-1], "flops_ratio": flops_ratio,
+            "above_flops_ratio": runs[0] > flops_ratio, "verdict": verdict}

@@ -117,22 +117,29 @@ BUILTINS: dict[str, Callable[[str], ImageSet]] = {
 
 
 def _read_image(path: str) -> np.ndarray:
-    from PIL import Image
+    from turbo_export.files import open_image
 
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "RGB"):
-                image = image.convert("RGB")
-            return np.asarray(image, dtype=np.uint8).copy()
-    except OSError as exc:
-        raise TurboExportError(f"data: cannot read image {path}: {exc}") from None
+    image = open_image(path, "data")
+    with image:
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
+        return np.asarray(image, dtype=np.uint8).copy()
+
+
+LABEL_MAX = 2 ** 63 - 1  # labels are int64 class indices
 
 
 def read_labels(path: str) -> list[tuple[str, int]]:
-    """``labels.csv`` (``filename,label``, optional header) or ``labels.txt`` (``filename label``)."""
+    """``labels.csv`` (``filename,label``, optional header) or ``labels.txt`` (``filename label``), UTF-8."""
+    from turbo_export.evaluate.common import read_text
+
+    text = read_text(path, "data")
     rows = []
-    with open(path, newline="") as f:
-        lines = list(csv.reader(f)) if path.endswith(".csv") else [ln.split() for ln in f]
+    try:
+        lines = list(csv.reader(text.splitlines())) if path.endswith(".csv") else [ln.split() for ln in
+                                                                                   text.splitlines()]
+    except csv.Error as exc:
+        raise TurboExportError(f"data: {path} is not a valid CSV file: {exc}") from None
     for number, row in enumerate(lines, 1):
         row = [c.strip() for c in row]
         if not row or not row[0] or row[0].startswith("#"):
@@ -143,10 +150,14 @@ def read_labels(path: str) -> list[tuple[str, int]]:
             raise TurboExportError(f"data: {path} line {number}: expected 'filename,label' "
                                    f"(labels.csv) or 'filename label' (labels.txt), got {row}")
         try:
-            rows.append((row[0], int(row[1])))
+            label = int(row[1])
         except ValueError:
-            raise TurboExportError(f"data: {path} line {number}: label must be an integer class, got '{row[1]}'"
-                                   ) from None
+            raise TurboExportError(f"data: {path} line {number}: label must be an integer class, got "
+                                   f"'{row[1][:40]}{'...' if len(row[1]) > 40 else ''}'") from None
+        if not 0 <= label <= LABEL_MAX:
+            raise TurboExportError(f"data: {path} line {number}: label {row[1][:40]}{'...' if len(row[1]) > 40 else ''}"
+                                   f" is out of range; a class index is an integer from 0 to 2^63 - 1")
+        rows.append((row[0], label))
     return rows
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from turbo_export.errors import TurboExportError
+from turbo_export.models.presets import check_weight_files, first_line, load_checked, quiet_loaders
 
 RANDOM_PREFIX = "random:"
 SEED = 0
@@ -116,6 +117,10 @@ class SDComponents:
         with torch.no_grad():
             return self.text_encoder(ids)[0]
 
+    def conditioning(self, prompts: list[str], image_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs for ``prompts`` (graph input name -> tensor); SD: the text states."""
+        return {"encoder_hidden_states": self.encode(prompts)}
+
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens of ``prompt`` with start and end, untruncated (``encode`` cuts at the text encoder's length)."""
         if isinstance(self.tokenizer, HashTokenizer):
@@ -136,13 +141,24 @@ class SDComponents:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
 
+def all_presets() -> dict[str, SDPreset]:
+    """SD 1.x presets and the SDXL ones (``models/sdxl_presets.py``)."""
+    from turbo_export.models.sdxl_presets import SDXL_PRESETS
+
+    return {**SD_PRESETS, **SDXL_PRESETS}
+
+
 def build_random_sd(preset_name: str, seed: int = SEED, with_unet: bool = True) -> SDComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from turbo_export.models.sdxl_presets import SDXL_PRESETS, build_random_sdxl
+
+    if preset_name in SDXL_PRESETS:
+        return build_random_sdxl(preset_name, seed, with_unet)
     if preset_name not in SD_PRESETS:
         raise TurboExportError(f"model: unknown preset 'random:{preset_name}'; SD presets: "
-                               + ", ".join(f"random:{n}" for n in SD_PRESETS))
+                               + ", ".join(f"random:{n}" for n in all_presets()))
     preset = SD_PRESETS[preset_name]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**preset.unet).eval() if with_unet else None
@@ -167,24 +183,39 @@ def load_sd_folder(path: str, with_unet: bool = True) -> SDComponents:
     if missing:
         raise TurboExportError(f"model: '{path}' has no {', '.join(m + '/' for m in missing)} folder; expected a "
                                "diffusers Stable Diffusion folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)")
+    components = {}
+    for name, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL)):
+        if name == "unet" and not with_unet:
+            components[name] = None
+            continue
+        folder = os.path.join(path, name)
+        check_weight_files(folder)
+        components[name] = load_checked(cls, folder, folder).eval()
+    unet, text_encoder, vae = components["unet"], components["text_encoder"], components["vae"]
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval() if with_unet else None
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
-    except (OSError, ValueError) as exc:
-        raise TurboExportError(f"model: cannot load '{path}': {str(exc).splitlines()[0]}") from None
+        with quiet_loaders():
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    except Exception as exc:  # noqa: BLE001  (missing vocabulary, bad JSON, ...)
+        raise TurboExportError(f"model: cannot load the tokenizer of '{path}': {first_line(exc)}") from None
     scheduler_config = dict(SD_SCHEDULER)
     config_file = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(config_file):
         import json
 
-        with open(config_file) as f:
-            loaded = json.load(f)
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise TurboExportError(f"model: '{config_file}' is unreadable: {first_line(exc)}") from None
+        if not isinstance(loaded, dict):
+            raise TurboExportError(f"model: '{config_file}' must hold a JSON object, got {type(loaded).__name__}")
         scheduler_config.update({k: v for k, v in loaded.items() if not k.startswith("_") and k != "skip_prk_steps"})
     sample = int((unet.config.sample_size if unet is not None else 64))
-    return SDComponents(unet, text_encoder, tokenizer, vae, scheduler_config, os.path.abspath(path),
-                        os.path.basename(os.path.normpath(path)), sample * VAE_SCALE)
+    components = SDComponents(unet, text_encoder, tokenizer, vae, scheduler_config, os.path.abspath(path),
+                              os.path.basename(os.path.normpath(path)), sample * VAE_SCALE)
+    from turbo_export.models.sdxl_presets import is_sdxl_folder, load_sdxl_folder
+
+    return load_sdxl_folder(path, components) if is_sdxl_folder(path) else components
 
 
 def load_sd(source: str, with_unet: bool = True) -> SDComponents:

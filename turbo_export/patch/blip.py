@@ -12,9 +12,11 @@ from torch import nn
 from turbo_export.patch.blocks import (
     TURBO_ATTR,
     BlockLayout,
+    BlockOutputs,
     FamilyAdapter,
     TurboSettings,
     TurboVisionOutput,
+    finish,
     fused_qkv,
     run_blocks,
 )
@@ -31,10 +33,12 @@ class TurboBlipVisionModel:
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
-        x, sizes = run_blocks(self.encoder.layers, BLIP_VISION_BLOCK, x, settings)
+        outputs = BlockOutputs.requested(self.config, kwargs)
+        x, sizes = run_blocks(self.encoder.layers, BLIP_VISION_BLOCK, x, settings, outputs)
         last = self.post_layernorm(x)
         pooled = self.post_layernorm(last[:, 0, :])
-        return TurboVisionOutput(last_hidden_state=last, pooler_output=pooled, token_sizes=sizes)
+        return finish(TurboVisionOutput(last_hidden_state=last, pooler_output=pooled, token_sizes=sizes,
+                                        **(outputs.fields() if outputs else {})), kwargs)
 
 
 def _blip_blocks(vision_model: nn.Module) -> nn.ModuleList:

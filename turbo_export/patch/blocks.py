@@ -79,12 +79,13 @@ class BlockLayout:
 def turbo_attention(
     attn: nn.Module, layout: BlockLayout, x: torch.Tensor, bias: torch.Tensor | None, semantic: str = "cls",
     size: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager self-attention with an additive key bias, also returning Turbo's two inputs.
 
     Returns (output [B, N, C], metric = keys averaged over heads [B, N, D], semantic value [B, N]: the CLS row of
     the attention probabilities averaged over heads, or a no-CLS value: ``"mean-query"`` (the mean query's row) or
-    ``"received"`` (the attention each token receives), queries weighted by ``size``: ``merge.semantic_value``).
+    ``"received"`` (the attention each token receives), queries weighted by ``size``: ``merge.semantic_value``;
+    probabilities [B, H, N, N]).
     """
     q, k, v = layout.qkv(attn, x)
     scale = getattr(attn, layout.scaling)
@@ -94,13 +95,41 @@ def turbo_attention(
     probs = logits.softmax(dim=-1)
     out = torch.matmul(probs, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
     semantic_value = merge.semantic_value(probs, semantic, size, q, k, scale, bias)
-    return getattr(attn, layout.out_proj)(out), k.mean(dim=1), semantic_value
+    return getattr(attn, layout.out_proj)(out), k.mean(dim=1), semantic_value, probs
 
 
 def _apply_chain(block: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
     for name in names:
         x = getattr(block, name)(x)
     return x
+
+
+@dataclass
+class BlockOutputs:
+    """What a transformers caller asked for with ``output_hidden_states`` / ``output_attentions``: filled by
+    ``run_blocks``. With Turbo the sizes differ per layer: hidden state l is [B, N_l, C] with N_l the tokens left
+    after block l's merge (entry 0: the embeddings), attention l is [B, H, N_(l-1), N_(l-1)] (block l attends over
+    its input tokens, before it merges)."""
+
+    hidden_states: list[torch.Tensor] | None = None
+    attentions: list[torch.Tensor] | None = None
+
+    @classmethod
+    def requested(cls, config: Any, kwargs: dict[str, Any]) -> BlockOutputs | None:
+        """The outputs asked for in a forward's kwargs (else the config's defaults), or None when neither is."""
+        def flag(name: str) -> bool:
+            value = kwargs.get(name)
+            return bool(getattr(config, name, False) if value is None else value)
+
+        hidden, attentions = flag("output_hidden_states"), flag("output_attentions")
+        if not (hidden or attentions):
+            return None
+        return cls([] if hidden else None, [] if attentions else None)
+
+    def fields(self) -> dict[str, tuple[torch.Tensor, ...] | None]:
+        """``hidden_states`` / ``attentions`` as transformers returns them (tuples, one entry per layer)."""
+        return {"hidden_states": None if self.hidden_states is None else tuple(self.hidden_states),
+                "attentions": None if self.attentions is None else tuple(self.attentions)}
 
 
 def turbo_block(
@@ -110,11 +139,14 @@ def turbo_block(
     size: torch.Tensor | None,
     r: int,
     settings: TurboSettings,
+    outputs: BlockOutputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One transformer block: attention, residual, merge (if r > 0), MLP, residual."""
     bias = merge.proportional_attention_bias(size) if (settings.prop_attn and size is not None) else None
-    h, metric, semantic = turbo_attention(getattr(block, layout.attention), layout, getattr(block, layout.norm1)(x),
-                                          bias, settings.semantic, size)
+    h, metric, semantic, probs = turbo_attention(getattr(block, layout.attention), layout,
+                                                 getattr(block, layout.norm1)(x), bias, settings.semantic, size)
+    if outputs is not None and outputs.attentions is not None:
+        outputs.attentions.append(probs)
     x = x + _apply_chain(block, layout.post_attn, h)
 
     if r > 0:
@@ -130,19 +162,30 @@ def turbo_block(
 
 
 def run_blocks(
-    blocks: nn.ModuleList, layout: BlockLayout, x: torch.Tensor, settings: TurboSettings
+    blocks: nn.ModuleList, layout: BlockLayout, x: torch.Tensor, settings: TurboSettings,
+    outputs: BlockOutputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All blocks; returns the final tokens and their sizes (ones where nothing merged)."""
+    """All blocks; returns the final tokens and their sizes (ones where nothing merged). ``outputs``: also collect
+    every block's output (merged length) and attention probabilities there."""
     size = None
     if settings.record_plans:
         settings.plans.clear()
         settings.margins.clear()
+    if outputs is not None and outputs.hidden_states is not None:
+        outputs.hidden_states.append(x)
     for block, r in zip(blocks, settings.schedule):
         r_l = merge.layer_r(r, x.shape[1], settings.protected, settings.min_tokens)
-        x, size = turbo_block(block, layout, x, size, r_l, settings)
+        x, size = turbo_block(block, layout, x, size, r_l, settings, outputs)
+        if outputs is not None and outputs.hidden_states is not None:
+            outputs.hidden_states.append(x)
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
     return x, size
+
+
+def finish(output: Any, kwargs: dict[str, Any]) -> Any:
+    """A patched forward's ModelOutput, as a tuple when the caller passed ``return_dict=False``."""
+    return output.to_tuple() if kwargs.get("return_dict") is False else output
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,11 @@ from turbo_export.patch.blocks import (
     QKV,
     TURBO_ATTR,
     BlockLayout,
+    BlockOutputs,
     FamilyAdapter,
     TurboSettings,
     TurboVisionOutput,
+    finish,
     run_blocks,
 )
 
@@ -56,9 +58,11 @@ class TurboClipVisionModel:
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         x = self.pre_layrnorm(x)
-        x, sizes = run_blocks(self.encoder.layers, CLIP_BLOCK, x, settings)
+        outputs = BlockOutputs.requested(self.config, kwargs)
+        x, sizes = run_blocks(self.encoder.layers, CLIP_BLOCK, x, settings, outputs)
         pooled = self.post_layernorm(x[:, 0, :])
-        return TurboVisionOutput(last_hidden_state=x, pooler_output=pooled, token_sizes=sizes)
+        return finish(TurboVisionOutput(last_hidden_state=x, pooler_output=pooled, token_sizes=sizes,
+                                        **(outputs.fields() if outputs else {})), kwargs)
 
 
 def attention_pool(head: nn.Module, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
@@ -86,13 +90,15 @@ class TurboSiglipVisionModel:
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         tokens_in = x.shape[1]
-        x, sizes = run_blocks(self.encoder.layers, CLIP_BLOCK, x, settings)
+        outputs = BlockOutputs.requested(self.config, kwargs)
+        x, sizes = run_blocks(self.encoder.layers, CLIP_BLOCK, x, settings, outputs)
         last = self.post_layernorm(x)
         pooled = None
         if self.use_head:
             merged = x.shape[1] < tokens_in  # static: the token count of every block is a number in the graph
             pooled = attention_pool(self.head, last, sizes if (settings.prop_attn and merged) else None)
-        return TurboVisionOutput(last_hidden_state=last, pooler_output=pooled, token_sizes=sizes)
+        return finish(TurboVisionOutput(last_hidden_state=last, pooler_output=pooled, token_sizes=sizes,
+                                        **(outputs.fields() if outputs else {})), kwargs)
 
 
 def _vision_blocks(vision_model: nn.Module) -> nn.ModuleList:

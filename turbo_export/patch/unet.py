@@ -219,7 +219,8 @@ def apply_turbo_unet(unet: nn.Module, ratio: float, alpha: float = 1.0, blocks: 
                      ) -> nn.Module:
     """Patch ``unet`` in place: merge ``ratio`` of the tokens in the chosen blocks; returns the UNet.
 
-    blocks: 'default' (highest-resolution level only, ToMe for SD's max_downsample = 1), 'all', or a
+    blocks: 'default' (the highest-resolution level with transformer blocks only: ToMe for SD's max_downsample
+    = 1 on SD 1.x, 2 on SDXL, whose full-size level has no attention), 'all', or a
     maximum downsampling factor. seed: None = destination at each 2x2 cell's top-left, else a seeded pattern.
     merge_impl: "onnx" (standard ops) or "plugin" (each merge one TurboMerge node, each restore one TurboUnmerge
     node when exported; same tokens after restore, see ``_plugin_site``). Calling it again replaces the settings.
@@ -234,8 +235,10 @@ def apply_turbo_unet(unet: nn.Module, ratio: float, alpha: float = 1.0, blocks: 
     if unknown:
         raise TurboExportError(f"parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     remove_turbo_unet(unet)
-    settings = SDTurboSettings(ratio=ratio, alpha=float(alpha),
-                               max_downsample=max_downsample_for(blocks, len(unet.down_blocks)), seed=seed,
+    max_downsample = max_downsample_for(blocks, len(unet.down_blocks))
+    if blocks == "default":  # the finest level that has transformer blocks: SDXL has none at full latent size
+        max_downsample = 2 ** min((level for _, _, level in transformer_blocks(unet)), default=0)
+    settings = SDTurboSettings(ratio=ratio, alpha=float(alpha), max_downsample=max_downsample, seed=seed,
                                parts=tuple(parts), merge_impl=merge_impl)
     for name, block, level in transformer_blocks(unet):
         if 2 ** level > settings.max_downsample:

@@ -7,9 +7,11 @@ from torch import nn
 from turbo_export.patch.blocks import (
     TURBO_ATTR,
     BlockLayout,
+    BlockOutputs,
     FamilyAdapter,
     TurboSettings,
     TurboVisionOutput,
+    finish,
     run_blocks,
     separate_qkv,
 )
@@ -34,10 +36,12 @@ class TurboViTBackbone:
             bool_masked_pos=bool_masked_pos,
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
         )
-        x, sizes = run_blocks(self.layers, VIT_BLOCK, x, settings)
+        outputs = BlockOutputs.requested(self.config, kwargs)
+        x, sizes = run_blocks(self.layers, VIT_BLOCK, x, settings, outputs)
         sequence_output = self.layernorm(x)
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
-        return TurboVisionOutput(last_hidden_state=sequence_output, pooler_output=pooled, token_sizes=sizes)
+        return finish(TurboVisionOutput(last_hidden_state=sequence_output, pooler_output=pooled, token_sizes=sizes,
+                                        **(outputs.fields() if outputs else {})), kwargs)
 
 
 class TurboDinov2Backbone:
@@ -46,10 +50,11 @@ class TurboDinov2Backbone:
     def forward(self, pixel_values=None, bool_masked_pos=None, **kwargs):
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        x, sizes = run_blocks(self.encoder.layer, DINOV2_BLOCK, x, settings)
+        outputs = BlockOutputs.requested(self.config, kwargs)
+        x, sizes = run_blocks(self.encoder.layer, DINOV2_BLOCK, x, settings, outputs)
         sequence_output = self.layernorm(x)
-        return TurboVisionOutput(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0, :],
-                                 token_sizes=sizes)
+        return finish(TurboVisionOutput(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0, :],
+                                        token_sizes=sizes, **(outputs.fields() if outputs else {})), kwargs)
 
 
 def _vit_blocks(backbone: nn.Module) -> nn.ModuleList:

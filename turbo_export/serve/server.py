@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from turbo_export.errors import TurboExportError
-from turbo_export.files import read_report
 from turbo_export.serve.request_checks import integer_input_ranges
 from turbo_export.serve.triton_repo import ModelConfig, TensorSpec, onnx_signature, to_pbtxt
 
@@ -72,6 +71,28 @@ class ServeOptions:
     threads: int = 0  # ONNX Runtime intra-op threads per model instance (0: its default)
     top_k: int = 5
     pipelines: bool = True
+
+
+def check_serve_options(options: ServeOptions, ports: dict[str, int | None] | None = None) -> None:
+    """Every number of ``options`` (and the ports: None or 0 is off, where a port may be off) in its range."""
+    from turbo_export.limits import (
+        MAX_BATCH,
+        MAX_INSTANCES,
+        MAX_PORT,
+        MAX_REQUEST_MB,
+        MAX_THREADS,
+        check_range,
+    )
+
+    check_range("max-batch", options.max_batch, 1, MAX_BATCH)
+    check_range("max-request-mb", options.max_request_mb, 0.0, MAX_REQUEST_MB, integer=False, low_open=True)
+    check_range("queue-delay-us", options.queue_delay_us, 0, 10 ** 7)
+    check_range("instances", options.instances, 1, MAX_INSTANCES)
+    check_range("threads", options.threads, 0, MAX_THREADS)
+    check_range("top-k", options.top_k, 1, 10 ** 6)
+    for name, port in (ports or {}).items():
+        if port is not None:
+            check_range(name, port, 1 if name == "port" else 0, MAX_PORT)
 
 
 def tritonserver_unavailable_reason() -> str | None:
@@ -155,7 +176,7 @@ def blip_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions
     tokenizer_dir, preprocess, token_ids = blip_processor_files(report, work_dir)
     common = {"handler": "blip", "export_dir": os.path.abspath(export_dir), "task": task["name"],
               "tokenizer_dir": tokenizer_dir, "preprocess": preprocess, "token_ids": token_ids,
-              "max_new_tokens": int(task["max_new_tokens"]), "num_beams": int(task["num_beams"]),
+              "max_new_tokens": int(task.get("max_new_tokens", 20)), "num_beams": int(task.get("num_beams", 1)),
               "size_aware": bool(task.get("size_aware_cross_attention")), "text_len": int(task.get("text_len", 0))}
     for flavour in FLAVOURS:
         if task["name"] == "caption":
@@ -254,17 +275,13 @@ PIPELINES: dict[str, Callable[..., list[Binding]]] = {
 
 
 def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[Binding]:
-    from turbo_export.families import families
+    from turbo_export.evaluate.common import read_export
+    from turbo_export.families import get_family
 
-    report = read_report(export_dir)
-    family = next((f for f in families() if f.name == report.get("family")), None)
-    if family is None or family.kind not in PIPELINES:
-        raise TurboExportError(f"'{export_dir}': serving a '{report.get('family')}' export is not supported yet; "
-                               f"supported: {', '.join(f.name for f in families() if f.kind in PIPELINES)}")
-    if options.max_batch < 1:
-        raise TurboExportError(f"max-batch: must be >= 1, got {options.max_batch}")
-    if options.max_request_mb <= 0:
-        raise TurboExportError(f"max-request-mb: must be positive, got {options.max_request_mb}")
+    # report.json and every graph it names checked once, before the server starts (one line naming the file)
+    report = read_export(export_dir, tuple(PIPELINES), command="serve")
+    family = get_family(report["family"])
+    check_serve_options(options)
     from turbo_export.backends import require_backend
 
     require_backend(options.backend)
@@ -442,6 +459,7 @@ def serving(export_dir: str, options: ServeOptions, host: str = "127.0.0.1", htt
     on exit, the gateway first so no new request reaches a stopping server."""
     from turbo_export.serve.gateway import Gateway
 
+    check_serve_options(options, {"port": http_port, "grpc-port": grpc_port, "metrics-port": metrics_port})
     work_dir = tempfile.mkdtemp(prefix="turbo-serve-")
     server = gateway = None
     try:

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 
 from turbo_export.core.plugin_contract import MERGE_OP, UNMERGE_OP
 from turbo_export.errors import TurboExportError
-from turbo_export.files import read_report, staged_output
+from turbo_export.files import check_inside, check_writable_target, read_onnx, read_report, staged_output
+from turbo_export.limits import MAX_BATCH, MAX_GPU_ID, MAX_INSTANCES, check_range
 
 # numpy dtype name -> (Triton config type, KServe v2 datatype)
 TRITON_TYPES = {
@@ -105,14 +106,7 @@ def to_pbtxt(config: ModelConfig) -> str:
 
 def onnx_signature(path: str) -> tuple[list[TensorSpec], list[TensorSpec], set[str]]:
     """Inputs, outputs (full shapes, -1 for symbolic dims) and the custom op types of an ONNX file."""
-    import onnx
-
-    if not os.path.isfile(path):
-        raise TurboExportError(f"ONNX file '{path}' does not exist")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others for corrupt files
-        raise TurboExportError(f"cannot read ONNX file '{path}': {str(exc).splitlines()[0]}") from None
+    model = read_onnx(path)
     initializers = {i.name for i in model.graph.initializer}
 
     def specs(values: Iterable[Any]) -> list[TensorSpec]:
@@ -149,14 +143,14 @@ def _static_batch(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool:
 
 
 def _external_data_files(path: str) -> list[str]:
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
+    """The external-data files of an ONNX file (beside it), each refused if it lies outside the file's folder."""
     names = set()
-    for init in model.graph.initializer:
+    for init in read_onnx(path).graph.initializer:
         for entry in init.external_data:
             if entry.key == "location":
                 names.add(entry.value)
+    for name in names:
+        check_inside(os.path.dirname(path), name, f"'{path}': external data")
     return sorted(names)
 
 
@@ -181,12 +175,49 @@ class RepoModel:
     custom_ops: set[str]
 
 
+def machine_has_gpu() -> bool:
+    """Whether this machine has a CUDA GPU: nvidia-smi lists one, or torch sees one."""
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
+            if listed.returncode == 0 and any(line.startswith("GPU ") for line in listed.stdout.splitlines()):
+                return True
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001  (no torch, or a broken CUDA install: no usable GPU either way)
+        return False
+
+
+def instance_kind(kind: str) -> str:
+    """``auto`` (a GPU if this machine has one), ``gpu`` or ``cpu`` -> Triton's KIND_GPU / KIND_CPU."""
+    if kind not in ("auto", "gpu", "cpu"):
+        raise TurboExportError(f"kind: unknown '{kind}'; choose auto, cpu or gpu")
+    if kind == "auto":
+        kind = "gpu" if machine_has_gpu() else "cpu"
+    return "KIND_GPU" if kind == "gpu" else "KIND_CPU"
+
+
 def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: int = 8, instances: int = 1,
-                    kind: str = "gpu", gpus: Sequence[int] = (), queue_delay_us: int = 100,
+                    kind: str = "auto", gpus: Sequence[int] = (), queue_delay_us: int = 100,
                     names: Sequence[str] | None = None) -> list[RepoModel]:
-    """What `write_repository` writes: one Triton model per exported graph of the folder."""
+    """What `write_repository` writes: one Triton model per exported graph of the folder. ``kind``: auto (KIND_GPU
+    when this machine has a GPU, else KIND_CPU), gpu or cpu."""
+    check_range("max-batch", max_batch, 1, MAX_BATCH)
+    check_range("instances", instances, 1, MAX_INSTANCES)
+    check_range("queue-delay-us", queue_delay_us, 0, 10 ** 7)
+    for gpu in gpus:
+        check_range("gpus", gpu, 0, MAX_GPU_ID)
     report = read_report(export_dir)
-    files: dict[str, str] = dict(report.get("files") or {})
+    files: dict[str, str] = dict(report["files"])
+    if not files:
+        raise TurboExportError(f"{os.path.join(export_dir, 'report.json')}: 'files' lists no graph")
     if names:
         unknown = [n for n in names if n not in files]
         if unknown:
@@ -194,16 +225,15 @@ def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: in
         files = {n: files[n] for n in names}
     if backend not in ("onnxruntime", "tensorrt"):
         raise TurboExportError(f"backend: unknown '{backend}'; choose onnxruntime or tensorrt")
-    if max_batch < 1:
-        raise TurboExportError(f"max-batch: must be >= 1, got {max_batch}")
-    if instances < 1:
-        raise TurboExportError(f"instances: must be >= 1, got {instances}")
+    group_kind = instance_kind(kind)
+    if gpus and group_kind != "KIND_GPU":
+        raise TurboExportError(f"gpus: --gpus {','.join(str(g) for g in gpus)} needs instances on GPUs (--kind gpu)")
     models = []
     for name, filename in files.items():
         onnx_path = os.path.join(export_dir, filename)
         inputs, outputs, custom = onnx_signature(onnx_path)
         config = ModelConfig(name=name, inputs=inputs, outputs=outputs,
-                             instance_kind="KIND_GPU" if kind == "gpu" else "KIND_CPU", instance_count=instances,
+                             instance_kind=group_kind, instance_count=instances,
                              gpus=tuple(gpus))
         if backend == "tensorrt":
             plan = _find_plan(export_dir, name)
@@ -240,14 +270,14 @@ def _find_plan(export_dir: str, name: str) -> str:
 
 
 def write_repository(models: list[RepoModel], out_dir: str, link: bool = False) -> list[str]:
-    """Write ``<out>/<model>/config.pbtxt`` and ``<out>/<model>/1/<files>`` atomically; returns the model folders."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TurboExportError(f"out: '{out_dir}' is a file")
+    """Write ``<out>/<model>/config.pbtxt`` and ``<out>/<model>/1/<files>`` atomically (all models or none; the
+    folder's other models stay); returns the model folders."""
+    check_writable_target(out_dir, "out", folder=True)
     taken = [m.name for m in models if os.path.exists(os.path.join(out_dir, m.name))]
     if taken:
         raise TurboExportError(f"out: '{out_dir}' already has model folder(s) {', '.join(taken)}; remove them or "
                                "choose another --out")
-    with staged_output(out_dir) as stage:
+    with staged_output(out_dir, merge=True) as stage:
         for m in models:
             folder = os.path.join(stage, m.name)
             os.makedirs(os.path.join(folder, "1"))
@@ -263,3 +293,27 @@ def write_repository(models: list[RepoModel], out_dir: str, link: bool = False) 
                 with open(os.path.join(folder, "PLUGINS.md"), "w") as f:
                     f.write(PLUGIN_NOTE.format(ops=", ".join(sorted(m.custom_ops))))
     return [os.path.join(os.path.abspath(out_dir), m.name) for m in models]
+
+
+def run_hints(export_dir: str, out_dir: str, models: list[RepoModel]) -> list[str]:
+    """Commands that serve what was written, with what this machine has installed: a full tritonserver on the PATH,
+    the one bundled with nvidia-pytriton (Python backend only: it cannot load onnxruntime_onnx / tensorrt_plan
+    models, so `turbo-export serve` serves the export folder with it), and NVIDIA's container."""
+    import importlib.util
+
+    out = os.path.abspath(out_dir)
+    gpu = any(m.config.instance_kind == "KIND_GPU" for m in models)
+    plugins = " --backend-config=tensorrt,plugins=/path/to/libturbo_plugins.so" if any(m.custom_ops for m in models) \
+        else ""
+    lines = []
+    full = shutil.which("tritonserver")
+    if full and os.path.isdir(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(full))), "backends",
+                                           "onnxruntime")):
+        lines.append(f"run: tritonserver --model-repository {out}{plugins}")
+    if importlib.util.find_spec("pytriton") is not None:
+        lines.append(f"run here: turbo-export serve {export_dir}  (the tritonserver bundled with nvidia-pytriton has "
+                     "only the Python backend, so it cannot load this repository; `serve` runs the export with it)")
+    lines.append(f"with NVIDIA's container: docker run --rm{' --gpus all' if gpu else ''} -p 8000:8000 -p 8001:8001 "
+                 f"-v {out}:/models nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository /models"
+                 f"{plugins}")
+    return lines
