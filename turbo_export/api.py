@@ -21,6 +21,7 @@ def apply_turbo(
     min_tokens: int = 0,
     prop_attn: bool = True,
     merge_impl: str = "onnx",
+    semantic: str | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place so every block merges tokens with Turbo; returns the model.
 
@@ -29,7 +30,9 @@ def apply_turbo(
     None: the family's default for the model's class, e.g. 150 for ViT classifiers, 6 for backbones and BLIP).
     Blocks whose input is shorter than ``min_tokens`` do not merge. Calling it again replaces the settings.
     ``merge_impl="plugin"`` routes every merge through the ``turbo::merge`` custom op (one TurboMerge node per
-    block when exported). A diffusers UNet merges a fraction of tokens: ``patch.unet.apply_turbo_unet``.
+    block when exported). ``semantic``: the semantic value I, "cls", "mean-query" or "received" (None: the
+    architecture's; SigLIP has no CLS token and uses "mean-query"). A diffusers UNet merges a fraction of tokens:
+    ``patch.unet.apply_turbo_unet``.
 
     With ``output_hidden_states=True`` / ``output_attentions=True`` the patched model returns what it computed, one
     entry per layer with sizes that shrink as tokens merge: hidden state l is [B, N_l, C] (N_l: tokens left after
@@ -49,7 +52,7 @@ def apply_turbo(
     if merge_impl not in ("onnx", "plugin"):
         raise TurboExportError(f"merge_impl: must be 'onnx' or 'plugin', got {merge_impl!r}")
     _check_ratio_fits(model, ratio, merge_impl)
-    return patch_model(model, ratio, alpha, min_tokens, prop_attn, merge_impl)
+    return patch_model(model, ratio, alpha, min_tokens, prop_attn, merge_impl, semantic)
 
 
 def _check_ratio_fits(model: nn.Module, ratio: merge.RSchedule, merge_impl: str) -> None:

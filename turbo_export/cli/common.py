@@ -136,6 +136,7 @@ class JobChoices:
     int8_mode: str = "dynamic"
     calib_data: str | None = None
     overwrite: bool = False
+    peers: bool = True
 
     def run_options(self) -> Any:
         from turbo_export.export.job import RunOptions
@@ -145,7 +146,8 @@ class JobChoices:
         return RunOptions(out_dir=self.out_dir or "", backend=self.backend, precision=self.precision,
                           validate=self.validate, bench=self.bench, bench_runs=self.runs, atol=self.atol,
                           static_batch=self.static_batch, max_batch=self.max_batch, int8_mode=self.int8_mode,
-                          calib_data=self.calib_data, progress=progress_enabled(), overwrite=self.overwrite)
+                          calib_data=self.calib_data, progress=progress_enabled(), overwrite=self.overwrite,
+                          peers=self.peers)
 
 
 def export_and_print(family_name: str, source: str, options: Any, job: JobChoices) -> dict[str, Any]:
@@ -191,6 +193,8 @@ def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerg
         click.option("--no-validate", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check (not recommended)."),
         click.option("--runs", type=int, default=runs, show_default=True, help="Timed runs per model."),
         click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (max abs diff)."),
+        click.option("--no-peers", is_flag=True,
+                     help="Time only the exported graphs (not also the PyTorch eager models in the same run)."),
         click.option("--static-batch", is_flag=True,
                      help="Export graphs with the static batch --batch (default: a symbolic batch dimension; parity "
                           "is then checked at batch 1 and at --batch)."),
@@ -204,9 +208,10 @@ def job_options(runs: int, out_help: str, merge_help: str = "one turbo.TurboMerg
         @functools.wraps(command)
         def wrapper(*args: Any, backend: str, precision: str, merge_impl: str, out_dir: str | None, overwrite: bool,
                     no_bench: bool, no_validate: bool, runs: int, atol: float, static_batch: bool,
-                    max_batch: int | None, int8_mode: str, calib_data: str | None, **kwargs: Any) -> Any:
+                    max_batch: int | None, int8_mode: str, calib_data: str | None, no_peers: bool,
+                    **kwargs: Any) -> Any:
             job = JobChoices(backend, precision, merge_impl, out_dir, not no_validate, not no_bench, runs, atol,
-                             static_batch, max_batch or 0, int8_mode, calib_data, overwrite)
+                             static_batch, max_batch or 0, int8_mode, calib_data, overwrite, not no_peers)
             return command(*args, job=job, **kwargs)
 
         for option in reversed(options):

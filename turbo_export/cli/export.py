@@ -1,4 +1,4 @@
-"""The export commands of the encoder families (`vit`, `blip`) and `presets`."""
+"""The export commands of the encoder families (`vit`, `clip`, `blip`) and `presets`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from turbo_export.errors import TurboExportError
 
 @click.command()
 @click.option("--model", "model_source", required=True,
-              help="random:<preset> (vit-base-patch16-224, vit-large-patch16-224, tiny, ...), a local "
-                   "Hugging Face folder, or a hub id.")
+              help="random:<preset> (vit-base-patch16-224, clip-vit-base-patch16, siglip-base-patch16-224, "
+                   "tiny, ...: 'turbo-export presets'), a local Hugging Face folder, or a hub id (ViT, DeiT, "
+                   "DINOv2, CLIP or SigLIP image encoders).")
 @click.option("--ratio", required=True, help="Tokens merged per block (r): an int, or a comma-separated per-layer list.")
 @click.option("--schedule", type=click.Choice(["constant", "decreasing"]), default="constant", show_default=True,
               help="For an int ratio: constant r, or ToMe's decreasing schedule (1.5r down to 0.5r).")
@@ -27,7 +28,9 @@ from turbo_export.errors import TurboExportError
 @user_errors
 def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_tokens: int, no_prop_attn: bool,
         batch: int, image_size: int | None, job: JobChoices) -> None:
-    """Export a ViT / DeiT / DINOv2 model unaccelerated and with Turbo, check parity, compare throughput."""
+    """Export an image encoder (ViT, DeiT, DINOv2, CLIP, SigLIP) unaccelerated and with Turbo, check parity,
+    compare throughput."""
+    from turbo_export.families.base import image_encoder_for
     from turbo_export.families.vit import VitOptions
 
     r = parse_ratio(ratio)
@@ -37,7 +40,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_t
         r = (r, -0.5)
     options = VitOptions(ratio=r, alpha=alpha, min_tokens=min_tokens, prop_attn=not no_prop_attn, batch=batch,
                          image_size=image_size, merge_impl=job.merge_impl)
-    export_and_print("vit", model_source, options, job)
+    export_and_print(image_encoder_for(model_source).name, model_source, options, job)
 
 
 @click.command()
@@ -84,6 +87,35 @@ def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_toke
     export_and_print("blip", model_source, options, job)
 
 
+@click.command("clip")
+@click.option("--model", "model_source", default="random:clip-vit-base-patch16-zero-shot", show_default=True,
+              help="random:<preset> (clip-vit-base-patch16-zero-shot, siglip-base-patch16-224-zero-shot, "
+                   "tiny-clip-zero-shot, tiny-siglip-zero-shot), or a CLIPModel / SiglipModel folder or hub id.")
+@click.option("--labels", required=True, help='The classes, comma-separated: "a cat,a dog,a car".')
+@click.option("--template", default="a photo of {}", show_default=True,
+              help="The prompt of each label ({} is the label).")
+@click.option("--ratio", required=True, help="Tokens merged per image-tower block (r): an int or a per-layer list.")
+@click.option("--alpha", type=float, default=None, help="Weight of the semantic value I (0 = ToMe) [default: 6].")
+@click.option("--min-tokens", type=int, default=0, show_default=True,
+              help="No merge in a block whose input is shorter than this.")
+@click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention (log size bias).")
+@click.option("--batch", type=int, default=8, show_default=True, help="Images per call of the image graphs.")
+@click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
+@job_options(runs=10, out_help="engines/<name>-r<ratio>/")
+@user_errors
+def clip(model_source: str, labels: str, template: str, ratio: str, alpha: float | None, min_tokens: int,
+         no_prop_attn: bool, batch: int, image_size: int | None, job: JobChoices) -> None:
+    """Zero-shot classification with CLIP / SigLIP: the image tower unaccelerated and with Turbo plus the text
+    tower, with the label prompts; parity of the three graphs, zero-shot agreement, throughput."""
+    from turbo_export.families.clip_zero_shot import ZeroShotOptions, prompts_for
+
+    prompts_for(labels.split(","), template)  # a bad label list is one line before the model loads
+    options = ZeroShotOptions(ratio=parse_ratio(ratio), alpha=alpha, min_tokens=min_tokens,
+                              prop_attn=not no_prop_attn, batch=batch, image_size=image_size,
+                              merge_impl=job.merge_impl, labels=tuple(labels.split(",")), template=template)
+    export_and_print("clip-zero-shot", model_source, options, job)
+
+
 @click.command("presets")
 def list_presets() -> None:
     """List the random:<preset> models (seeded random weights, built offline)."""
@@ -92,4 +124,4 @@ def list_presets() -> None:
     rows = [(f"random:{p.name}", f.name, p.model_class, p.description) for f in families() for p in f.presets()]
     width = max(len(r[0]) for r in rows)
     for name, family, model_class, description in rows:
-        click.echo(f"{name:{width}}  {family:7} {model_class:38}  {description}")
+        click.echo(f"{name:{width}}  {family:14} {model_class:38}  {description}")

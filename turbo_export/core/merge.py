@@ -77,6 +77,74 @@ def information_degree(
     return degree, dst
 
 
+SEMANTIC_VALUES = ("cls", "received", "mean-query")
+
+# The semantic value I without a CLS token (SigLIP; docs/clip-siglip.md has the figures).
+# Turbo's I is the CLS row: how much the token that becomes the image representation reads from each token. A model
+# without a CLS token needs a stand-in with the same scale (a distribution over the tokens, summing to 1, so the same
+# alpha weighs it the same way against R in [-1, 1]), static shapes, and little cost. Two were built and checked on
+# the real DINOv2 (which has a CLS row to compare with), scripts/semantic_no_cls_check.py:
+# - "mean-query" (SigLIP's default): the attention row of the size-weighted mean query. It is a CLS-like query made
+#   from the tokens themselves: one row, as peaked as the CLS row, asking what the image as a whole attends to. At
+#   alpha 6 it lies between ToMe and the CLS row on the mean cosine and has the best worst case at r = 16 (CLS output
+#   cosine on 60 photo views: mean 0.9929, min 0.9732; ToMe 0.9937 / 0.9618; CLS row 0.9950 / 0.9537).
+# - "received": the attention each token receives, averaged over heads and queries (the column mean). Measured worse
+#   than ToMe at r = 8 and 16, and the reason is structural: a token in a large uniform region is attended by the many
+#   tokens similar to it, so what it receives grows with its redundancy; E = R - alpha * I then cancels part of R and
+#   pushes the merge onto distinct tokens. Kept as an option (and as the negative result it is).
+
+
+def cls_attention(probs: torch.Tensor) -> torch.Tensor:
+    """Turbo's semantic value: the CLS query's attention to every token, averaged over heads. [B, H, N, N] -> [B, N]."""
+    return probs[:, :, 0, :].mean(dim=1)
+
+
+def received_attention(probs: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention each token receives, averaged over heads and over queries, each query weighted by how many
+    patches it stands for (a merged query counts as its ``size`` tokens). [B, H, N, N] -> [B, N], summing to 1.
+
+    Grows with a token's redundancy (see the note above): measured worse than ToMe as Turbo's I on DINOv2.
+    """
+    per_query = probs.mean(dim=1)  # [B, N (queries), N (keys)]
+    if size is None:
+        return per_query.mean(dim=1)
+    weight = size / size.sum(dim=1, keepdim=True)  # [B, N, 1], sums to 1 over the queries
+    return (per_query * weight).sum(dim=1)
+
+
+def mean_query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                         size: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention row of the *mean query* (queries weighted by size), averaged over heads: [B, N], summing to 1.
+
+    q, k: [B, H, N, D]; bias: the block's key bias [B, 1, 1, N] (log size, so a merged key counts as its tokens)
+    or None. It equals the softmax over keys of the size-weighted mean of the queries' log attention: a geometric
+    mean of the rows, where ``received_attention`` is their arithmetic mean. Cost: one [1, N] row per head.
+    """
+    if size is None:
+        mean_q = q.mean(dim=2, keepdim=True)  # [B, H, 1, D]
+    else:
+        weight = (size / size.sum(dim=1, keepdim=True))[:, None]  # [B, 1, N, 1]
+        mean_q = (q * weight).sum(dim=2, keepdim=True)
+    logits = torch.matmul(mean_q, k.transpose(2, 3)) * scale
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1)[:, :, 0, :].mean(dim=1)
+
+
+def semantic_value(probs: torch.Tensor, kind: str, size: torch.Tensor | None = None, q: torch.Tensor | None = None,
+                   k: torch.Tensor | None = None, scale: float = 1.0, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """I for one block: ``"cls"`` (Turbo's CLS row of ``probs`` [B, H, N, N]), ``"received"`` (the column mean of
+    ``probs``) or ``"mean-query"`` (the mean query's row, from ``q``, ``k``, ``scale`` and the key ``bias``)."""
+    if kind == "cls":
+        return cls_attention(probs)
+    if kind == "received":
+        return received_attention(probs, size)
+    if kind == "mean-query":
+        return mean_query_attention(q, k, scale, bias, size)
+    raise ValueError(f"semantic value: unknown '{kind}'; choose one of {', '.join(SEMANTIC_VALUES)}")
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor,
     r: int,

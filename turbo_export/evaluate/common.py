@@ -8,6 +8,7 @@ from typing import Any
 from turbo_export import files
 from turbo_export.errors import TurboExportError
 from turbo_export.families import families, get_family
+from turbo_export.families.base import image_encoder_for
 
 RANDOM_NOTE = ("random weights (random: presets): these figures only show that the Turbo graphs track the "
                "unaccelerated ones; they are weak evidence of quality on real weights")
@@ -183,12 +184,5 @@ def _check_pair(base_path: str, turbo_path: str, base: Signature, turbo: Signatu
 
 def load_image_encoder(source: str) -> tuple[Any, Any]:
     """(family, loaded model) for ``source`` among the image-encoder families (sweep and visualize use them)."""
-    candidates = [f for f in families() if f.kind == "image-encoder"]
-    first_error: TurboExportError | None = None
-    for family in candidates:
-        try:
-            return family, family.load(source)
-        except TurboExportError as exc:
-            first_error = first_error or exc
-    assert first_error is not None
-    raise first_error
+    family = image_encoder_for(source)
+    return family, family.load(source)

@@ -58,12 +58,12 @@ def onnx_forward(runner: Runner) -> Callable[[np.ndarray], dict[str, np.ndarray]
     return lambda x: runner.run({INPUT: x})
 
 
-def torch_forward(model: torch.nn.Module, output_names: list[str], forward_kwargs: dict[str, Any]
-                  ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def torch_forward(module: torch.nn.Module, output_names: list[str]) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """``module``: the family's graph module (pixel_values -> the tuple of ``output_names``)."""
     def forward(x: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            out = model(pixel_values=torch.from_numpy(x), **forward_kwargs)
-        return {name: out[name].float().numpy() for name in output_names}
+            out = module(torch.from_numpy(x))
+        return {name: value.float().numpy() for name, value in zip(output_names, out)}
     return forward
 
 
@@ -234,8 +234,8 @@ def validate_export(
     result["precision"] = precision
     torch_turbo = None
     if torch_reference:
-        names, kwargs = family.output_names(loaded), family.forward_kwargs(loaded, image_size)
-        torch_turbo = run_dataset(torch_forward(turbo_model(loaded, report), names, kwargs), pixels, batch,
+        module = family.graph_module(turbo_model(loaded, report), loaded, image_size)
+        torch_turbo = run_dataset(torch_forward(module, family.output_names(loaded)), pixels, batch,
                                   "turbo (PyTorch)", progress)
         result["pytorch"] = parity(base, torch_turbo, images.labels)
         atol = float((report.get("parity") or {}).get("atol", 1e-4))
@@ -356,6 +356,10 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
                                               progress)
     if family.kind == "vision-language":
         return validate_vl.validate_blip(folder, report, source, limit, backend, texts, question, progress)
+    if family.kind == "image-text":
+        from turbo_export.evaluate import validate_zero_shot
+
+        return validate_zero_shot.validate_zero_shot(folder, report, source, limit, backend, progress)
     return validate_export(folder, source, limit, model=model, torch_reference=torch_reference, backend=backend,
                            progress=progress, report=report)
 
@@ -363,11 +367,13 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
 
 
 def family_summary_lines(result: dict[str, Any]) -> list[str]:
-    """The printed summary of a vision-language or text-to-image result (image encoders: ``summary_lines``)."""
-    from turbo_export.evaluate import validate_diffusion, validate_vl
+    """The printed summary of a vision-language, image-text or text-to-image result (image encoders:
+    ``summary_lines``)."""
+    from turbo_export.evaluate import validate_diffusion, validate_vl, validate_zero_shot
 
     kind = get_family(result["family"]).kind
-    lines = (validate_diffusion if kind == "text-to-image" else validate_vl).summary_lines(result)
+    module = {"text-to-image": validate_diffusion, "image-text": validate_zero_shot}.get(kind, validate_vl)
+    lines = module.summary_lines(result)
     if "note" in result:
         lines.append(f"[{result['note']}]")
     return lines

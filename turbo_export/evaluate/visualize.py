@@ -62,7 +62,7 @@ def record_groups(loaded: LoadedModel, pixels: np.ndarray, ratio: merge.RSchedul
     settings.record_plans = True
     try:
         with torch.no_grad():
-            model(pixel_values=torch.from_numpy(pixels[:1]), **spec.forward_kwargs(loaded, size))
+            spec.graph_module(model, loaded, size)(torch.from_numpy(pixels[:1]))
         plans = list(settings.plans)
     finally:
         settings.record_plans = False

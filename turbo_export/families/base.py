@@ -271,6 +271,29 @@ def family_for_class(class_name: str) -> Family | None:
     return next((f for f in families() if class_name in f.model_classes), None)
 
 
+def image_encoder_for(source: str, kind: str = "image-encoder") -> Family:
+    """The family of ``kind`` that exports ``source``: a ``random:<preset>`` by the preset's name, a checkpoint
+    folder or hub id by the class its config.json names (read without loading the weights). One export command
+    (``turbo-export vit``) serves every family of the kind this way, and so do sweep and visualize."""
+    candidates = [f for f in families() if f.kind == kind]
+    supported = sorted(c for f in candidates for c in f.model_classes)
+    if source.startswith("random:"):
+        name = source[len("random:"):]
+        found = next((f for f in candidates if any(p.name == name for p in f.presets())), None)
+        if found is None:
+            raise TurboExportError(f"model: unknown preset '{source}'; available: "
+                                   + ", ".join(f"random:{p.name}" for f in candidates for p in f.presets()))
+        return found
+    from turbo_export.models.presets import checkpoint_classes
+
+    classes = checkpoint_classes(source)
+    found = next((f for f in candidates if any(c in f.model_classes for c in classes)), None)
+    if found is None:
+        raise TurboExportError(f"model: '{source}' is a {', '.join(classes)} checkpoint; supported classes: "
+                               + ", ".join(supported))
+    return found
+
+
 def supported_classes() -> list[str]:
     return sorted(c for f in families() for c in f.model_classes)
 

@@ -105,38 +105,43 @@ class VitFamily(Family):
                      "DeiTForImageClassificationWithTeacher", "Dinov2Model")
     defaults = BACKBONE
     options_type = VitOptions
+    preset_table: dict[str, tuple[str, str, dict[str, Any], str]] = PRESETS
 
     def defaults_for(self, model_class: str) -> Defaults:
         return CLASSIFIER if "ForImageClassification" in model_class else BACKBONE
 
     def presets(self) -> list[PresetInfo]:
-        return [PresetInfo(name, p[0], p[3]) for name, p in PRESETS.items()]
+        return [PresetInfo(name, p[0], p[3]) for name, p in self.preset_table.items()]
 
     def preset_config(self, name: str) -> Any:
         import transformers
 
-        if name not in PRESETS:
+        if name not in self.preset_table:
             return super().preset_config(name)
-        return getattr(transformers, PRESETS[name][1])(**PRESETS[name][2])
+        return getattr(transformers, self.preset_table[name][1])(**self.preset_table[name][2])
 
     def load(self, source: str, options: Any = None) -> LoadedModel:
         from turbo_export.models.presets import load_model
 
-        return load_model(source, PRESETS, list(self.model_classes))
+        return load_model(source, self.preset_table, list(self.model_classes))
 
     # ---- what the graphs are ----------------------------------------------------------------------------------
+
+    def vision_config(self, loaded: LoadedModel) -> Any:
+        """The config of the image encoder (the model's own here; a two-tower model's ``vision_config``)."""
+        return loaded.model.config
 
     def protected(self, loaded: LoadedModel) -> int:
         return adapter_for(loaded.model).protected
 
     def num_layers(self, loaded: LoadedModel) -> int:
-        return int(loaded.model.config.num_hidden_layers)
+        return int(self.vision_config(loaded).num_hidden_layers)
 
     def image_size(self, loaded: LoadedModel, options: VitOptions) -> int:
-        return check_image_size(options.image_size or loaded.image_size, int(loaded.model.config.patch_size))
+        return check_image_size(options.image_size or loaded.image_size, int(self.vision_config(loaded).patch_size))
 
     def num_tokens(self, loaded: LoadedModel, image_size: int) -> int:
-        patch = int(loaded.model.config.patch_size)
+        patch = int(self.vision_config(loaded).patch_size)
         return (image_size // patch) ** 2 + self.protected(loaded)
 
     def output_names(self, loaded: LoadedModel) -> list[str]:
@@ -145,7 +150,7 @@ class VitFamily(Family):
     def forward_kwargs(self, loaded: LoadedModel, image_size: int) -> dict[str, Any]:
         if loaded.model.config.model_type == "dinov2":
             return {}  # DINOv2 always interpolates its position grid
-        return {"interpolate_pos_encoding": image_size != int(loaded.model.config.image_size)}
+        return {"interpolate_pos_encoding": image_size != int(self.vision_config(loaded).image_size)}
 
     def example_inputs(self, loaded: LoadedModel, batch: int, image_size: int, seed: int = 0
                        ) -> dict[str, torch.Tensor]:
@@ -153,9 +158,13 @@ class VitFamily(Family):
         shape = (batch, loaded.num_channels, image_size, image_size)
         return {"pixel_values": torch.randn(shape, generator=generator)}
 
+    def graph_module(self, model: nn.Module, loaded: LoadedModel, image_size: int) -> nn.Module:
+        """pixel_values -> the tuple of ``output_names`` (what is exported, and what validate runs in PyTorch)."""
+        return ImageModelGraph(model, self.output_names(loaded), self.forward_kwargs(loaded, image_size))
+
     def graph(self, name: str, model: nn.Module, loaded: LoadedModel, options: VitOptions) -> GraphSpec:
         size = self.image_size(loaded, options)
-        module = ImageModelGraph(model, self.output_names(loaded), self.forward_kwargs(loaded, size))
+        module = self.graph_module(model, loaded, size)
         merge_model = model if getattr(model, "_turbo", None) is not None else None
         return GraphSpec(name, module, self.example_inputs(loaded, options.batch, size), self.output_names(loaded),
                          merge_model=merge_model, batch_axes={"pixel_values": 0})
@@ -183,7 +192,8 @@ class VitFamily(Family):
         graphs = {"baseline": self.graph("baseline", loaded.model, loaded, options),
                   "turbo": self.graph("turbo", turbo_model, loaded, options)}
         report = {**tokens.report_fields(options.ratio), "alpha": options.alpha, "min_tokens": options.min_tokens,
-                  "prop_attn": options.prop_attn, "merge_impl": options.merge_impl, "image_size": image_size,
+                  "prop_attn": options.prop_attn, "semantic": adapter_for(loaded.model).semantic,
+                  "protected": self.protected(loaded), "merge_impl": options.merge_impl, "image_size": image_size,
                   "batch": options.batch}
         flops = {"baseline": self.flops(loaded, image_size, tokens.baseline),
                  "turbo": self.flops(loaded, image_size, tokens.turbo)}

@@ -63,8 +63,8 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith("/")
 
 
-def load_pretrained(source: str, supported: list[str], text_and_image: bool = False) -> LoadedModel:
-    """Load a checkpoint from a local folder or hub id, choosing the class from its config."""
+def read_config(source: str) -> tuple[Any, str, bool]:
+    """(config, path, is a local folder) of a checkpoint folder or hub id, or a one-line TurboExportError."""
     from transformers import AutoConfig
 
     path = os.path.expanduser(source)
@@ -86,7 +86,18 @@ def load_pretrained(source: str, supported: list[str], text_and_image: bool = Fa
         raise TurboExportError(
             f"model: cannot load '{source}': not a local folder, and the hub did not give it ({first})"
         ) from None
+    return config, path, local
 
+
+def checkpoint_classes(source: str) -> list[str]:
+    """The model classes a checkpoint's config.json names (``architectures``), else its model type."""
+    config, _, _ = read_config(source)
+    return list(getattr(config, "architectures", None) or []) or [str(config.model_type)]
+
+
+def load_pretrained(source: str, supported: list[str], text_and_image: bool = False) -> LoadedModel:
+    """Load a checkpoint from a local folder or hub id, choosing the class from its config."""
+    config, path, local = read_config(source)
     architectures = list(getattr(config, "architectures", None) or [])
     chosen = next((a for a in architectures if a in supported), None)
     if chosen is None:

@@ -1,4 +1,4 @@
-"""Model adapters: patch a model's blocks by its class, one module per architecture (vit, blip, unet).
+"""Model adapters: patch a model's blocks by its class, one module per architecture (vit, blip, clip, unet).
 
 The public ``apply_turbo`` (``turbo_export.api``) fills in the family's default alpha and calls ``patch_model``.
 """
@@ -9,9 +9,9 @@ from torch import nn
 
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
-from turbo_export.patch import blip, blocks, unet, vit
+from turbo_export.patch import blip, blocks, clip, unet, vit
 
-ADAPTERS: dict[str, blocks.FamilyAdapter] = {**vit.ADAPTERS, **blip.ADAPTERS}
+ADAPTERS: dict[str, blocks.FamilyAdapter] = {**vit.ADAPTERS, **blip.ADAPTERS, **clip.ADAPTERS}
 
 
 def supported_classes() -> list[str]:
@@ -35,6 +35,7 @@ def patch_model(
     min_tokens: int = 0,
     prop_attn: bool = True,
     merge_impl: str = "onnx",
+    semantic: str | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place so every block merges tokens with Turbo; returns the model.
 
@@ -43,6 +44,9 @@ def patch_model(
     (``alpha = 0`` is ToMe). Blocks whose input is shorter than ``min_tokens`` do not merge.
     Calling it again on a patched model replaces the settings. ``merge_impl="plugin"`` routes every merge
     through the ``turbo::merge`` custom op (same values; one TurboMerge node per block when exported).
+    ``semantic``: the semantic value I, ``"cls"`` (Turbo's CLS row), or for models without a CLS token
+    ``"mean-query"`` (the mean query's attention row) or ``"received"`` (the attention each token receives); None:
+    the architecture's default (SigLIP: mean-query, else cls). core/merge.py says why.
     A diffusers UNet takes a fraction of tokens instead: use ``patch.unet.apply_turbo_unet``.
     """
     from turbo_export.core.plugin_ops import merge_fn
@@ -51,7 +55,7 @@ def patch_model(
         raise TurboExportError("a Stable Diffusion UNet merges a fraction of tokens: use "
                                "turbo_export.patch.unet.apply_turbo_unet(unet, ratio, alpha=, blocks=)")
     return blocks.patch(model, adapter_for(model), ratio, alpha, min_tokens, prop_attn,
-                        merge_fn=merge_fn(merge_impl))
+                        semantic=semantic, merge_fn=merge_fn(merge_impl))
 
 
 def remove_turbo(model: nn.Module) -> nn.Module:

@@ -7,11 +7,7 @@ output token stands for) so exported text graphs can offer size-aware cross-atte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from turbo_export.patch.blocks import (
     TURBO_ATTR,
@@ -19,6 +15,7 @@ from turbo_export.patch.blocks import (
     BlockOutputs,
     FamilyAdapter,
     TurboSettings,
+    TurboVisionOutput,
     finish,
     fused_qkv,
     run_blocks,
@@ -28,11 +25,6 @@ BLIP_VISION_BLOCK = BlockLayout(
     attention="self_attn", norm1="layer_norm1", norm2="layer_norm2", qkv=fused_qkv, out_proj="projection",
     scaling="scale",
 )
-
-
-@dataclass
-class TurboVisionOutput(BaseModelOutputWithPooling):
-    token_sizes: torch.Tensor | None = None
 
 
 class TurboBlipVisionModel:

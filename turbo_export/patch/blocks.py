@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
@@ -24,6 +25,14 @@ QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
+class TurboVisionOutput(BaseModelOutputWithPooling):
+    """A patched vision backbone's output, plus ``token_sizes`` [B, N, 1]: how many patches each token stands for
+    (size-weighted pooling, size-aware cross-attention)."""
+
+    token_sizes: torch.Tensor | None = None
+
+
+@dataclass
 class TurboSettings:
     """How one model merges; stored on the patched backbone (read-only during forward)."""
 
@@ -32,6 +41,7 @@ class TurboSettings:
     min_tokens: int
     prop_attn: bool
     protected: int
+    semantic: str = "cls"  # the semantic value I: "cls", "mean-query" or "received" (merge.semantic_value)
     merge_fn: Callable[..., Any] = field(default=merge.turbo_merge, repr=False)
     # Filled by the forward when `record_plans` is set (visualisation, debugging); never during export.
     record_plans: bool = False
@@ -67,20 +77,25 @@ class BlockLayout:
 
 
 def turbo_attention(
-    attn: nn.Module, layout: BlockLayout, x: torch.Tensor, bias: torch.Tensor | None
+    attn: nn.Module, layout: BlockLayout, x: torch.Tensor, bias: torch.Tensor | None, semantic: str = "cls",
+    size: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager self-attention with an additive key bias, also returning Turbo's two inputs.
 
-    Returns (output [B, N, C], metric = keys averaged over heads [B, N, D],
-    semantic value = CLS row of the attention probabilities averaged over heads [B, N], probabilities [B, H, N, N]).
+    Returns (output [B, N, C], metric = keys averaged over heads [B, N, D], semantic value [B, N]: the CLS row of
+    the attention probabilities averaged over heads, or a no-CLS value: ``"mean-query"`` (the mean query's row) or
+    ``"received"`` (the attention each token receives), queries weighted by ``size``: ``merge.semantic_value``;
+    probabilities [B, H, N, N]).
     """
     q, k, v = layout.qkv(attn, x)
-    logits = torch.matmul(q, k.transpose(2, 3)) * getattr(attn, layout.scaling)
+    scale = getattr(attn, layout.scaling)
+    logits = torch.matmul(q, k.transpose(2, 3)) * scale
     if bias is not None:
         logits = logits + bias
     probs = logits.softmax(dim=-1)
     out = torch.matmul(probs, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-    return getattr(attn, layout.out_proj)(out), k.mean(dim=1), probs[:, :, 0, :].mean(dim=1), probs
+    semantic_value = merge.semantic_value(probs, semantic, size, q, k, scale, bias)
+    return getattr(attn, layout.out_proj)(out), k.mean(dim=1), semantic_value, probs
 
 
 def _apply_chain(block: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +144,7 @@ def turbo_block(
     """One transformer block: attention, residual, merge (if r > 0), MLP, residual."""
     bias = merge.proportional_attention_bias(size) if (settings.prop_attn and size is not None) else None
     h, metric, semantic, probs = turbo_attention(getattr(block, layout.attention), layout,
-                                                 getattr(block, layout.norm1)(x), bias)
+                                                 getattr(block, layout.norm1)(x), bias, settings.semantic, size)
     if outputs is not None and outputs.attentions is not None:
         outputs.attentions.append(probs)
     x = x + _apply_chain(block, layout.post_attn, h)
@@ -182,6 +197,7 @@ class FamilyAdapter:
     mixin: type
     protected: int
     blocks: Callable[[nn.Module], nn.ModuleList]
+    semantic: str = "cls"  # the default semantic value: "cls" needs a CLS token at index 0 (protected >= 1)
 
     def backbone(self, model: nn.Module) -> nn.Module:
         module = model
@@ -206,8 +222,15 @@ def patch(
     alpha: float,
     min_tokens: int,
     prop_attn: bool,
+    semantic: str | None = None,
     **extra: Any,
 ) -> nn.Module:
+    """Patch ``model`` per ``adapter``; ``semantic`` (None: the adapter's) chooses the semantic value I."""
+    semantic = semantic or adapter.semantic
+    if semantic not in merge.SEMANTIC_VALUES:
+        raise TurboExportError(f"semantic: unknown '{semantic}'; choose one of {', '.join(merge.SEMANTIC_VALUES)}")
+    if semantic == "cls" and adapter.protected < 1:
+        raise TurboExportError(f"semantic: {adapter.class_name} has no CLS token; use semantic='mean-query'")
     backbone = adapter.backbone(model)
     blocks = adapter.blocks(backbone)
     try:
@@ -218,7 +241,7 @@ def patch(
         raise TurboExportError(f"ratio must be >= 0 in every layer, got {schedule}")
     settings = TurboSettings(
         schedule=schedule, alpha=float(alpha), min_tokens=int(min_tokens), prop_attn=bool(prop_attn),
-        protected=adapter.protected,
+        protected=adapter.protected, semantic=semantic,
     )
     for key, value in extra.items():
         setattr(settings, key, value)

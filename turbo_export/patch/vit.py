@@ -10,6 +10,7 @@ from turbo_export.patch.blocks import (
     BlockOutputs,
     FamilyAdapter,
     TurboSettings,
+    TurboVisionOutput,
     finish,
     run_blocks,
     separate_qkv,
@@ -29,8 +30,6 @@ class TurboViTBackbone:
     """Forward for ViTModel / DeiTModel (mixed into a subclass of the original class)."""
 
     def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(
             pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype),
@@ -38,27 +37,24 @@ class TurboViTBackbone:
             interpolate_pos_encoding=bool(interpolate_pos_encoding),
         )
         outputs = BlockOutputs.requested(self.config, kwargs)
-        x, _ = run_blocks(self.layers, VIT_BLOCK, x, settings, outputs)
+        x, sizes = run_blocks(self.layers, VIT_BLOCK, x, settings, outputs)
         sequence_output = self.layernorm(x)
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
-        return finish(BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled,
-                                                 **(outputs.fields() if outputs else {})), kwargs)
+        return finish(TurboVisionOutput(last_hidden_state=sequence_output, pooler_output=pooled, token_sizes=sizes,
+                                        **(outputs.fields() if outputs else {})), kwargs)
 
 
 class TurboDinov2Backbone:
     """Forward for Dinov2Model (mixed into a subclass of the original class)."""
 
     def forward(self, pixel_values=None, bool_masked_pos=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         settings: TurboSettings = getattr(self, TURBO_ATTR)
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         outputs = BlockOutputs.requested(self.config, kwargs)
-        x, _ = run_blocks(self.encoder.layer, DINOV2_BLOCK, x, settings, outputs)
+        x, sizes = run_blocks(self.encoder.layer, DINOV2_BLOCK, x, settings, outputs)
         sequence_output = self.layernorm(x)
-        return finish(BaseModelOutputWithPooling(last_hidden_state=sequence_output,
-                                                 pooler_output=sequence_output[:, 0, :],
-                                                 **(outputs.fields() if outputs else {})), kwargs)
+        return finish(TurboVisionOutput(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0, :],
+                                        token_sizes=sizes, **(outputs.fields() if outputs else {})), kwargs)
 
 
 def _vit_blocks(backbone: nn.Module) -> nn.ModuleList:
