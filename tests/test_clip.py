@@ -2,6 +2,7 @@
 graphs match PyTorch through the CLI, the no-CLS semantic value and the pooling head's size bias, bad input."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -21,6 +22,9 @@ VISION = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, interm
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
             max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "SiglipVisionModel", "SiglipModel")
+
+# a folder of images in the repository: the builtin sets need the optional [data] packages, which CI does not install
+DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist")
 
 
 def _model(cls):
@@ -86,7 +90,7 @@ def test_cli_exports_match_pytorch(tmp_path, preset, tokens, outputs):
     import onnx
 
     assert [o.name for o in onnx.load(str(out / "turbo.onnx"), load_external_data=False).graph.output] == outputs
-    result = CliRunner().invoke(main, ["validate", str(out), "--data", "builtin:skimage", "--limit", "3"],
+    result = CliRunner().invoke(main, ["validate", str(out), "--data", DIGITS, "--limit", "3"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output + result.stderr
     assert "CLS cosine turbo vs baseline" in result.output and "0/3 images beyond atol" in result.output
@@ -209,7 +213,7 @@ def test_zero_shot_export_and_validate(tmp_path, preset):
     assert report["zero_shot"]["prompts"] == ["a photo of a cat", "a photo of a dog", "a photo of a red car"]
     assert 0.0 <= report["zero_shot_example"]["top1_agreement"] <= 1.0
     assert report["parity"]["max_abs_diff"] < 1e-4
-    result = CliRunner().invoke(main, ["validate", str(out), "--data", "builtin:skimage", "--limit", "4",
+    result = CliRunner().invoke(main, ["validate", str(out), "--data", DIGITS, "--limit", "4",
                                        "--json", str(tmp_path / "v.json")], catch_exceptions=False)
     assert result.exit_code == 0, result.output + result.stderr
     figures = json.loads((tmp_path / "v.json").read_text())
