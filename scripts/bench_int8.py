@@ -16,7 +16,7 @@ the ratios within one run are what to read. OMP_WAIT_POLICY=PASSIVE (unless set)
 threads from spinning on the cores the next ONNX Runtime session runs on.
 
     python scripts/bench_int8.py --model random:vit-base-patch16-224 --ratio 16 --batch 8 --runs 10 \\
-        --optimum-python /work/venv-optimum/bin/python --json int8.json
+        --optimum-python ../venv-optimum/bin/python --json int8.json
 """
 
 from __future__ import annotations
@@ -145,8 +145,9 @@ def quantize_all(paths: dict[str, str], optimum: str | None, folder: str) -> tup
 @click.option("--warmup", default=2, show_default=True)
 @click.option("--work", default=None, help="Folder for the ONNX files (kept, and reused by a later run); "
                                            "default: a temporary folder.")
-@click.option("--optimum-python", default="/work/venv-optimum/bin/python", show_default=True,
-              help="A Python with optimum-onnx (transformers < 5); skipped when it does not exist.")
+@click.option("--optimum-python", default=lambda: os.environ.get("TURBO_OPTIMUM_PYTHON", ""),
+              help="A Python with optimum-onnx (transformers < 5) [default: $TURBO_OPTIMUM_PYTHON]; optimum is left "
+                   "out without one.")
 @click.option("--no-torch", is_flag=True, help="Leave out the PyTorch eager peers.")
 @click.option("--json", "json_path", default=None)
 def main(model_source: str, ratio: int, batch: int, runs: int, warmup: int, work: str | None, optimum_python: str,
@@ -166,7 +167,7 @@ def run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_tor
     paths = export_pair(model, turbo, pixels, folder)
     optimum = export_optimum(model, optimum_python, folder) if os.path.isfile(optimum_python) else None
     if optimum is None and not os.path.isfile(optimum_python):
-        log(f"no optimum-onnx Python at {optimum_python}: optimum left out")
+        log(f"no optimum-onnx Python at '{optimum_python}' (--optimum-python): optimum left out")
     q, info = quantize_all(paths, optimum, folder)
     feed = {"pixel_values": pixels["pixel_values"].numpy()}
     if optimum:  # the same weights: optimum's fp32 graph must give our fp32 graph's logits

@@ -105,3 +105,50 @@ def test_served_dynamic_graph_runs_requests_without_padding_rows(exports):
     assert seen == [1] and results[0]["logits"].shape == (1, 10)
     results = handler.handle([one, two])
     assert seen[-1] == 3 and [r["logits"].shape for r in results] == [(1, 10), (2, 10)]
+
+
+def test_exported_graphs_carry_no_all_zero_mask(exports):
+    """transformers builds an all-True attention mask for an unmasked image model; Where turns it into zeros that
+    every attention Add adds. With a symbolic batch the mask's shape depends on the input, so it is no constant,
+    yet the export's cleanup still drops it (from both sides: the unaccelerated graph must not pay for it)."""
+    from turbo_export.export.graph_cleanup import op_counts
+
+    for kind in ("dynamic", "static"):
+        counts = op_counts(os.path.join(exports[kind], "baseline.onnx"))
+        assert counts.get("Where", 0) == 0, (kind, counts)
+        model = onnx.load(os.path.join(exports[kind], "baseline.onnx"))
+        producers = {o: n for n in model.graph.node for o in n.output}
+        softmax_inputs = [producers[n.input[0]].op_type for n in model.graph.node if n.op_type == "Softmax"]
+        assert softmax_inputs and "Add" not in softmax_inputs, (kind, softmax_inputs)
+
+
+def test_uniform_mask_expanded_to_the_batch_is_bypassed(tmp_path):
+    """The cleanup pass on a hand-built graph: Add(x, Where(Expand(all-True, shape(x)), 0, -inf)) -> x, whatever the
+    batch; an Add of a mask that is not all zero stays."""
+    from onnx import TensorProto, helper
+
+    from turbo_export.export.graph_cleanup import cleanup_graph, op_counts
+
+    def graph(mask_value: bool) -> onnx.ModelProto:
+        nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+                 helper.make_node("Expand", ["mask", "shape"], ["big"]),
+                 helper.make_node("Where", ["big", "zero", "neg"], ["bias"]),
+                 helper.make_node("Add", ["x", "bias"], ["sum"]),
+                 helper.make_node("Softmax", ["sum"], ["y"], axis=-1)]
+        inits = [helper.make_tensor("mask", TensorProto.BOOL, [1, 1, 1], [mask_value]),
+                 helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                 helper.make_tensor("neg", TensorProto.FLOAT, [], [-3.4e38])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 5])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    cleaned, notes = cleanup_graph(graph(True))
+    assert op_counts(cleaned) == {"Softmax": 1} and any("all-zero" in n for n in notes)
+    x = np.random.RandomState(0).randn(3, 4, 5).astype(np.float32)
+    import onnxruntime as ort
+
+    before = ort.InferenceSession(graph(True).SerializeToString(), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(cleaned.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(before.run(None, {"x": x})[0], after.run(None, {"x": x})[0])
+    kept, _ = cleanup_graph(graph(False))
+    assert op_counts(kept).get("Add") == 1

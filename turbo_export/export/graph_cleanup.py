@@ -321,6 +321,15 @@ def _shape_of(model: Any, name: str) -> list[int] | None:
     return None
 
 
+def _dims_of(model: Any, name: str) -> list[int | str] | None:
+    """``name``'s shape from the value_info, symbolic dims by name; None when any dim is unknown."""
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+            return None if any(d in ("", 0) for d in dims) else dims
+    return None
+
+
 def _dedupe(model: Any) -> int:
     """Common-subexpression elimination: a node equal to an earlier one (op, domain, attributes, inputs; equal
     small constants count as one input) is dropped and its outputs read from the earlier node's."""
@@ -371,10 +380,13 @@ def _dedupe(model: Any) -> int:
 
 def _bypass_zero_adds(model: Any, limit: int = 1 << 24) -> int:
     """Add(x, c) -> x where c is computed from constants only, is all zeros, and its broadcast leaves x's shape
-    unchanged (an attention mask built by Expand / Where for an unmasked image model). A zero initializer (the
-    zero bias of a random-weight preset) is left alone: a real checkpoint has a real bias there."""
+    unchanged (an attention mask built by Expand / Where for an unmasked image model). With a symbolic batch the
+    mask's shape comes from the input's, so it is not a constant, but its value still is: every element zero
+    (``_uniform``). A zero initializer (the zero bias of a random-weight preset) is left alone: a real checkpoint
+    has a real bias there."""
     index = _Index(model.graph)
     cache: dict[str, np.ndarray | None] = {}
+    uniform: dict[str, np.ndarray | None] = {}
     bypassed = 0
     for n in list(index.nodes):
         if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or n.output[0] in index.graph_outputs:
@@ -384,17 +396,56 @@ def _bypass_zero_adds(model: Any, limit: int = 1 << 24) -> int:
             if c not in index.producer or c in index.constant_nodes:
                 continue
             value = _fold(index, c, cache, limit)
+            if value is None:
+                value = _uniform(index, c, uniform)
             if value is None or np.any(value):
                 continue
-            shape = _shape_of(model, x)
-            out = _shape_of(model, n.output[0])
-            if shape is None or out is None or shape != out:
+            shape = _dims_of(model, x)
+            if shape is None or shape != _dims_of(model, n.output[0]):
                 continue
             _rename_input(model, n.output[0], x)
             model.graph.node.remove(n)
             bypassed += 1
             break
     return bypassed
+
+
+_SHAPE_ONLY = ("Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Flatten")
+_ELEMENTWISE = ("Cast", "Mul", "Add", "Sub", "Not", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And",
+                "Or", "Where")
+
+
+def _uniform(index: _Index, name: str, cache: dict[str, np.ndarray | None]) -> np.ndarray | None:
+    """The one value every element of ``name`` holds when that follows from constants whatever the shapes (a
+    mask Expand-ed to the batch of the input), as a 0-d array; else None."""
+    if name in cache:
+        return cache[name]
+    cache[name] = None
+    value = _const_value(index, name)
+    if value is not None:
+        value = value.reshape(-1)[:1].reshape(()) if value.size and np.all(value == value.reshape(-1)[0]) else None
+    elif name in index.producer:
+        node = index.nodes[index.producer[name]]
+        if node.domain not in ("", "ai.onnx"):
+            pass
+        elif node.op_type in _SHAPE_ONLY:
+            value = _uniform(index, node.input[0], cache)
+        elif node.op_type == "ConstantOfShape":
+            attr = [a for a in node.attribute if a.name == "value"]
+            value = (_attr_array(attr[0]) if attr else np.zeros(1, np.float32)).reshape(-1)[:1].reshape(())
+        elif node.op_type in _ELEMENTWISE:
+            args = [_uniform(index, i, cache) for i in node.input]
+            if all(a is not None for a in args):
+                value = _run_node(node, list(args), 1)
+                value = None if value is None else value.reshape(())
+    cache[name] = value
+    return value
+
+
+def _attr_array(attr: Any) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(attr.t)
 
 
 def _fold(index: _Index, name: str, cache: dict[str, np.ndarray | None], limit: int) -> np.ndarray | None:
