@@ -209,6 +209,11 @@ def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: in
     """What `write_repository` writes: one Triton model per exported graph of the folder. ``kind``: auto (KIND_GPU
     when this machine has a GPU, else KIND_CPU), gpu or cpu."""
     report = read_report(export_dir)
+    from turbo_export.families import REGISTRY, families
+
+    families()  # the registry, filled
+    if report.get("family") in REGISTRY:  # the family's fields that are there have their types
+        REGISTRY[report["family"]].check_report(report, os.path.join(export_dir, "report.json"), present_only=True)
     files: dict[str, str] = dict(report["files"])
     if not files:
         raise TurboExportError(f"{os.path.join(export_dir, 'report.json')}: 'files' lists no graph")
