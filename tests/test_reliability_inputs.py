@@ -523,6 +523,7 @@ def test_triton_repo_kind_follows_the_machine(vit_export, tmp_path, monkeypatch,
     assert {m.config.instance_kind for m in triton_repo.plan_repository(vit_export, kind="gpu")} == {"KIND_GPU"}
     with pytest.raises(TurboExportError, match="gpus"):
         triton_repo.plan_repository(vit_export, kind="cpu", gpus=[0])
+    assert {m.config.instance_kind for m in triton_repo.plan_repository(vit_export, gpus=[0, 1])} == {"KIND_GPU"}
     monkeypatch.setattr(triton_repo.shutil, "which", lambda name: None)  # no full tritonserver, no nvidia-smi
     from click.testing import CliRunner
 

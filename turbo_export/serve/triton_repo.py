@@ -228,7 +228,7 @@ def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: in
         raise TurboExportError(f"max-batch: must be >= 1, got {max_batch}")
     if instances < 1:
         raise TurboExportError(f"instances: must be >= 1, got {instances}")
-    group_kind = instance_kind(kind)
+    group_kind = instance_kind("gpu" if kind == "auto" and gpus else kind)  # GPU ids given: instances on GPUs
     if gpus and group_kind != "KIND_GPU":
         raise TurboExportError(f"gpus: --gpus {','.join(str(g) for g in gpus)} needs instances on GPUs (--kind gpu)")
     models = []
