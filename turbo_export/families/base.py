@@ -163,12 +163,16 @@ class Family:
         of ``files.FIELD_TYPES``, ``?`` when optional. Default: what the readers of the family's kind read."""
         return KIND_REPORT_FIELDS.get(self.kind, {})
 
-    def check_report(self, report: dict[str, Any], where: str = "report.json") -> None:
+    def check_report(self, report: dict[str, Any], where: str = "report.json", present_only: bool = False) -> None:
         """Raise a one-line TurboExportError when a report.json of this family lacks what readers need, or has it
-        with the wrong type (checked once, before any field is used)."""
+        with the wrong type (checked once, before any field is used). ``present_only``: type-check only the fields
+        that are there (a reader that needs none of them, such as triton-repo)."""
         from turbo_export.files import check_fields
 
-        check_fields(report, self.report_fields(), where)
+        fields = self.report_fields()
+        if present_only:
+            fields = {key: kind if kind.endswith("?") else kind + "?" for key, kind in fields.items()}
+        check_fields(report, fields, where)
 
     def graph_signatures(self, report: dict[str, Any]) -> dict[str, GraphSignature]:
         """The graphs (report.json ``files`` keys) an export described by ``report`` holds, and what each takes and

@@ -208,16 +208,21 @@ class ClipZeroShotFamily(ClipFamily):
         return {**KIND_REPORT_FIELDS["image-encoder"], "files.text": "str", "zero_shot": "dict",
                 "zero_shot.template": "str", "zero_shot.image_output": "str:image_embeds|pooler_output"}
 
-    def check_report(self, report: dict[str, Any], where: str = "report.json") -> None:
-        super().check_report(report, where)
-        zero_shot = report["zero_shot"]
-        labels, rows = zero_shot.get("labels"), zero_shot.get("input_ids")
-        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+    def check_report(self, report: dict[str, Any], where: str = "report.json", present_only: bool = False) -> None:
+        super().check_report(report, where, present_only)
+        zero_shot = report.get("zero_shot")
+        if present_only and zero_shot is None:
+            return
+        labels = zero_shot.get("labels")
+        if not (present_only and labels is None) and not (
+                isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
             raise TurboExportError(f"{where}: zero_shot.labels must be a non-empty list of strings")
         for key in ("input_ids", "attention_mask"):
             value = zero_shot.get(key)
-            if key == "attention_mask" and value is None:
+            if value is None and (key == "attention_mask" or present_only):
                 continue
+            if labels is None:
+                labels = value  # present_only without labels: the rows need only agree among themselves
             if not (isinstance(value, list) and len(value) == len(labels) and all(
                     isinstance(row, list) and row and len(row) == len(value[0])
                     and all(isinstance(t, int) and not isinstance(t, bool) for t in row) for row in value)):
