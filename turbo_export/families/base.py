@@ -239,9 +239,11 @@ def kind_graph_signatures(kind: str, report: dict[str, Any]) -> dict[str, GraphS
         rows = None if symbolic else report.get("graph_batch") or (2 * batch if isinstance(batch, int) else None)
         latent = list(report.get("latent_size") or [None, None])[:2]
         sample = (rows, None, *latent)
-        signature = GraphSignature({"sample": sample, "timestep": (rows,),
-                                    "encoder_hidden_states": (rows, report.get("text_len"), None)},
-                                   {"noise_pred": sample})
+        inputs: dict[str, Any] = {"sample": sample, "timestep": (rows,),
+                                  "encoder_hidden_states": (rows, report.get("text_len"), None)}
+        if report.get("layout") == "sdxl":  # SDXL's added conditioning: pooled text embeddings and size ids
+            inputs.update(text_embeds=(rows, None), time_ids=(rows, None))
+        signature = GraphSignature(inputs, {"noise_pred": sample})
         return {"baseline": signature, "turbo": signature}
     return {}
 
