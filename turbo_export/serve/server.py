@@ -2,7 +2,7 @@
 
 The engine is the real `tritonserver` that the `nvidia-pytriton` wheel bundles (2.51, Python backend only): this
 module writes a Triton model repository of Python-backend models (one `config.pbtxt` + `1/model.py` per served
-model, the handlers in `serve_handlers.py`) and runs that server as a child process. PyTriton's own Python layer
+model, the handlers in `handlers.py`) and runs that server as a child process. PyTriton's own Python layer
 is not used: its proxy answers every error of a batch with HTTP 500 for all requests of the batch, where a
 Python-backend model of our own can answer a bad request with 400 and leave the others alone.
 
