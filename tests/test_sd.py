@@ -346,6 +346,11 @@ def test_sd_bad_model_folder_and_prompt(tmp_path):
     _assert_one_line_error(result, "prompt")
     result = _run(["sd-generate", str(tmp_path), "--prompt", "a cat"])
     _assert_one_line_error(result, "report.json")
+    # the shared reader: another kind's export, and a report whose graph is missing, are one line each
+    (tmp_path / "report.json").write_text('{"family": "vit", "files": {"baseline": "baseline.onnx"}}')
+    _assert_one_line_error(_run(["sd-generate", str(tmp_path), "--prompt", "a cat"]), "family 'vit'", "sd-generate")
+    (tmp_path / "report.json").write_text('{"family": "sd-unet", "files": {"baseline": "baseline.onnx"}}')
+    _assert_one_line_error(_run(["sd-generate", str(tmp_path), "--prompt", "a cat"]), "baseline.onnx")
 
 
 def test_local_diffusers_folder_loads(tiny, tmp_path):

@@ -61,15 +61,11 @@ def sd_unet(model_source: str, ratio: str, alpha: float | None, blocks: str, dst
 
 
 def read_export_dir(path: str) -> dict[str, Any]:
-    from turbo_export.files import read_report
+    """The sd-unet export's report.json through the shared reader: its family, fields and graphs checked once,
+    one line naming what is wrong (exit code 2)."""
+    from turbo_export.evaluate.common import read_export
 
-    report = read_report(path, made_by="turbo-export sd-unet")
-    if report.get("family") != "sd-unet":
-        raise TurboExportError(f"DIR: '{path}' holds a {report.get('family')!r} export, not an sd-unet one")
-    for name in ("baseline.onnx", "turbo.onnx"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise TurboExportError(f"DIR: '{path}' has no {name}")
-    return report
+    return read_export(path, ("text-to-image",), command="sd-generate")
 
 
 def concat_images(baseline, turbo):
@@ -130,7 +126,7 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     results = {}
     for name in ("baseline", "turbo"):
         # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
-        runner = make_runner(os.path.join(export_dir, f"{name}.onnx"), backend)
+        runner = make_runner(os.path.join(export_dir, report["files"][name]), backend)
         results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
                                  desc=f"{name} UNet", progress=progress_enabled(), init_image=init_image,
                                  strength=strength or 1.0)

@@ -58,7 +58,8 @@ def serve(export_dir: str, host: str, port: int, grpc_port: int, metrics_port: i
 @click.option("--instances", type=int, default=1, show_default=True,
               help="Instances per model per GPU (instance_group count).")
 @click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
-              help="Instance kind: auto = KIND_GPU when this machine has a GPU (nvidia-smi / torch), else KIND_CPU.")
+              help="Instance kind: auto = KIND_GPU when --gpus is given or this machine has a GPU (nvidia-smi / torch), "
+                   "else KIND_CPU.")
 @click.option("--gpus", default="", help="Comma-separated GPU ids for instance_group (default: all).")
 @click.option("--model", "names", multiple=True, help="Only these graphs (repeatable; default: all of the folder).")
 @quiet_option

@@ -163,12 +163,16 @@ class Family:
         of ``files.FIELD_TYPES``, ``?`` when optional. Default: what the readers of the family's kind read."""
         return KIND_REPORT_FIELDS.get(self.kind, {})
 
-    def check_report(self, report: dict[str, Any], where: str = "report.json") -> None:
+    def check_report(self, report: dict[str, Any], where: str = "report.json", present_only: bool = False) -> None:
         """Raise a one-line TurboExportError when a report.json of this family lacks what readers need, or has it
-        with the wrong type (checked once, before any field is used)."""
+        with the wrong type (checked once, before any field is used). ``present_only``: type-check only the fields
+        that are there (a reader that needs none of them, such as triton-repo)."""
         from turbo_export.files import check_fields
 
-        check_fields(report, self.report_fields(), where)
+        fields = self.report_fields()
+        if present_only:
+            fields = {key: kind if kind.endswith("?") else kind + "?" for key, kind in fields.items()}
+        check_fields(report, fields, where)
 
     def graph_signatures(self, report: dict[str, Any]) -> dict[str, GraphSignature]:
         """The graphs (report.json ``files`` keys) an export described by ``report`` holds, and what each takes and
@@ -235,9 +239,11 @@ def kind_graph_signatures(kind: str, report: dict[str, Any]) -> dict[str, GraphS
         rows = None if symbolic else report.get("graph_batch") or (2 * batch if isinstance(batch, int) else None)
         latent = list(report.get("latent_size") or [None, None])[:2]
         sample = (rows, None, *latent)
-        signature = GraphSignature({"sample": sample, "timestep": (rows,),
-                                    "encoder_hidden_states": (rows, report.get("text_len"), None)},
-                                   {"noise_pred": sample})
+        inputs: dict[str, Any] = {"sample": sample, "timestep": (rows,),
+                                  "encoder_hidden_states": (rows, report.get("text_len"), None)}
+        if report.get("layout") == "sdxl":  # SDXL's added conditioning: pooled text embeddings and size ids
+            inputs.update(text_embeds=(rows, None), time_ids=(rows, None))
+        signature = GraphSignature(inputs, {"noise_pred": sample})
         return {"baseline": signature, "turbo": signature}
     return {}
 

@@ -11,7 +11,6 @@ embeddings: CLIP's logit scale and SigLIP's scale and bias do not change any ran
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,18 +94,10 @@ def is_clip(model: nn.Module) -> bool:
 
 
 def offline_tokens(prompts: list[str], cfg: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids for ``random:`` presets (no tokenizer can be downloaded): lower-cased words hashed into the vocabulary,
-    CLIP's BOS / EOS around them, padded to the text length. Random weights give them no meaning anyway."""
-    length, vocab = int(cfg.max_position_embeddings), int(cfg.vocab_size)
-    ids = np.full((len(prompts), length), int(cfg.pad_token_id), np.int64)
-    mask = np.zeros((len(prompts), length), np.int64)
-    for row, prompt in enumerate(prompts):
-        words = [2 + zlib.crc32(w.encode()) % (vocab - 4) for w in prompt.lower().split()]
-        tokens = ([cfg.bos_token_id] if cfg.bos_token_id is not None else []) + words
-        tokens = tokens[: length - 1] + [int(cfg.eos_token_id)]
-        ids[row, : len(tokens)] = tokens
-        mask[row, : len(tokens)] = 1
-    return ids, mask
+    """Token ids for ``random:`` presets: ``models.tokenizer.offline_clip_tokens`` (shared with serving)."""
+    from turbo_export.models.tokenizer import offline_clip_tokens
+
+    return offline_clip_tokens(prompts, cfg)
 
 
 def tokenize(loaded: LoadedModel, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +124,15 @@ class TextTowerGraph(nn.Module):
             out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
             return (self.model.text_projection(out.pooler_output),)
         return (self.model.text_model(input_ids=input_ids).pooler_output,)
+
+
+def logit_scale_and_bias(model: nn.Module) -> dict[str, float]:
+    """What turns a cosine into a logit (``logit_scale`` * cosine + ``logit_bias``; SigLIP alone has a bias): served
+    zero-shot probabilities are CLIP's softmax and SigLIP's sigmoid of these logits."""
+    out = {"logit_scale": float(model.logit_scale.detach().exp())}
+    if getattr(model, "logit_bias", None) is not None:
+        out["logit_bias"] = float(model.logit_bias.detach())
+    return out
 
 
 def zero_shot_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
@@ -184,7 +184,8 @@ class ClipZeroShotFamily(ClipFamily):
             "labels": [label.strip() for label in options.labels], "template": options.template, "prompts": prompts,
             "image_output": output, "input_ids": ids.tolist(),
             **({"attention_mask": mask.tolist()} if is_clip(loaded.model) else {}),
-            "tokenizer": "offline (random weights)" if loaded.image_processor is None else "the checkpoint's"}
+            "tokenizer": "offline (random weights)" if loaded.image_processor is None else "the checkpoint's",
+            **logit_scale_and_bias(loaded.model)}
         plan.report["zero_shot"] = zero_shot
         pixels = plan.graphs["baseline"].example_inputs
 
@@ -206,18 +207,24 @@ class ClipZeroShotFamily(ClipFamily):
 
     def report_fields(self) -> dict[str, str]:
         return {**KIND_REPORT_FIELDS["image-encoder"], "files.text": "str", "zero_shot": "dict",
-                "zero_shot.template": "str", "zero_shot.image_output": "str:image_embeds|pooler_output"}
+                "zero_shot.template": "str", "zero_shot.image_output": "str:image_embeds|pooler_output",
+                "zero_shot.logit_scale": "number?", "zero_shot.logit_bias": "number?"}
 
-    def check_report(self, report: dict[str, Any], where: str = "report.json") -> None:
-        super().check_report(report, where)
-        zero_shot = report["zero_shot"]
-        labels, rows = zero_shot.get("labels"), zero_shot.get("input_ids")
-        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+    def check_report(self, report: dict[str, Any], where: str = "report.json", present_only: bool = False) -> None:
+        super().check_report(report, where, present_only)
+        zero_shot = report.get("zero_shot")
+        if present_only and zero_shot is None:
+            return
+        labels = zero_shot.get("labels")
+        if not (present_only and labels is None) and not (
+                isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
             raise TurboExportError(f"{where}: zero_shot.labels must be a non-empty list of strings")
         for key in ("input_ids", "attention_mask"):
             value = zero_shot.get(key)
-            if key == "attention_mask" and value is None:
+            if value is None and (key == "attention_mask" or present_only):
                 continue
+            if labels is None:
+                labels = value  # present_only without labels: the rows need only agree among themselves
             if not (isinstance(value, list) and len(value) == len(labels) and all(
                     isinstance(row, list) and row and len(row) == len(value[0])
                     and all(isinstance(t, int) and not isinstance(t, bool) for t in row) for row in value)):

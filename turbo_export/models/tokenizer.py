@@ -1,4 +1,5 @@
-"""An offline BLIP processor for `random:` presets: no tokenizer can be downloaded here.
+"""Offline tokenizers for `random:` presets (no tokenizer can be downloaded here): BLIP's processor, and CLIP /
+SigLIP's hashed-word token ids (`offline_clip_tokens`).
 
 The vocabulary is made in code with BERT/BLIP's special-token ids where BLIP's config expects them
 ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, [DEC] = bos, [ENC] after it), a few hundred
@@ -7,6 +8,11 @@ common English words, and filler tokens up to the config's vocab size. Real chec
 """
 
 from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
 
 WORDS = (
     "a an the of in on at to and with is are was be this that there it its for from by as up down over under "
@@ -48,3 +54,25 @@ def offline_blip_processor(vocab_size: int, bos_token_id: int, image_size: int):
     tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def offline_clip_tokens(prompts: list[str], cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP / SigLIP token ids for ``random:`` presets (no tokenizer can be downloaded): lower-cased words hashed into
+    the vocabulary, BOS / EOS around them, padded to the text length (``cfg``: a text config's
+    ``max_position_embeddings``, ``vocab_size``, ``bos_token_id``, ``eos_token_id``, ``pad_token_id``). Random
+    weights give them no meaning anyway. Kept free of torch: the serving handlers tokenize with it."""
+    length = int(cfg.max_position_embeddings)
+    ids = np.full((len(prompts), length), int(cfg.pad_token_id), np.int64)
+    mask = np.zeros((len(prompts), length), np.int64)
+    for row, prompt in enumerate(prompts):
+        tokens = offline_clip_token_list(prompt, cfg)[: length - 1] + [int(cfg.eos_token_id)]
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+def offline_clip_token_list(prompt: str, cfg: Any) -> list[int]:
+    """BOS (where the config has one) and the hashed words of ``prompt``, without EOS or padding."""
+    vocab = int(cfg.vocab_size)
+    words = [2 + zlib.crc32(w.encode()) % (vocab - 4) for w in prompt.lower().split()]
+    return ([int(cfg.bos_token_id)] if cfg.bos_token_id is not None else []) + words

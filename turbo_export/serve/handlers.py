@@ -11,11 +11,12 @@ embedding table a Gather indexes, the slots of a KV cache a position selects, 0/
 anyway, its requests are run again one by one, so only the one that fails alone gets an error: 400 when the runtime
 says its inputs are invalid, else 500 (`ModelError`), either as one line that says what failed.
 
-Static batch: every exported graph has a fixed batch B. Requests of any size up to the model's max_batch_size are
-concatenated, run in chunks of B (``backends.batching``: the last chunk padded, its padding rows dropped) and split
-back.
+Batching: requests of any size up to the model's max_batch_size are concatenated and split back; a dynamic-batch
+graph runs them as one batch (no padding rows), a static-batch graph of batch B in chunks of B (``backends.batching``:
+the last chunk padded, its padding rows dropped).
 
-A new pipeline = one handler class registered in HANDLERS (and one bindings function in serve.py).
+A new pipeline = one handler class registered in HANDLERS (here, or in a module of its own named in HANDLER_MODULES)
+and one bindings function in `serve.pipelines.PIPELINES`.
 """
 
 from __future__ import annotations
@@ -387,5 +388,13 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], Handler]] = {
 }
 
 
+# handlers kept in their own module (they import this one): imported when a model of theirs is built
+HANDLER_MODULES = {"zero-shot": "turbo_export.serve.handlers_zero_shot"}
+
+
 def make_handler(spec: dict[str, Any]) -> Handler:
+    if spec["handler"] not in HANDLERS and spec["handler"] in HANDLER_MODULES:
+        import importlib
+
+        importlib.import_module(HANDLER_MODULES[spec["handler"]])  # registers itself in HANDLERS
     return HANDLERS[spec["handler"]](spec)

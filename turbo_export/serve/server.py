@@ -2,29 +2,24 @@
 
 The engine is the real `tritonserver` that the `nvidia-pytriton` wheel bundles (2.51, Python backend only): this
 module writes a Triton model repository of Python-backend models (one `config.pbtxt` + `1/model.py` per served
-model, the handlers in `serve_handlers.py`) and runs that server as a child process. PyTriton's own Python layer
+model, the handlers in `handlers.py`) and runs that server as a child process. PyTriton's own Python layer
 is not used: its proxy answers every error of a batch with HTTP 500 for all requests of the batch, where a
 Python-backend model of our own can answer a bad request with 400 and leave the others alone.
 
-Served models (each in a Turbo and an unaccelerated flavour, so users can A/B):
-- tensor level: the exported graphs, inputs and outputs named as in the ONNX files: ``turbo`` and ``baseline``
-  (BLIP: the image encoders; its other graphs under their file names);
-- pipeline level: ``vit-classify-<flavour>`` (image bytes -> labels, scores, class ids) for classifier exports,
-  ``blip-caption-<flavour>`` (image bytes -> text), ``blip-vqa-<flavour>`` (image bytes + question -> answer),
-  ``sd-generate-<flavour>`` (prompt + seed, optional steps and guidance -> PNG bytes);
-  a family's pipelines are one function in PIPELINES.
+Served models (each in a Turbo and an unaccelerated flavour, so users can A/B): the exported graphs at the tensor
+level and the pipelines of the family's kind, chosen by `serve.pipelines.PIPELINES` (keyed by the family's ``kind``).
 
-HTTP goes through a gateway (`serve_gateway.py`) that answers malformed request bodies with 400 where
+HTTP goes through a gateway (`serve/gateway.py`) that answers malformed request bodies with 400 where
 tritonserver 2.51 would answer 500, and forwards everything else; gRPC and metrics are tritonserver's own.
 
-Batching: the exports have a static batch B; Triton's dynamic batcher groups requests of any size up to
-``--max-batch`` rows, the handler runs them in chunks of B (the last padded) and splits the answers back.
+Batching: Triton's dynamic batcher groups requests of any size up to ``--max-batch`` rows; the handler runs a
+dynamic-batch export's group as one batch (no padding rows), a static-batch export's in chunks of B (the last
+padded) and splits the answers back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -37,40 +32,23 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from turbo_export.errors import TurboExportError
-from turbo_export.serve.request_checks import integer_input_ranges
-from turbo_export.serve.triton_repo import ModelConfig, TensorSpec, onnx_signature, to_pbtxt
+from turbo_export.serve.pipelines import (  # noqa: F401  (SD_DEFAULT_*, FLAVOURS: re-exported for callers)
+    DEFAULT_MAX_REQUEST_MB,
+    FLAVOURS,
+    PIPELINES,
+    SD_DEFAULT_GUIDANCE,
+    SD_DEFAULT_STEPS,
+    Binding,
+    ServeOptions,
+)
+from turbo_export.serve.triton_repo import ModelConfig, to_pbtxt
 
-FLAVOURS = ("turbo", "baseline")
-DEFAULT_MAX_REQUEST_MB = 16.0
 SERVE_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.dirname(SERVE_DIR)  # turbo_export/
-
-
-@dataclass
-class Binding:
-    """One served model: its Triton signature and what its handler needs (JSON, read in the stub)."""
-
-    name: str
-    inputs: list[TensorSpec]  # per-row dims when max_batch > 0, full shapes otherwise
-    outputs: list[TensorSpec]
-    max_batch: int
-    handler: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ServeOptions:
-    backend: str = "onnxruntime"
-    max_batch: int = 8
-    max_request_mb: float = DEFAULT_MAX_REQUEST_MB
-    queue_delay_us: int = 500
-    instances: int = 1
-    threads: int = 0  # ONNX Runtime intra-op threads per model instance (0: its default)
-    top_k: int = 5
-    pipelines: bool = True
 
 
 def check_serve_options(options: ServeOptions, ports: dict[str, int | None] | None = None) -> None:
@@ -102,176 +80,6 @@ def tritonserver_unavailable_reason() -> str | None:
         return (f"the nvidia-pytriton package (which bundles tritonserver) cannot be imported "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0]}); pip install 'turbo-export[serve]'")
     return None
-
-
-# ---- what to serve --------------------------------------------------------------------------------------------
-
-
-def tensor_binding(name: str, onnx_path: str, batch: int, options: ServeOptions) -> Binding:
-    inputs, outputs, _ = onnx_signature(onnx_path)
-    batch_first = all(t.dims and t.dims[0] in (batch, -1) for t in inputs + outputs)
-    if batch_first:
-        inputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in inputs]
-        outputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in outputs]
-    return Binding(name, inputs, outputs, options.max_batch if batch_first else 0,
-                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": batch_first,
-                    "ranges": integer_input_ranges(onnx_path)})
-
-
-def vit_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions) -> list[Binding]:
-    files, batch = report["files"], int(report["batch"])
-    bindings = [tensor_binding(f, os.path.join(export_dir, files[f]), batch, options) for f in FLAVOURS]
-    if not options.pipelines:
-        return bindings
-    outputs = [t.name for t in bindings[0].outputs]
-    if outputs != ["logits"]:
-        return bindings  # a backbone (DINOv2, ViTModel): features only, served at the tensor level
-    labels, preprocess = vit_labels_and_preprocess(report, bindings[0].outputs[0].dims[-1])
-    k = min(options.top_k, len(labels))
-    for flavour in FLAVOURS:
-        bindings.append(Binding(
-            f"vit-classify-{flavour}", [TensorSpec("image", "bytes", (1,))],
-            [TensorSpec("labels", "bytes", (k,)), TensorSpec("scores", "float32", (k,)),
-             TensorSpec("class_ids", "int64", (k,))],
-            options.max_batch,
-            {"handler": "vit-classify", "onnx": os.path.abspath(os.path.join(export_dir, files[flavour])),
-             "labels": labels, "top_k": k, "preprocess": preprocess}))
-    return bindings
-
-
-def vit_labels_and_preprocess(report: dict[str, Any], num_classes: int) -> tuple[list[str], dict[str, Any]]:
-    """Class names and the image preprocessing of the exported checkpoint (ViT's 0.5/0.5 for random: presets)."""
-    from turbo_export.families import get_family
-    from turbo_export.models.presets import RANDOM_PREFIX
-
-    source = report["model"]
-    preprocess = {"size": int(report["image_size"]), "mean": [0.5] * 3, "std": [0.5] * 3, "resample": 2}
-    id2label: dict[int, str] = {}
-    try:
-        import transformers
-
-        if source.startswith(RANDOM_PREFIX):
-            id2label = get_family(report["family"]).preset_config(source[len(RANDOM_PREFIX):]).id2label
-        elif os.path.isdir(os.path.expanduser(source)):
-            path = os.path.expanduser(source)
-            id2label = transformers.AutoConfig.from_pretrained(path).id2label
-            with contextlib.suppress(Exception):
-                proc = transformers.AutoImageProcessor.from_pretrained(path)
-                preprocess.update(mean=list(proc.image_mean), std=list(proc.image_std),
-                                  resample=int(getattr(proc, "resample", 2)))
-    except Exception:  # labels are a convenience: fall back to class indices
-        id2label = {}
-    labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_classes)]
-    return labels, preprocess
-
-
-def blip_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, work_dir: str) -> list[Binding]:
-    files, batch, task = report["files"], int(report["batch"]), report["task"]
-    bindings = []
-    for key, filename in files.items():
-        name = key[:-len("_vision")] if key.endswith("_vision") else key  # the image encoders: turbo, baseline
-        bindings.append(tensor_binding(name, os.path.join(export_dir, filename), batch, options))
-    if not options.pipelines or task["name"] not in ("caption", "vqa"):
-        return bindings
-    tokenizer_dir, preprocess, token_ids = blip_processor_files(report, work_dir)
-    common = {"handler": "blip", "export_dir": os.path.abspath(export_dir), "task": task["name"],
-              "tokenizer_dir": tokenizer_dir, "preprocess": preprocess, "token_ids": token_ids,
-              "max_new_tokens": int(task.get("max_new_tokens", 20)), "num_beams": int(task.get("num_beams", 1)),
-              "size_aware": bool(task.get("size_aware_cross_attention")), "text_len": int(task.get("text_len", 0))}
-    for flavour in FLAVOURS:
-        if task["name"] == "caption":
-            bindings.append(Binding(f"blip-caption-{flavour}", [TensorSpec("image", "bytes", (1,))],
-                                    [TensorSpec("text", "bytes", (1,))], options.max_batch,
-                                    {**common, "flavour": flavour}))
-        else:
-            bindings.append(Binding(f"blip-vqa-{flavour}", [TensorSpec("image", "bytes", (1,)),
-                                                            TensorSpec("question", "bytes", (1,))],
-                                    [TensorSpec("answer", "bytes", (1,))], options.max_batch,
-                                    {**common, "flavour": flavour}))
-    return bindings
-
-
-def blip_processor_files(report: dict[str, Any], work_dir: str) -> tuple[str, dict[str, Any], dict[str, int]]:
-    """Save the checkpoint's tokenizer for the stub; the image preprocessing and token ids as JSON."""
-    from turbo_export.families import get_family
-    from turbo_export.models.presets import RANDOM_PREFIX
-
-    source = report["model"]
-    if source.startswith(RANDOM_PREFIX):
-        from turbo_export.models.tokenizer import offline_blip_processor
-
-        text = get_family(report["family"]).preset_config(source[len(RANDOM_PREFIX):]).text_config
-        processor = offline_blip_processor(text.vocab_size, text.bos_token_id, int(report["image_size"]))
-    else:
-        from transformers import AutoConfig, AutoProcessor
-
-        path = os.path.expanduser(source)
-        if not os.path.isdir(path):
-            raise TurboExportError(f"report.json: the BLIP model '{source}' is not a local folder here; serving "
-                                   "needs its tokenizer and image processor")
-        text = AutoConfig.from_pretrained(path).text_config
-        processor = AutoProcessor.from_pretrained(path)
-    tokenizer_dir = os.path.join(work_dir, "tokenizer")
-    processor.tokenizer.save_pretrained(tokenizer_dir)
-    image_proc = processor.image_processor
-    preprocess = {"size": int(report["image_size"]), "mean": list(image_proc.image_mean),
-                  "std": list(image_proc.image_std), "resample": int(getattr(image_proc, "resample", 3))}
-    token_ids = {"bos": int(text.bos_token_id), "eos": int(text.sep_token_id), "pad": int(text.pad_token_id)}
-    return tokenizer_dir, preprocess, token_ids
-
-
-SD_MAX_STEPS = 100
-SD_DEFAULT_STEPS = 25
-SD_DEFAULT_GUIDANCE = 7.5
-
-
-def unbatched_tensor_binding(name: str, onnx_path: str) -> Binding:
-    """A graph served with its full shapes (max_batch_size 0): its first dimension is not a request batch."""
-    inputs, outputs, _ = onnx_signature(onnx_path)
-    return Binding(name, inputs, outputs, 0,
-                   {"handler": "tensor", "onnx": os.path.abspath(onnx_path), "batched": False,
-                    "ranges": integer_input_ranges(onnx_path)})
-
-
-def sd_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, work_dir: str) -> list[Binding]:
-    """The SD UNets (``turbo``, ``baseline``; their batch 2B holds classifier-free guidance pairs, so they are not
-    batched across requests) and ``sd-generate-<flavour>``: prompt + seed (+ steps, guidance) -> PNG bytes."""
-    files = report["files"]
-    bindings = [unbatched_tensor_binding(f, os.path.join(export_dir, files[f])) for f in FLAVOURS]
-    if not options.pipelines:
-        return bindings
-    source = str(report["model"])
-    if importlib.util.find_spec("diffusers") is None:
-        raise TurboExportError("serving sd-generate needs diffusers (a dependency of turbo-export): "
-                               "pip install 'diffusers>=0.30', or pass --no-pipelines for the UNets alone")
-    from turbo_export.families import get_family
-    from turbo_export.models.presets import RANDOM_PREFIX
-
-    if source.startswith(RANDOM_PREFIX):
-        get_family(report["family"]).preset_config(source[len(RANDOM_PREFIX):])  # an unknown preset: one line
-    elif not os.path.isdir(os.path.expanduser(source)):
-        raise TurboExportError(f"report.json: the SD model '{source}' is not a local folder here; serving "
-                               "sd-generate needs its text encoder, tokenizer, VAE and scheduler")
-    common = {"handler": "sd-generate", "model": source, "text_len": int(report.get("text_len", 77)),
-              "max_steps": SD_MAX_STEPS, "default_steps": SD_DEFAULT_STEPS,
-              "default_guidance": SD_DEFAULT_GUIDANCE}
-    for flavour in FLAVOURS:
-        bindings.append(Binding(
-            f"sd-generate-{flavour}",
-            [TensorSpec("prompt", "bytes", (1,)), TensorSpec("seed", "int64", (1,)),
-             TensorSpec("steps", "int32", (1,), optional=True), TensorSpec("guidance", "float32", (1,), optional=True)],
-            [TensorSpec("image", "bytes", (1,))], options.max_batch,
-            {**common, "onnx": os.path.abspath(os.path.join(export_dir, files[flavour]))}))
-    return bindings
-
-
-# The models served for each kind of family: export folder, its report, options, a scratch folder -> bindings
-# (handlers in serve.handlers.HANDLERS). Keyed by the family declaration's ``kind``, never by a family's name.
-PIPELINES: dict[str, Callable[..., list[Binding]]] = {
-    "image-encoder": lambda export_dir, report, options, work_dir: vit_bindings(export_dir, report, options),
-    "vision-language": blip_bindings,
-    "text-to-image": sd_bindings,
-}
 
 
 def bindings_for(export_dir: str, options: ServeOptions, work_dir: str) -> list[Binding]:

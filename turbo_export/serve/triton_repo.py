@@ -215,6 +215,11 @@ def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: in
     for gpu in gpus:
         check_range("gpus", gpu, 0, MAX_GPU_ID)
     report = read_report(export_dir)
+    from turbo_export.families import REGISTRY, families
+
+    families()  # the registry, filled
+    if report.get("family") in REGISTRY:  # the family's fields that are there have their types
+        REGISTRY[report["family"]].check_report(report, os.path.join(export_dir, "report.json"), present_only=True)
     files: dict[str, str] = dict(report["files"])
     if not files:
         raise TurboExportError(f"{os.path.join(export_dir, 'report.json')}: 'files' lists no graph")
@@ -225,7 +230,7 @@ def plan_repository(export_dir: str, backend: str = "onnxruntime", max_batch: in
         files = {n: files[n] for n in names}
     if backend not in ("onnxruntime", "tensorrt"):
         raise TurboExportError(f"backend: unknown '{backend}'; choose onnxruntime or tensorrt")
-    group_kind = instance_kind(kind)
+    group_kind = instance_kind("gpu" if kind == "auto" and gpus else kind)  # GPU ids given: instances on GPUs
     if gpus and group_kind != "KIND_GPU":
         raise TurboExportError(f"gpus: --gpus {','.join(str(g) for g in gpus)} needs instances on GPUs (--kind gpu)")
     models = []
