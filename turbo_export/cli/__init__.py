@@ -20,7 +20,7 @@ from turbo_export.cli import export, sd, serve, trt, validate
 from turbo_export.cli.common import OneLineErrorGroup, quiet_option
 
 COMMANDS: list[click.Command] = [
-    export.vit, export.clip, export.blip, sd.sd_unet, sd.sd_generate, validate.validate_cmd, validate.sweep_cmd,
+    export.vit, export.clip, export.blip, export.blip2, sd.sd_unet, sd.sd_generate, validate.validate_cmd, validate.sweep_cmd,
     validate.visualize_cmd, trt.check_trt, trt.compare, serve.serve, serve.triton_repo, export.list_presets,
 ]
 

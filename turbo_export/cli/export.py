@@ -1,4 +1,4 @@
-"""The export commands of the encoder families (`vit`, `clip`, `blip`) and `presets`."""
+"""The export commands of the encoder families (`vit`, `clip`, `blip`, `blip2`) and `presets`."""
 
 from __future__ import annotations
 
@@ -85,6 +85,32 @@ def blip(task: str, model_source: str | None, ratio: str, alpha: float, min_toke
                           text_len=text_len, size_aware=size_aware, images=images, question=question,
                           texts=texts, merge_impl=job.merge_impl)
     export_and_print("blip", model_source, options, job)
+
+
+@click.command("blip2")
+@click.option("--task", type=click.Choice(["caption", "retrieval"]), default="caption", show_default=True)
+@click.option("--model", "model_source", default="random:blip2-opt-2.7b", show_default=True,
+              help="random:<preset> (blip2-opt-2.7b: the full-size image side with an OPT-125m-sized language "
+                   "model; tiny-blip2), or a local Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval folder.")
+@click.option("--ratio", required=True, help="Tokens merged per ViT-g block (r): an int or a per-layer list.")
+@click.option("--alpha", type=float, default=6.0, show_default=True, help="Weight of the semantic value I (0 = ToMe).")
+@click.option("--min-tokens", type=int, default=None,
+              help="No merge below this many tokens [default: 40 for caption, 100 for retrieval].")
+@click.option("--batch", type=int, default=2, show_default=True, help="Images per call.")
+@click.option("--max-new-tokens", type=int, default=20, show_default=True, help="Caption length (greedy).")
+@click.option("--text-len", type=int, default=32, show_default=True,
+              help="Static token length of retrieval texts (padded to it).")
+@job_options(runs=5, out_help="engines/<name>-<task>-r<ratio>/")
+@user_errors
+def blip2(task: str, model_source: str, ratio: str, alpha: float, min_tokens: int | None, batch: int,
+          max_new_tokens: int, text_len: int, job: JobChoices) -> None:
+    """Export BLIP-2 (caption with OPT, retrieval) unaccelerated and with Turbo in the ViT-g image encoder, check
+    every graph and the pipelines against transformers, compare throughput."""
+    from turbo_export.families.blip2 import Blip2Options
+
+    options = Blip2Options(task=task, ratio=parse_ratio(ratio), alpha=alpha, min_tokens=min_tokens, batch=batch,
+                           max_new_tokens=max_new_tokens, text_len=text_len, merge_impl=job.merge_impl)
+    export_and_print("blip2", model_source, options, job)
 
 
 @click.command("clip")

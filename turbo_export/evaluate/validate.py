@@ -37,6 +37,8 @@ from turbo_export.models import datasets
 from turbo_export.models.presets import LoadedModel
 
 INPUT = "pixel_values"
+# The kinds with a validator here; others (BLIP-2's "vision-language-llm") are refused in one line
+VALIDATED_KINDS = ("image-encoder", "vision-language", "image-text", "text-to-image")
 PROBE_SEED = 0
 
 
@@ -336,7 +338,7 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
     check_generation(steps, seed, guidance)
     if images_dir is not None:
         check_writable_target(images_dir, "images", folder=True)
-    report, family = read_family_report(folder)
+    report, family = read_family_report(folder, VALIDATED_KINDS)  # a kind without a validator: one line
     task = task_of(family, report, folder)
     for option, given, fits in (("--texts", texts, "retrieval"), ("--question", question, "vqa"),
                                 ("--prompts", prompts, "text-to-image"), ("--images", images_dir, "text-to-image")):

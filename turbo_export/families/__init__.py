@@ -3,7 +3,7 @@
 A new family is one module here (its declaration, ``@register``) plus one patch module: docs/architecture.md.
 """
 
-from turbo_export.families import blip, clip, clip_zero_shot, sd, vit  # noqa: F401  (each registers its declaration)
+from turbo_export.families import blip, blip2, clip, clip_zero_shot, sd, vit  # noqa: F401  (each registers its declaration)
 from turbo_export.families.base import (
     REGISTRY,
     Family,

@@ -118,13 +118,14 @@ def build_random_blip(preset_name: str, task: str, seed: int = 0) -> LoadedModel
                        processor)
 
 
-def check_task(loaded: LoadedModel, task: str) -> None:
-    expected = TASK_CLASSES.get(task)
+def check_task(loaded: LoadedModel, task: str, classes: dict[str, str] = TASK_CLASSES) -> None:
+    """The checkpoint's class is the one ``--task`` needs (``classes``: task -> model class)."""
+    expected = classes.get(task)
     if expected is None:
-        raise TurboExportError(f"task: unknown '{task}'; choose one of {', '.join(TASK_CLASSES)}")
+        raise TurboExportError(f"task: unknown '{task}'; choose one of {', '.join(classes)}")
     actual = type(loaded.model).__name__
     if actual != expected:
-        fits = [t for t, c in TASK_CLASSES.items() if c == actual]
+        fits = [t for t, c in classes.items() if c == actual]
         hint = f"; this checkpoint fits --task {fits[0]}" if fits else ""
         raise TurboExportError(f"task: --task {task} needs a {expected} checkpoint, got {actual}{hint}")
 

@@ -1,4 +1,4 @@
-"""Model adapters: patch a model's blocks by its class, one module per architecture (vit, blip, clip, unet).
+"""Model adapters: patch a model's blocks by its class, one module per architecture (vit, blip, blip2, clip, unet).
 
 The public ``apply_turbo`` (``turbo_export.api``) fills in the family's default alpha and calls ``patch_model``.
 """
@@ -9,9 +9,9 @@ from torch import nn
 
 from turbo_export.core import merge
 from turbo_export.errors import TurboExportError
-from turbo_export.patch import blip, blocks, clip, unet, vit
+from turbo_export.patch import blip, blip2, blocks, clip, unet, vit
 
-ADAPTERS: dict[str, blocks.FamilyAdapter] = {**vit.ADAPTERS, **blip.ADAPTERS, **clip.ADAPTERS}
+ADAPTERS: dict[str, blocks.FamilyAdapter] = {**vit.ADAPTERS, **blip.ADAPTERS, **blip2.ADAPTERS, **clip.ADAPTERS}
 
 
 def supported_classes() -> list[str]:

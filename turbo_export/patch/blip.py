@@ -7,8 +7,6 @@ output token stands for) so exported text graphs can offer size-aware cross-atte
 
 from __future__ import annotations
 
-from torch import nn
-
 from turbo_export.patch.blocks import (
     TURBO_ATTR,
     BlockLayout,
@@ -16,6 +14,7 @@ from turbo_export.patch.blocks import (
     FamilyAdapter,
     TurboSettings,
     TurboVisionOutput,
+    encoder_layers,
     finish,
     fused_qkv,
     run_blocks,
@@ -41,16 +40,12 @@ class TurboBlipVisionModel:
                                         **(outputs.fields() if outputs else {})), kwargs)
 
 
-def _blip_blocks(vision_model: nn.Module) -> nn.ModuleList:
-    return vision_model.encoder.layers
-
-
 ADAPTERS: dict[str, FamilyAdapter] = {
     a.class_name: a
     for a in (
-        FamilyAdapter("BlipVisionModel", None, TurboBlipVisionModel, 1, _blip_blocks),
-        FamilyAdapter("BlipForConditionalGeneration", "vision_model", TurboBlipVisionModel, 1, _blip_blocks),
-        FamilyAdapter("BlipForImageTextRetrieval", "vision_model", TurboBlipVisionModel, 1, _blip_blocks),
-        FamilyAdapter("BlipForQuestionAnswering", "vision_model", TurboBlipVisionModel, 1, _blip_blocks),
+        FamilyAdapter("BlipVisionModel", None, TurboBlipVisionModel, 1, encoder_layers),
+        FamilyAdapter("BlipForConditionalGeneration", "vision_model", TurboBlipVisionModel, 1, encoder_layers),
+        FamilyAdapter("BlipForImageTextRetrieval", "vision_model", TurboBlipVisionModel, 1, encoder_layers),
+        FamilyAdapter("BlipForQuestionAnswering", "vision_model", TurboBlipVisionModel, 1, encoder_layers),
     )
 }

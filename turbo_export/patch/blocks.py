@@ -183,6 +183,11 @@ def run_blocks(
     return x, size
 
 
+def encoder_layers(vision_model: nn.Module) -> nn.ModuleList:
+    """The blocks of a vision tower that keeps them in ``encoder.layers`` (BLIP, BLIP-2, CLIP, SigLIP)."""
+    return vision_model.encoder.layers
+
+
 def finish(output: Any, kwargs: dict[str, Any]) -> Any:
     """A patched forward's ModelOutput, as a tuple when the caller passed ``return_dict=False``."""
     return output.to_tuple() if kwargs.get("return_dict") is False else output

@@ -34,6 +34,7 @@ from turbo_export.patch.blocks import (
     FamilyAdapter,
     TurboSettings,
     TurboVisionOutput,
+    encoder_layers,
     finish,
     run_blocks,
 )
@@ -101,17 +102,13 @@ class TurboSiglipVisionModel:
                                         **(outputs.fields() if outputs else {})), kwargs)
 
 
-def _vision_blocks(vision_model: nn.Module) -> nn.ModuleList:
-    return vision_model.encoder.layers
-
-
 ADAPTERS: dict[str, FamilyAdapter] = {
     a.class_name: a
     for a in (
-        FamilyAdapter("CLIPVisionModel", None, TurboClipVisionModel, 1, _vision_blocks),
-        FamilyAdapter("CLIPVisionModelWithProjection", "vision_model", TurboClipVisionModel, 1, _vision_blocks),
-        FamilyAdapter("CLIPModel", "vision_model", TurboClipVisionModel, 1, _vision_blocks),
-        FamilyAdapter("SiglipVisionModel", None, TurboSiglipVisionModel, 0, _vision_blocks, semantic="mean-query"),
-        FamilyAdapter("SiglipModel", "vision_model", TurboSiglipVisionModel, 0, _vision_blocks, semantic="mean-query"),
+        FamilyAdapter("CLIPVisionModel", None, TurboClipVisionModel, 1, encoder_layers),
+        FamilyAdapter("CLIPVisionModelWithProjection", "vision_model", TurboClipVisionModel, 1, encoder_layers),
+        FamilyAdapter("CLIPModel", "vision_model", TurboClipVisionModel, 1, encoder_layers),
+        FamilyAdapter("SiglipVisionModel", None, TurboSiglipVisionModel, 0, encoder_layers, semantic="mean-query"),
+        FamilyAdapter("SiglipModel", "vision_model", TurboSiglipVisionModel, 0, encoder_layers, semantic="mean-query"),
     )
 }

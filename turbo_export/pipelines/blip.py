@@ -48,13 +48,14 @@ class KVDecoder:
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def step(self, tokens: np.ndarray, position: int, cache: tuple[np.ndarray, np.ndarray],
-             cross: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        out = self.runner.run({
-            "input_ids": tokens.reshape(-1, 1).astype(np.int64),
-            "position": np.array([position], np.int64),
-            "past_keys": cache[0], "past_values": cache[1],
-            "cross_keys": cross[0], "cross_values": cross[1], "cross_bias": cross[2],
-        })
+             cross: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+             ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """``cross`` None: a decoder-only step (a language model that reads its image prefix from the cache)."""
+        feed = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "position": np.array([position], np.int64),
+                "past_keys": cache[0], "past_values": cache[1]}
+        if cross is not None:
+            feed.update(cross_keys=cross[0], cross_values=cross[1], cross_bias=cross[2])
+        out = self.runner.run(feed)
         return out["logits"], (out["present_keys"], out["present_values"])
 
 
@@ -93,17 +94,7 @@ class TokenGenerator:
         rows = cross[0].shape[1]  # cross keys [L, rows, H, N, D]
         logits, cache = self._prefill(cross, prompt_ids, rows)
         tokens = [np.full(rows, t, np.int64) for t in prompt_ids]
-        done = np.zeros(rows, bool)
-        for i in range(max_new_tokens):
-            nxt = logits.argmax(axis=-1).astype(np.int64)
-            if stop_at_eos:
-                nxt = np.where(done, self.ids.pad, nxt)
-                done |= nxt == self.ids.eos
-            tokens.append(nxt)
-            if (stop_at_eos and done.all()) or i == max_new_tokens - 1:
-                break
-            logits, cache = self.decoder.step(nxt, len(tokens) - 1, cache, cross)
-        return np.stack(tokens, axis=1)
+        return greedy_decode(self.decoder, self.ids, logits, cache, tokens, max_new_tokens, stop_at_eos, cross)
 
     def _beam(self, cross, prompt_ids: list[int], max_new_tokens: int, num_beams: int) -> np.ndarray:
         """Beam search with length penalty 1 (score / length), the graphs exported at batch images * beams."""
@@ -150,6 +141,25 @@ class TokenGenerator:
             best.append(max(finished[n], key=lambda item: item[0])[1])
         width = max(h.size for h in best)
         return np.stack([np.pad(h, (0, width - h.size), constant_values=self.ids.pad) for h in best])
+
+
+def greedy_decode(decoder: KVDecoder, ids: TokenIds, logits: np.ndarray, cache: tuple[np.ndarray, np.ndarray],
+                  tokens: list[np.ndarray], max_new_tokens: int, stop_at_eos: bool = True,
+                  cross: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Greedy tokens after a prefill (``logits`` of the next token, ``cache`` holding ``tokens``' positions), as
+    transformers' ``generate`` returns them: the prompt rows, then the new tokens; a finished row is padded."""
+    rows = len(tokens[-1])
+    done = np.zeros(rows, bool)
+    for i in range(max_new_tokens):
+        nxt = logits.argmax(axis=-1).astype(np.int64)
+        if stop_at_eos:
+            nxt = np.where(done, ids.pad, nxt)
+            done |= nxt == ids.eos
+        tokens.append(nxt)
+        if (stop_at_eos and done.all()) or i == max_new_tokens - 1:
+            break
+        logits, cache = decoder.step(nxt, len(tokens) - 1, cache, cross)
+    return np.stack(tokens, axis=1)
 
 
 class CaptionPipeline:
@@ -205,7 +215,7 @@ class VqaPipeline:
 
 @dataclass
 class RetrievalScores:
-    itc: np.ndarray  # [images, texts] cosine similarity of the projected features
+    itc: np.ndarray  # [images, texts] cosine similarity of the projected features (BLIP-2: the best query's)
     itm: np.ndarray  # [images, texts] probability that the text matches the image
 
 
@@ -244,6 +254,8 @@ class RetrievalPipeline:
         """Every image against every text."""
         images = self.encode_images(pixel_values)
         itc = images["image_feat"] @ self.encode_texts(input_ids, attention_mask).T
+        if itc.ndim == 3:  # several features per image (BLIP-2: one per query token): the best-matching one
+            itc = itc.max(axis=1)
         texts = len(input_ids)
         itm = np.stack([
             self.itm(np.repeat(images["image_embeds"][i:i + 1], texts, 0),
