@@ -7,6 +7,9 @@ import click
 from turbo_export.cli.common import JobChoices, export_and_print, job_options, parse_ratio, user_errors
 from turbo_export.errors import TurboExportError
 
+BATCH_HELP = ("Images per call: parity is checked and the benchmark runs at this batch (and at 1); the graphs take "
+              "any batch unless --static-batch.")
+
 
 @click.command()
 @click.option("--model", "model_source", required=True,
@@ -22,7 +25,7 @@ from turbo_export.errors import TurboExportError
 @click.option("--min-tokens", type=int, default=0, show_default=True,
               help="No merge in a block whose input is shorter than this.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention (log size bias).")
-@click.option("--batch", type=int, default=8, show_default=True, help="Static batch size of the exported graphs.")
+@click.option("--batch", type=int, default=8, show_default=True, help=BATCH_HELP)
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
 @job_options(runs=20, out_help="engines/<name>-r<ratio>/")
 @user_errors
@@ -53,7 +56,7 @@ def vit(model_source: str, ratio: str, schedule: str, alpha: float | None, min_t
               help="Weight of the semantic value I (0 = ToMe).")
 @click.option("--min-tokens", type=int, default=None,
               help="No merge below this many tokens [default: 40 for caption and VQA, 100 for retrieval].")
-@click.option("--batch", type=int, default=4, show_default=True, help="Images per call (static).")
+@click.option("--batch", type=int, default=4, show_default=True, help=BATCH_HELP)
 @click.option("--image-size", type=int, default=None, help="Input resolution (default: the checkpoint's).")
 @click.option("--max-new-tokens", type=int, default=20, show_default=True)
 @click.option("--num-beams", type=int, default=1, show_default=True)
