@@ -346,7 +346,8 @@ class Blip2Family(BlipFamily):
         feed = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
         def pipelines(runners: dict[str, Any]) -> dict[str, Any]:
-            return blip2_pipelines(runners, options.task, _token_ids(baseline), config.image_token_index, NAMES)
+            ids = None if retrieval else _token_ids(baseline)  # a retrieval model has no language model
+            return blip2_pipelines(runners, options.task, ids, config.image_token_index, NAMES)
 
         def after_export(runners: dict[str, Any], log: Log) -> dict[str, Any]:
             made = pipelines(runners)

@@ -36,7 +36,7 @@ class Blip2CaptionPipeline:
                              tokens, max_new_tokens, stop_at_eos)
 
 
-def blip2_pipelines(runners: dict[str, Runner], task: str, ids: TokenIds, image_token: int | None,
+def blip2_pipelines(runners: dict[str, Runner], task: str, ids: TokenIds | None, image_token: int | None,
                     flavours: tuple[str, ...] = FLAVOURS) -> dict[str, Any]:
     """The export's pipelines by flavour over its graphs' runners (keyed as report.json's files)."""
     if task == "retrieval":
