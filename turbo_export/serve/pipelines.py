@@ -206,10 +206,10 @@ def vl_llm_bindings(export_dir: str, report: dict[str, Any], options: ServeOptio
                                     [TensorSpec("text", "bytes", (1,))], options.max_batch,
                                     {**common, "flavour": flavour}))
         else:
+            scores = [TensorSpec("itm_score", "float32", (1,)), TensorSpec("itc_score", "float32", (1,))]
             bindings.append(Binding(f"blip2-retrieval-{flavour}", [TensorSpec("image", "bytes", (1,)),
                                                                    TensorSpec("text", "bytes", (1,))],
-                                    [TensorSpec("itm_score", "float32", (1,)), TensorSpec("itc_score", "float32", (1,))],
-                                    options.max_batch, {**common, "flavour": flavour}))
+                                    scores, options.max_batch, {**common, "flavour": flavour}))
     return bindings
 
 
