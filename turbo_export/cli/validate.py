@@ -26,13 +26,13 @@ def _number_list(value: str, what: str, cast: type) -> list:
 @click.command("validate")
 @click.argument("export_dir", type=click.Path(file_okay=False))
 @click.option("--data", "source", default=None,
-              help=DATA_HELP + " Required for ViT and BLIP exports; SD exports take --prompts instead.")
+              help=DATA_HELP + " Required for ViT, CLIP, BLIP and BLIP-2 exports; SD exports take --prompts instead.")
 @click.option("--limit", type=int, default=None, help="Use only the first N images.")
 @click.option("--model", "model_source", default=None,
               help="ViT: the checkpoint the export was made from [default: the 'model' in report.json].")
 @click.option("--no-torch", is_flag=True, help="ViT: skip the PyTorch reference run of the Turbo model.")
 @click.option("--texts", "texts_path", type=click.Path(dir_okay=False), default=None,
-              help="BLIP retrieval: a text file, one text per line, ranked against the images "
+              help="BLIP / BLIP-2 retrieval: a text file, one text per line, ranked against the images "
                    "[default: a built-in list of generic texts].")
 @click.option("--question", default=None, help="BLIP VQA: the question asked about every image "
                                                "[default: 'what is in the picture?'].")

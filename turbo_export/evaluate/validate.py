@@ -1,7 +1,8 @@
 """Accuracy parity of Turbo against the unaccelerated model on real inputs, through the exported graphs.
 
 ``validate_folder`` dispatches on the kind of report.json's family: image encoders (below), vision-language
-exports (``validate_vl``: caption / VQA / retrieval) and text-to-image exports (``validate_diffusion``).
+exports (``validate_vl``: caption / VQA / retrieval; ``validate_vl_llm``: BLIP-2's caption / retrieval) and
+text-to-image exports (``validate_diffusion``).
 
 ``validate_export`` reads an export folder made by ``turbo-export vit`` (its ``report.json`` says the family, the
 checkpoint, the Turbo settings, the static batch and the files), runs ``baseline.onnx`` and ``turbo.onnx`` on a
@@ -37,8 +38,8 @@ from turbo_export.models import datasets
 from turbo_export.models.presets import LoadedModel
 
 INPUT = "pixel_values"
-# The kinds with a validator here; others (BLIP-2's "vision-language-llm") are refused in one line
-VALIDATED_KINDS = ("image-encoder", "vision-language", "image-text", "text-to-image")
+# The kinds with a validator here; others are refused in one line
+VALIDATED_KINDS = ("image-encoder", "vision-language", "vision-language-llm", "image-text", "text-to-image")
 PROBE_SEED = 0
 
 
@@ -358,6 +359,10 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
                                               progress)
     if family.kind == "vision-language":
         return validate_vl.validate_blip(folder, report, source, limit, backend, texts, question, progress)
+    if family.kind == "vision-language-llm":
+        from turbo_export.evaluate import validate_vl_llm
+
+        return validate_vl_llm.validate_blip2(folder, report, source, limit, backend, texts, progress)
     if family.kind == "image-text":
         from turbo_export.evaluate import validate_zero_shot
 
@@ -371,10 +376,11 @@ def validate_folder(folder: str, source: str | None = None, limit: int | None = 
 def family_summary_lines(result: dict[str, Any]) -> list[str]:
     """The printed summary of a vision-language, image-text or text-to-image result (image encoders:
     ``summary_lines``)."""
-    from turbo_export.evaluate import validate_diffusion, validate_vl, validate_zero_shot
+    from turbo_export.evaluate import validate_diffusion, validate_vl, validate_vl_llm, validate_zero_shot
 
     kind = get_family(result["family"]).kind
-    module = {"text-to-image": validate_diffusion, "image-text": validate_zero_shot}.get(kind, validate_vl)
+    module = {"text-to-image": validate_diffusion, "image-text": validate_zero_shot,
+              "vision-language-llm": validate_vl_llm}.get(kind, validate_vl)
     lines = module.summary_lines(result)
     if "note" in result:
         lines.append(f"[{result['note']}]")

@@ -153,6 +153,17 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else 1.0
 
 
+def itc_agreement(turbo: np.ndarray, base: np.ndarray) -> dict[str, Any]:
+    """Recall agreement both ways and rank correlation of ITC similarities [images, texts], Turbo vs unaccelerated."""
+    out: dict[str, Any] = {"kind": "retrieval", "images": int(base.shape[0]), "texts": int(base.shape[1])}
+    for k in (1, 5):
+        out[f"image_to_text_recall@{k}_agreement"] = metrics.recall_agreement(turbo, base, k)
+        out[f"text_to_image_recall@{k}_agreement"] = metrics.recall_agreement(turbo.T, base.T, k)
+    out["itc_rank_correlation"] = spearman(turbo, base)
+    out["itc_max_abs_diff"] = float(np.abs(turbo - base).max())
+    return out
+
+
 def retrieval_agreement(pipelines: dict[str, Any], pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray
                      ) -> dict[str, Any]:
     """ITC similarity of every image with every text, Turbo against unaccelerated (whose top-1 is the answer)."""
@@ -160,19 +171,11 @@ def retrieval_agreement(pipelines: dict[str, Any], pixels: np.ndarray, ids: np.n
     for name, p in pipelines.items():
         feats[name] = p.encode_images(pixels)
         itc[name] = feats[name]["image_feat"] @ p.encode_texts(ids, mask).T  # [images, texts]
-    base, turbo = itc["baseline"], itc["turbo"]
-    out: dict[str, Any] = {"kind": "retrieval", "images": int(len(pixels)), "texts": int(len(ids))}
-    for k in (1, 5):
-        out[f"image_to_text_recall@{k}_agreement"] = metrics.recall_agreement(turbo, base, k)
-        out[f"text_to_image_recall@{k}_agreement"] = metrics.recall_agreement(turbo.T, base.T, k)
-    out["itc_rank_correlation"] = spearman(turbo, base)
-    out["itc_max_abs_diff"] = float(np.abs(turbo - base).max())
+    out = itc_agreement(itc["turbo"], itc["baseline"])
     out["image_feat_cosine"] = metrics.cosine_stats(feats["turbo"]["image_feat"], feats["baseline"]["image_feat"])
     out["image_cls_cosine"] = metrics.cosine_stats(feats["turbo"]["image_embeds"][:, 0],
                                                    feats["baseline"]["image_embeds"][:, 0])
     return out
-
-
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -189,6 +192,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                      f"R@5 {p['text_to_image_recall@5_agreement']:.3f}")
         lines.append(f"ITC rank correlation {p['itc_rank_correlation']:.4f}; image feature cosine mean "
                      f"{p['image_feat_cosine']['mean']:.5f}, min {p['image_feat_cosine']['min']:.5f}")
+        if "itm_rank_correlation" in p:
+            lines.append(f"ITM (match probability) image->text top-1 agreement {p['itm_top1_agreement']:.3f}, rank "
+                         f"correlation {p['itm_rank_correlation']:.4f}, max abs diff {p['itm_max_abs_diff']:.3g}")
     else:
         if "question" in result:
             lines.append(f"question: {result['question']}")

@@ -14,6 +14,7 @@ presets, the graphs, the pipelines and the checks against transformers.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,8 @@ from turbo_export.families.blip_tasks import (
 from turbo_export.families.encoders import check_image_size
 from turbo_export.models.presets import RANDOM_PREFIX, LoadedModel, load_pretrained
 from turbo_export.patch import patch_model
-from turbo_export.pipelines.blip import RetrievalPipeline, RetrievalScores, TokenIds, softmax
-from turbo_export.pipelines.blip2 import Blip2CaptionPipeline
+from turbo_export.pipelines.blip import RetrievalScores, TokenIds, softmax
+from turbo_export.pipelines.blip2 import blip2_pipelines
 
 TASK_CLASSES = {"caption": "Blip2ForConditionalGeneration", "retrieval": "Blip2ForImageTextRetrieval"}
 
@@ -84,6 +85,29 @@ class Blip2Options:
 
     def resolved_min_tokens(self) -> int:
         return DEFAULT_MIN_TOKENS[self.task] if self.min_tokens is None else self.min_tokens
+
+
+@dataclass
+class Blip2Processing:
+    tokenizer: Any  # a transformers tokenizer or models.tokenizer.OfflineTokenizer
+    image_processor: Any | None
+    ids: TokenIds  # the language model's (caption)
+    image_token: int | None
+    queries: int
+
+
+def offline_tokenizer(config: Any, task: str) -> Any:
+    """A preset's tokenizer: the Q-Former's BERT-style ids for retrieval texts ([CLS] words [SEP]), the language
+    model's for captions (its special ids and the image placeholder skipped when decoding)."""
+    from turbo_export.models.tokenizer import OfflineTokenizer
+
+    if task == "retrieval":
+        qformer = config.qformer_config
+        return OfflineTokenizer(int(qformer.vocab_size), 101, 102, int(qformer.pad_token_id or 0))
+    text = config.text_config
+    return OfflineTokenizer(int(text.vocab_size), int(text.bos_token_id), None, int(text.pad_token_id),
+                            [int(text.eos_token_id)] + ([int(config.image_token_index)]
+                                                        if config.image_token_index is not None else []))
 
 
 def build_random_blip2(preset_name: str, task: str, seed: int = 0) -> LoadedModel:
@@ -245,7 +269,8 @@ def retrieval_parity(models: dict[str, nn.Module], pipelines: dict[str, Any], fe
 class Blip2Family(BlipFamily):
     name = "blip2"
     command = "turbo-export blip2"
-    # No validate / serve pipelines yet: BLIP's ("vision-language") read BLIP's graphs and text model.
+    # BLIP's validator and served pipelines ("vision-language") read BLIP's graphs and text model; this kind has its
+    # own (evaluate/validate_vl_llm.py, serve/handlers_blip2.py), which take the text side from ``processing``
     kind = "vision-language-llm"
     model_classes = ("Blip2VisionModel", *TASK_CLASSES.values())
     defaults = Defaults(6.0, 0, evidence="not measured on real weights (none available offline); the paper's alpha; "
@@ -262,6 +287,36 @@ class Blip2Family(BlipFamily):
         if name not in PRESETS:
             raise TurboExportError(f"model: unknown preset 'random:{name}' for {self.command}")
         return Blip2Config(**copy.deepcopy(PRESETS[name]))
+
+    def processing(self, source: str, task: str) -> Blip2Processing:
+        """What validate and serve need besides the graphs, without loading the weights: the tokenizer (the
+        checkpoint's processor's, or an offline one for a ``random:`` preset), the image processor (None for a
+        preset: images scaled to [-1, 1]), the language model's token ids and the image placeholder token."""
+        if source.startswith(RANDOM_PREFIX):
+            config = self.preset_config(source[len(RANDOM_PREFIX):])
+            processor = None
+            tokenizer = offline_tokenizer(config, task)
+        else:
+            path = os.path.expanduser(source)
+            if not os.path.isdir(path):
+                raise TurboExportError(f"model: the BLIP-2 model '{source}' is not a local folder here; its "
+                                       "tokenizer and image processor are read from it")
+            from transformers import AutoConfig, AutoProcessor
+
+            config = AutoConfig.from_pretrained(path)
+            try:
+                processor = AutoProcessor.from_pretrained(path)
+            except Exception as exc:
+                raise TurboExportError(f"model: '{source}' has no BLIP-2 processor (image processor and tokenizer): "
+                                       f"{type(exc).__name__}") from None
+            tokenizer = getattr(processor, "tokenizer", None)
+            if tokenizer is None or getattr(processor, "image_processor", None) is None:
+                raise TurboExportError(f"model: '{source}' has no BLIP-2 processor (image processor and tokenizer)")
+            processor = processor.image_processor
+        text = config.text_config
+        eos = text.eos_token_id[0] if isinstance(text.eos_token_id, (list, tuple)) else text.eos_token_id
+        ids = TokenIds(bos=int(text.bos_token_id), eos=int(eos), pad=int(text.pad_token_id))
+        return Blip2Processing(tokenizer, processor, ids, config.image_token_index, int(config.num_query_tokens))
 
     def load(self, source: str, options: Blip2Options) -> LoadedModel:
         if source.startswith(RANDOM_PREFIX):
@@ -291,11 +346,8 @@ class Blip2Family(BlipFamily):
         feed = {"pixel_values": pixels.numpy(), "input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
         def pipelines(runners: dict[str, Any]) -> dict[str, Any]:
-            if retrieval:
-                return {n: RetrievalPipeline(runners[f"{n}_vision"], runners["text_itc"], runners[f"{n}_itm"])
-                        for n in NAMES}
-            return {n: Blip2CaptionPipeline(runners[f"{n}_vision"], runners["lm_prefill"], runners["decoder"],
-                                            _token_ids(baseline), int(config.image_token_index)) for n in NAMES}
+            ids = None if retrieval else _token_ids(baseline)  # a retrieval model has no language model
+            return blip2_pipelines(runners, options.task, ids, config.image_token_index, NAMES)
 
         def after_export(runners: dict[str, Any], log: Log) -> dict[str, Any]:
             made = pipelines(runners)

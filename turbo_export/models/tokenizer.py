@@ -76,3 +76,41 @@ def offline_clip_token_list(prompt: str, cfg: Any) -> list[int]:
     vocab = int(cfg.vocab_size)
     words = [2 + zlib.crc32(w.encode()) % (vocab - 4) for w in prompt.lower().split()]
     return ([int(cfg.bos_token_id)] if cfg.bos_token_id is not None else []) + words
+
+
+class OfflineTokenizer:
+    """The tokenizer of a ``random:`` preset without a download, with the two calls validate and serve make of a
+    transformers tokenizer: ``tok(texts, padding="max_length", max_length=n, return_tensors="np")`` (lower-cased
+    words hashed into the vocabulary between ``first`` and ``last``, then ``end`` and padding) and ``decode(ids,
+    skip_special_tokens=True)`` (each id a word of WORDS). Random weights give the words no meaning anyway. Plain
+    fields (``to_json``), so the serving stub rebuilds it; torch-free."""
+
+    def __init__(self, vocab_size: int, start: int | None, end: int | None, pad: int, special: list[int] = ()) -> None:
+        self.vocab_size, self.start, self.end, self.pad = int(vocab_size), start, end, int(pad)
+        self.special = sorted({int(s) for s in (*special, pad, *(t for t in (start, end) if t is not None))})
+        self.first = 104 if self.vocab_size > 208 else 4  # above BERT's special ids where the vocabulary allows
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "start": self.start, "end": self.end, "pad": self.pad,
+                "special": self.special}
+
+    def encode(self, text: str) -> list[int]:
+        words = [self.first + zlib.crc32(w.encode()) % (self.vocab_size - self.first) for w in text.lower().split()]
+        return [t for t in (self.start, *words, self.end) if t is not None]
+
+    def __call__(self, texts: list[str], padding: Any = False, max_length: int | None = None,
+                 return_tensors: str | None = None, truncation: bool = False) -> dict[str, Any]:
+        rows = [self.encode(t) for t in texts]
+        if padding != "max_length":
+            return {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+        length = int(max_length or max(len(r) for r in rows))
+        ids = np.full((len(rows), length), self.pad, np.int64)
+        mask = np.zeros((len(rows), length), np.int64)
+        for i, row in enumerate(rows):
+            row = row[:length]
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        skip = set(self.special) if skip_special_tokens else set()
+        return " ".join(WORDS[int(i) % len(WORDS)] for i in np.asarray(ids).reshape(-1) if int(i) not in skip)

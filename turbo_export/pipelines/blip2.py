@@ -5,10 +5,14 @@ model's prefill over the image prefix and bos, then one decoder step per token o
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from turbo_export.backends.base import Runner
-from turbo_export.pipelines.blip import KVDecoder, TokenIds, greedy_decode
+from turbo_export.pipelines.blip import KVDecoder, RetrievalPipeline, TokenIds, greedy_decode
+
+FLAVOURS = ("baseline", "turbo")
 
 
 class Blip2CaptionPipeline:
@@ -30,3 +34,13 @@ class Blip2CaptionPipeline:
         tokens = [np.full(rows, self.image_token, np.int64)] * queries + [np.full(rows, self.ids.bos, np.int64)]
         return greedy_decode(self.decoder, self.ids, out["logits"], (out["present_keys"], out["present_values"]),
                              tokens, max_new_tokens, stop_at_eos)
+
+
+def blip2_pipelines(runners: dict[str, Runner], task: str, ids: TokenIds | None, image_token: int | None,
+                    flavours: tuple[str, ...] = FLAVOURS) -> dict[str, Any]:
+    """The export's pipelines by flavour over its graphs' runners (keyed as report.json's files)."""
+    if task == "retrieval":
+        return {n: RetrievalPipeline(runners[f"{n}_vision"], runners["text_itc"], runners[f"{n}_itm"])
+                for n in flavours}
+    return {n: Blip2CaptionPipeline(runners[f"{n}_vision"], runners["lm_prefill"], runners["decoder"], ids,
+                                    int(image_token)) for n in flavours}

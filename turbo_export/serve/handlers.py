@@ -389,7 +389,7 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], Handler]] = {
 
 
 # handlers kept in their own module (they import this one): imported when a model of theirs is built
-HANDLER_MODULES = {"zero-shot": "turbo_export.serve.handlers_zero_shot"}
+HANDLER_MODULES = {"zero-shot": "turbo_export.serve.handlers_zero_shot", "blip2": "turbo_export.serve.handlers_blip2"}
 
 
 def make_handler(spec: dict[str, Any]) -> Handler:

@@ -49,7 +49,10 @@ class ServeOptions:
 
 def tensor_binding(name: str, onnx_path: str, batch: int, options: ServeOptions) -> Binding:
     inputs, outputs, _ = onnx_signature(onnx_path)
-    batch_first = all(t.dims and t.dims[0] in (batch, -1) for t in inputs + outputs)
+    # every first dimension the batch; a symbolic batch must be symbolic everywhere (a KV cache [layers, batch, ...]
+    # of as many layers as the exported batch has rows is not batch-first)
+    lead = inputs[0].dims[0] if inputs and inputs[0].dims else None
+    batch_first = lead in (batch, -1) and all(t.dims and t.dims[0] == lead for t in inputs + outputs)
     if batch_first:
         inputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in inputs]
         outputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in outputs]
@@ -114,12 +117,17 @@ def image_preprocess(report: dict[str, Any]) -> dict[str, Any]:
     return preprocess
 
 
+def blip_tensor_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions) -> list[Binding]:
+    """Every graph of a BLIP / BLIP-2 export at the tensor level, the image graphs as ``turbo`` and ``baseline``."""
+    batch = int(report["batch"])
+    return [tensor_binding(key[:-len("_vision")] if key.endswith("_vision") else key,
+                           os.path.join(export_dir, filename), batch, options)
+            for key, filename in report["files"].items()]
+
+
 def blip_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, work_dir: str) -> list[Binding]:
-    files, batch, task = report["files"], int(report["batch"]), report["task"]
-    bindings = []
-    for key, filename in files.items():
-        name = key[:-len("_vision")] if key.endswith("_vision") else key  # the image encoders: turbo, baseline
-        bindings.append(tensor_binding(name, os.path.join(export_dir, filename), batch, options))
+    task = report["task"]
+    bindings = blip_tensor_bindings(export_dir, report, options)
     if not options.pipelines or task["name"] not in ("caption", "vqa"):
         return bindings
     tokenizer_dir, preprocess, token_ids = blip_processor_files(report, work_dir)
@@ -167,6 +175,42 @@ def blip_processor_files(report: dict[str, Any], work_dir: str) -> tuple[str, di
                   "std": list(image_proc.image_std), "resample": int(getattr(image_proc, "resample", 3))}
     token_ids = {"bos": int(text.bos_token_id), "eos": int(text.sep_token_id), "pad": int(text.pad_token_id)}
     return tokenizer_dir, preprocess, token_ids
+
+
+def vl_llm_bindings(export_dir: str, report: dict[str, Any], options: ServeOptions, work_dir: str) -> list[Binding]:
+    """BLIP-2 (kind "vision-language-llm"): every graph at the tensor level, and per flavour
+    ``blip2-caption-<flavour>`` (image bytes -> caption text) or ``blip2-retrieval-<flavour>`` (image bytes + text ->
+    ITM match probability and ITC score, the best query's cosine)."""
+    from dataclasses import asdict
+
+    from turbo_export.families import get_family
+
+    task = report["task"]
+    bindings = blip_tensor_bindings(export_dir, report, options)
+    if not options.pipelines:
+        return bindings
+    processing = get_family(report["family"]).processing(str(report["model"]), task["name"])
+    if hasattr(processing.tokenizer, "to_json"):  # a random: preset's offline tokenizer
+        tokenizer: dict[str, Any] = {"offline": processing.tokenizer.to_json()}
+    else:
+        tokenizer = {"dir": os.path.join(work_dir, "tokenizer")}
+        processing.tokenizer.save_pretrained(tokenizer["dir"])
+    common = {"handler": "blip2", "export_dir": os.path.abspath(export_dir), "files": report["files"],
+              "task": task["name"], "tokenizer": tokenizer, "preprocess": image_preprocess(report),
+              "token_ids": asdict(processing.ids), "image_token": processing.image_token,
+              "queries": processing.queries, "max_new_tokens": int(task.get("max_new_tokens", 20)),
+              "text_len": int(task.get("text_len", 0))}
+    for flavour in FLAVOURS:
+        if task["name"] == "caption":
+            bindings.append(Binding(f"blip2-caption-{flavour}", [TensorSpec("image", "bytes", (1,))],
+                                    [TensorSpec("text", "bytes", (1,))], options.max_batch,
+                                    {**common, "flavour": flavour}))
+        else:
+            scores = [TensorSpec("itm_score", "float32", (1,)), TensorSpec("itc_score", "float32", (1,))]
+            bindings.append(Binding(f"blip2-retrieval-{flavour}", [TensorSpec("image", "bytes", (1,)),
+                                                                   TensorSpec("text", "bytes", (1,))],
+                                    scores, options.max_batch, {**common, "flavour": flavour}))
+    return bindings
 
 
 SD_MAX_STEPS = 100
@@ -294,6 +338,7 @@ def logit_scale_of(report: dict[str, Any]) -> dict[str, float]:
 PIPELINES: dict[str, Callable[..., list[Binding]]] = {
     "image-encoder": lambda export_dir, report, options, work_dir: vit_bindings(export_dir, report, options),
     "vision-language": blip_bindings,
+    "vision-language-llm": vl_llm_bindings,
     "text-to-image": sd_bindings,
     "image-text": image_text_bindings,
 }
