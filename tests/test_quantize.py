@@ -294,3 +294,35 @@ def test_fp16_onnxruntime_check():
         assert reason is None
     else:
         assert "CUDA" in reason and "\n" not in reason
+
+
+def test_merged_token_outputs_are_compared_as_sets():
+    """An int8 graph may merge other tokens than the fp32 model (rounding flips near-tied decisions) and return its
+    tokens in another order; cross-attention reads them as a set. The int8 check compares such an output by its
+    size-weighted mean and its first (protected) token: a reordered output passes, a wrong one does not."""
+    from turbo_export.export.parity import check_graph, check_graph_as_sets
+
+    tokens = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[1.0, 2, 1, 3, 1, 1], [1, 1, 4, 1, 1, 1]])
+
+    class Tokens(nn.Module):
+        def forward(self, pixel_values):
+            return tokens, sizes
+
+    class Runner:
+        def __init__(self, order, scale=1.0):
+            self.order, self.scale = order, scale
+
+        def run(self, feed):
+            return {"image_embeds": tokens[:, self.order].numpy() * self.scale,
+                    "image_sizes": sizes[:, self.order].numpy()}
+
+    spec = GraphSpec("turbo_vision", Tokens(), {"pixel_values": torch.zeros(2, 3, 4, 4)},
+                     ["image_embeds", "image_sizes"], atol=1e-4, token_sets={"image_embeds": "image_sizes"})
+    reordered = Runner([0, 3, 1, 5, 2, 4])  # the protected first token stays first
+    assert not check_graph(spec, "x.onnx", reordered).ok
+    report = check_graph_as_sets(spec, "x.onnx", reordered)
+    assert report.ok and report.cosine > 0.9999
+    assert [o.name for o in report.outputs] == ["image_embeds (as a set)", "image_sizes (total)"]
+    assert check_graph_as_sets(spec, "x.onnx", Runner([1, 0, 2, 3, 4, 5])).cosine < 0.99  # first token moved
+    assert not check_graph_as_sets(spec, "x.onnx", Runner(list(range(6)), scale=1.5)).ok

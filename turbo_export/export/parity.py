@@ -93,6 +93,42 @@ def check_graph(spec: GraphSpec, path: str, runner: Any, inputs: dict[str, torch
     return report
 
 
+def check_graph_as_sets(spec: GraphSpec, path: str, runner: Any, inputs: dict[str, torch.Tensor] | None = None
+                        ) -> ParityReport:
+    """``check_graph`` where merge decisions may differ (an int8 graph against the fp32 model): each output in
+    ``spec.token_sets`` is compared by what its consumer sees whatever the token order (the size-weighted mean token
+    and the first, protected, token) and its sizes output by its total; every other output as it is."""
+    inputs = inputs if inputs is not None else spec.example_inputs
+    reference = dict(zip(spec.output_names, torch_outputs(spec, inputs)))
+    outputs = runner.run({k: v.cpu().numpy() for k, v in inputs.items()})
+    actual = {n: outputs[n] for n in spec.output_names}
+    names, got, want = [], [], []
+    for name in spec.output_names:
+        sizes = spec.token_sets.get(name)
+        if sizes is not None:
+            names.append(f"{name} (as a set)")
+            got.append(set_summary(actual[name], actual[sizes]))
+            want.append(set_summary(reference[name], reference[sizes]))
+        elif name in spec.token_sets.values():
+            names.append(f"{name} (total)")
+            got.append(actual[name].sum(axis=1))
+            want.append(reference[name].sum(axis=1))
+        else:
+            names.append(name)
+            got.append(actual[name])
+            want.append(reference[name])
+    report = ParityReport(spec.name, path, samples=int(want[0].shape[0]))
+    report.outputs = compare_outputs(names, got, want, spec.atol)
+    return report
+
+
+def set_summary(tokens: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """[batch, tokens, dim] -> [batch, 2, dim]: the size-weighted mean token and the first token."""
+    weights = sizes.astype(np.float64)[..., None]
+    mean = (tokens.astype(np.float64) * weights).sum(axis=1) / weights.sum(axis=1)
+    return np.stack([mean, tokens[:, 0].astype(np.float64)], axis=1)
+
+
 def _tied_samples(spec: GraphSpec, inputs: dict[str, torch.Tensor], actual: list[np.ndarray],
                   reference: list[np.ndarray]) -> dict[int, float]:
     """The differing samples if every one of them has a merge decision within the tie tolerance, else {}."""

@@ -61,6 +61,10 @@ class GraphSpec:
     # ``dim_ranges`` gives each name's (min, opt, max) for TensorRT's optimization profile
     symbolic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # merged-token output -> the output holding each token's size, for outputs whose consumer does not depend on
+    # the token order (cross-attention reads a set). Where merge decisions may legitimately differ (int8), such an
+    # output is compared as a set: its size-weighted mean token and its first (protected) token.
+    token_sets: dict[str, str] = field(default_factory=dict)
 
     def rows(self) -> int:
         """The example inputs' batch (0 when no input has a batch axis)."""

@@ -177,7 +177,8 @@ def _vision_graphs(baseline: nn.Module, turbo: nn.Module, options: Blip2Options,
     outputs = ["image_embeds", "image_sizes", "image_feat" if retrieval else "language_inputs"]
     pixels = torch.randn(options.batch, 3, image_size, image_size, generator=gen)
     return {f"{n}_vision": GraphSpec(f"{n}_vision", ImageGraph(m, retrieval), {"pixel_values": pixels}, outputs,
-                                     merge_model=m if n == "turbo" else None, batch_axes={"pixel_values": 0})
+                                     merge_model=m if n == "turbo" else None, batch_axes={"pixel_values": 0},
+                                     token_sets={"image_embeds": "image_sizes"})
             for n, m in (("baseline", baseline), ("turbo", turbo))}
 
 

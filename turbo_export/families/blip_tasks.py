@@ -84,7 +84,8 @@ def _vision_graphs(baseline: nn.Module, turbo: nn.Module, options: BlipOptions, 
                              interpolate_pos_encoding=interpolate)
         graphs[f"{name}_vision"] = GraphSpec(f"{name}_vision", module, {"pixel_values": pixels}, outputs,
                                              merge_model=model if name == "turbo" else None,
-                                             batch_axes={"pixel_values": 0})
+                                             batch_axes={"pixel_values": 0},
+                                             token_sets={"image_embeds": "image_sizes"})
     return graphs
 
 
