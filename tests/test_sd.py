@@ -314,6 +314,9 @@ def test_sd_generate_pipeline_matches_pytorch_and_writes_pngs(exported, tiny, tm
     metrics = json.loads((tmp_path / "cat.json").read_text())
     assert metrics["images_ssim"] <= 1.0 and metrics["latents_psnr_db"] > 0
     assert "PSNR" in result.output and "weak evidence" in result.output
+    timing = metrics["unet_timing"]  # both UNets interleaved, one timed call per step each
+    assert timing["calls"] == 3 and len(timing["baseline_ms"]) == len(timing["turbo_ms"]) == 3
+    assert timing["flops_ratio"] > 1.0 and "UNet per call, interleaved" in result.output
 
 
 def _assert_one_line_error(result, *fragments):

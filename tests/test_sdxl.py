@@ -60,6 +60,7 @@ def test_sd_img2img_end_to_end(sd_export, init_png, tmp_path):
     assert Image.open(png).size == (64 * 2 + 8, 64)
     assert metrics["mode"] == "image-to-image" and metrics["strength"] == 0.6 and metrics["denoised_steps"] == 2
     assert metrics["images_psnr_db"] > 0 and metrics["images_ssim"] <= 1.0
+    assert metrics["unet_timing"]["calls"] == 2  # only the denoised steps call the UNet
     assert "image-to-image" in result.output and "PSNR" in result.output
 
 

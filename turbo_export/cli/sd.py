@@ -104,7 +104,13 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     from turbo_export.files import check_writable_target, write_json_atomic
     from turbo_export.metrics import psnr, ssim
     from turbo_export.models.sd_presets import load_sd
-    from turbo_export.pipelines.sd import check_generation, check_prompt, check_strength, generate, load_init_image
+    from turbo_export.pipelines.sd import (
+        check_generation,
+        check_prompt,
+        check_strength,
+        generate_interleaved,
+        load_init_image,
+    )
 
     check_prompt(prompt)
     check_generation(steps, seed, guidance)
@@ -123,15 +129,15 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     report = read_export_dir(export_dir)
     click.echo(f"loading {report['model']} (text encoder, VAE) ...", err=True)
     components = load_sd(report["model"], with_unet=False)
-    results = {}
-    for name in ("baseline", "turbo"):
-        # a --merge-impl plugin Turbo UNet runs in ONNX Runtime through the Python nodes (slow, but the same values)
-        runner = make_runner(os.path.join(export_dir, report["files"][name]), backend)
-        results[name] = generate(runner, components, prompt, steps=steps, seed=seed, guidance=guidance,
-                                 desc=f"{name} UNet", progress=progress_enabled(), init_image=init_image,
-                                 strength=strength or 1.0)
-        del runner
+    # both UNets step by step in alternating order, so their timings share the machine's drift (a --merge-impl
+    # plugin Turbo UNet runs in ONNX Runtime through the Python nodes: slow, but the same values)
+    runners = {name: make_runner(os.path.join(export_dir, report["files"][name]), backend)
+               for name in ("baseline", "turbo")}
+    results = generate_interleaved(runners, components, prompt, steps=steps, seed=seed, guidance=guidance,
+                                   progress=progress_enabled(), init_image=init_image, strength=strength or 1.0)
+    del runners
     base, tur = results["baseline"], results["turbo"]
+    timing = unet_timing(base.unet_seconds, tur.unet_seconds, report)
     metrics: dict[str, Any] = {
         "prompt": prompt, "steps": steps, "seed": seed, "guidance": guidance,
         "mode": "text-to-image" if init_image is None else "image-to-image",
@@ -147,6 +153,7 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     if init_image is not None:
         metrics.update(image=os.path.abspath(init_path), strength=strength,
                        denoised_steps=min(int(steps * strength), steps))
+    metrics["unet_timing"] = timing
     if str(report["model"]).startswith("random:"):
         metrics["note"] = "random weights: agreement figures are weak evidence of quality"
 
@@ -171,6 +178,22 @@ def sd_generate(export_dir: str, prompt: str, steps: int, seed: int, guidance: f
     click.echo(f"turbo vs baseline, final latents: PSNR {metrics['latents_psnr_db']:.2f} dB, SSIM {latents_ssim}")
     click.echo(f"turbo vs baseline, images:        PSNR {metrics['images_psnr_db']:.2f} dB, "
                f"SSIM {metrics['images_ssim']:.4f}")
+    click.echo(f"UNet per call, interleaved ({timing['calls']} calls each): baseline "
+               f"{timing['baseline_median_ms']:.0f} ms, turbo {timing['turbo_median_ms']:.0f} ms, "
+               f"speedup {timing['speedup']:.2f}x"
+               + (f" (FLOPs ratio {timing['flops_ratio']:.3f}x)" if timing.get("flops_ratio") else ""))
     if "note" in metrics:
         click.echo(f"[{metrics['note']}]")
     click.echo(f"wrote {out_png} (baseline | turbo), {paths['baseline']}, {paths['turbo']}, {stem}.json")
+
+
+def unet_timing(baseline: list[float], turbo: list[float], report: dict[str, Any]) -> dict[str, Any]:
+    """Median UNet call of each side of an interleaved generation, their ratio, and the export's FLOPs ratio."""
+    import statistics
+
+    base_ms, turbo_ms = statistics.median(baseline) * 1e3, statistics.median(turbo) * 1e3
+    flops = report.get("flops") or {}
+    ratio = flops.get("baseline", 0) / flops["turbo"] if flops.get("turbo") else None
+    return {"calls": len(baseline), "baseline_ms": [t * 1e3 for t in baseline], "turbo_ms": [t * 1e3 for t in turbo],
+            "baseline_median_ms": base_ms, "turbo_median_ms": turbo_ms, "speedup": base_ms / turbo_ms,
+            "flops_ratio": ratio}

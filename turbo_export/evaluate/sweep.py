@@ -9,7 +9,6 @@ unaccelerated graph (``bench.interleaved``, warm-up, medians) on a real batch. `
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import os
 import shutil
@@ -177,9 +176,11 @@ def run_sweep(
                                                        progress), sets[src].labels) for src, x in inputs.items()}})
 
         combos = [(r, a) for a in alphas for r in ratios if r > 0]
+        from turbo_export.patch import copy_for_patching
+
         for r, alpha in tqdm(combos, desc="sweep", unit="config", disable=not progress, file=sys.stderr):
             options = spec.options_type(ratio=r, alpha=alpha, min_tokens=min_tokens, batch=batch, image_size=size)
-            model = spec.make_turbo(copy.deepcopy(loaded.model), options)
+            model = spec.make_turbo(copy_for_patching(loaded.model), options)
             graph = spec.graph(f"turbo r={r} alpha={alpha:g}", model, loaded, options)
             path = export_onnx(graph, os.path.join(work, f"turbo-r{r}-a{alpha:g}.onnx"))
             runner = make_runner(path)

@@ -18,7 +18,6 @@ and measures parity:
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -187,7 +186,9 @@ def turbo_model(loaded: LoadedModel, report: dict[str, Any]) -> torch.nn.Module:
     family = get_family(report["family"])
     options = family.options_type(ratio=report["r_schedule"], alpha=report["alpha"], min_tokens=report["min_tokens"],
                                   prop_attn=report["prop_attn"], batch=report["batch"], image_size=report["image_size"])
-    return family.make_turbo(copy.deepcopy(loaded.model), options)
+    from turbo_export.patch import copy_for_patching
+
+    return family.make_turbo(copy_for_patching(loaded.model), options)
 
 
 def validate_export(

@@ -7,7 +7,6 @@ drawn in the mean colour of its pixels, with a line where neighbouring patches b
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ from turbo_export.limits import MAX_ALPHA, MAX_IMAGE_SIZE, MAX_MIN_TOKENS, check
 from turbo_export.models import datasets
 from turbo_export.models.datasets import model_inputs
 from turbo_export.models.presets import LoadedModel
-from turbo_export.patch import turbo_settings
+from turbo_export.patch import copy_for_patching, turbo_settings
 
 PANEL = 320  # the shorter side of each drawn panel, in pixels
 
@@ -57,7 +56,7 @@ def record_groups(loaded: LoadedModel, pixels: np.ndarray, ratio: merge.RSchedul
     spec = family_for_class(type(loaded.model).__name__)
     size = int(pixels.shape[-1])
     options = spec.options_type(ratio=ratio, alpha=alpha, min_tokens=min_tokens, image_size=size)
-    model = spec.make_turbo(copy.deepcopy(loaded.model), options)
+    model = spec.make_turbo(copy_for_patching(loaded.model), options)
     settings = turbo_settings(model)
     settings.record_plans = True
     try:

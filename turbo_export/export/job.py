@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -225,6 +226,9 @@ def _run_checked(family: Family, loaded: Any, options: Any, run: RunOptions, log
         parity = validate_graphs(plan.graphs, runners, run.out_dir, log, both_batches=dynamic) if run.validate else {}
         extras = plan.after_export(runners, log) if plan.after_export else {}
         if int8:
+            # the fp32 sessions go first: quantizing a large graph needs that memory (SD 1.5: 2 x 3.4 GB)
+            runners = None
+            gc.collect()
             reports = quantize_exports(plan, stage, run, loaded, images, log)
             runners = open_runners(plan.graphs, paths, run.backend, stage, log, run.out_dir, "int8", dynamic,
                                    run.max_batch)

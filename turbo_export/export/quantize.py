@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -55,6 +56,10 @@ TWO_GB = 2**31
 # static QDQ: quantize the ops that carry the FLOPs; QDQ around LayerNorm / Softmax / elementwise ops only adds
 # conversions on a CPU (no int8 kernels for them) and costs accuracy
 STATIC_OP_TYPES = ("MatMul", "Gemm", "Conv")
+# dynamic int8 leaves Conv float: ONNX Runtime's CPU ConvInteger is 4-5x slower than its float Conv (measured with
+# ONNX Runtime 1.32 on 2 cores: ViT-B/16's 16x16 patch embedding at batch 8 7.2 ms float vs 30.9 ms ConvInteger; an
+# SD UNet 3x3 conv, 320 channels at 64x64, batch 2: 46 vs 250 ms). The MatMuls carry a ViT's FLOPs anyway.
+DYNAMIC_SKIPPED_OP_TYPES = ("Conv",)
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -231,9 +236,10 @@ def quantize_graph(
     per_channel: per-output-channel weight scales; default True for static, False for dynamic (per tensor is
     what one ``quantize_dynamic`` call does; on ViT-B with seeded weights per channel moves the logits' cosine to
     the fp32 graph only from 0.99893 to 0.99917).
-    op_types: the op types to quantize; default ONNX Runtime's dynamic set (MatMul, Conv, Gather, ...) for dynamic,
-    ``STATIC_OP_TYPES`` (MatMul, Gemm, Conv) for static. MatMuls whose B is an activation (attention scores,
-    probabilities x values) stay float in both modes unless ``extra_options`` says ``MatMulConstBOnly: False``.
+    op_types: the op types to quantize; default ONNX Runtime's dynamic set but Conv (MatMul, Gather, ...; see
+    ``DYNAMIC_SKIPPED_OP_TYPES``) for dynamic, ``STATIC_OP_TYPES`` (MatMul, Gemm, Conv) for static. MatMuls whose B
+    is an activation (attention scores, probabilities x values) stay float in both modes unless ``extra_options``
+    says ``MatMulConstBOnly: False``.
     symmetric_activations (static): zero-point-0 activation scales, which TensorRT's explicit quantization needs;
     the default (asymmetric) suits ONNX Runtime's CPU kernels.
     cleanup: run ``cleanup_graph`` first (fewer quantize nodes and Reshapes; see the module docstring).
@@ -268,11 +274,14 @@ def quantize_graph(
     if op_types is None:
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-        op_types = list(IntegerOpsRegistry) if mode == "dynamic" else list(STATIC_OP_TYPES)
+        op_types = [o for o in IntegerOpsRegistry if o not in DYNAMIC_SKIPPED_OP_TYPES] if mode == "dynamic" \
+            else list(STATIC_OP_TYPES)
     options = {"MatMulConstBOnly": True, **dict(extra_options or {})}
 
     large = _file_bytes(src) >= TWO_GB
-    model = onnx.load(src, load_external_data=True)
+    # the graph without its external weights: the cleanup and the exclusions read nodes and small constants only,
+    # and loading a large model's weights here (3.4 GB for SD 1.5's UNet) would hold them twice while quantizing
+    model = onnx.load(src, load_external_data=False)
     counts_src = op_counts(model)
     notes: list[str] = []
     if cleanup:
@@ -295,30 +304,41 @@ def quantize_graph(
         options.setdefault("DefaultTensorType", onnx.TensorProto.FLOAT)
 
     os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="quantize-", dir=os.path.dirname(os.path.abspath(dst))) as tmp, \
-            _quiet_quantizer():
-        cleaned = os.path.join(tmp, "cleaned.onnx")
+    # the cleaned graph goes beside ``src``, so that its external weights (named relative to the graph) still resolve
+    src_dir, src_name = os.path.split(os.path.abspath(src))
+    cleaned = os.path.join(src_dir, f".cleaned-{os.getpid()}-{src_name}")
+    try:
+        onnx.save_model(model, cleaned)
+    except OSError:  # a read-only folder: the graph and its weights go to a temporary folder instead
+        cleaned = os.path.join(tempfile.mkdtemp(prefix="quantize-"), src_name)
+        onnx.load_external_data_for_model(model, src_dir)
         onnx.save_model(model, cleaned, save_as_external_data=large, all_tensors_to_one_file=True,
-                        location="cleaned.onnx.data")
-        del model
-        if mode == "dynamic":
-            quantize_dynamic(cleaned, dst, op_types_to_quantize=list(op_types), per_channel=per_channel,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large,
-                             extra_options=options)
-            weight_type, activation_type = "int8", "uint8 (dynamic)"
-        else:
-            reader = _calibration_reader(feeds, _graph_input_names(src))
-            static_options = {
-                "ActivationSymmetric": symmetric_activations,
-                # Q/DQ on the inputs only: ONNX Runtime runs DQ -> MatMul as one integer MatMul with a float output
-                "OpTypesToExcludeOutputQuantization": list(op_types), **options}
-            with _turbo_ops_in_calibration(has_turbo):
-                quantize_static(cleaned, dst, reader, quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=list(op_types), per_channel=per_channel,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                nodes_to_exclude=exclude, use_external_data_format=large,
-                                calibrate_method=methods[calibration_method], extra_options=static_options)
-            weight_type, activation_type = "int8", "int8 (static, QDQ)"
+                        location=src_name + ".data")
+    del model
+    try:
+        with _quiet_quantizer():
+            if mode == "dynamic":
+                quantize_dynamic(cleaned, dst, op_types_to_quantize=list(op_types), per_channel=per_channel,
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=large,
+                                 extra_options=options)
+                weight_type, activation_type = "int8", "uint8 (dynamic)"
+            else:
+                reader = _calibration_reader(feeds, _graph_input_names(src))
+                static_options = {
+                    "ActivationSymmetric": symmetric_activations,
+                    # Q/DQ on the inputs only: ONNX Runtime runs DQ -> MatMul as one integer MatMul with a float output
+                    "OpTypesToExcludeOutputQuantization": list(op_types), **options}
+                with _turbo_ops_in_calibration(has_turbo):
+                    quantize_static(cleaned, dst, reader, quant_format=QuantFormat.QDQ,
+                                    op_types_to_quantize=list(op_types), per_channel=per_channel,
+                                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                    nodes_to_exclude=exclude, use_external_data_format=large,
+                                    calibrate_method=methods[calibration_method], extra_options=static_options)
+                weight_type, activation_type = "int8", "int8 (static, QDQ)"
+    finally:
+        os.remove(cleaned)
+        if os.path.dirname(cleaned) != src_dir:
+            shutil.rmtree(os.path.dirname(cleaned), ignore_errors=True)
     return QuantizeReport(
         src=src, dst=dst, mode=mode, weight_type=weight_type, activation_type=activation_type,
         per_channel=per_channel, op_types=sorted(op_types), excluded=exclusion,

@@ -27,7 +27,7 @@ from turbo_export.families.blip_tasks import (
 from turbo_export.families.encoders import TokenPlan, check_image_size, ratio_tag, token_plan, vision_encoder_flops
 from turbo_export.families.summary import summary_lines
 from turbo_export.models.presets import RANDOM_PREFIX, LoadedModel, load_pretrained
-from turbo_export.patch import patch_model
+from turbo_export.patch import copy_for_patching, patch_model
 from turbo_export.pipelines.blip import TokenIds
 
 TASK_CLASSES = {
@@ -247,16 +247,20 @@ class BlipFamily(Family):
                                          "min-tokens per task: 40 caption/VQA, 100 retrieval (the reference code)")
     options_type = BlipOptions
     bench_warmup = 2
+    # the random: presets: config keyword arguments, a note each, and the transformers config class they build
+    preset_kwargs: dict[str, dict[str, Any]] = PRESETS
+    preset_notes: dict[str, str] = PRESET_NOTES
+    config_class = "BlipConfig"
 
     def presets(self) -> list[PresetInfo]:
-        return [PresetInfo(name, "(one model class per --task)", note) for name, note in PRESET_NOTES.items()]
+        return [PresetInfo(name, "(one model class per --task)", note) for name, note in self.preset_notes.items()]
 
     def preset_config(self, name: str) -> Any:
-        from transformers import BlipConfig
+        import transformers
 
-        if name not in PRESETS:
+        if name not in self.preset_kwargs:
             return super().preset_config(name)
-        return BlipConfig(**copy.deepcopy(PRESETS[name]))
+        return getattr(transformers, self.config_class)(**copy.deepcopy(self.preset_kwargs[name]))
 
     def load(self, source: str, options: BlipOptions) -> LoadedModel:
         if source.startswith(RANDOM_PREFIX):
@@ -291,7 +295,7 @@ class BlipFamily(Family):
                 f"pass --min-tokens {num_tokens} or less (0: merge in every block), or a larger --image-size")
 
         baseline = loaded.model
-        turbo = patch_model(copy.deepcopy(baseline), options.ratio, alpha=options.alpha,
+        turbo = patch_model(copy_for_patching(baseline), options.ratio, alpha=options.alpha,
                             min_tokens=options.resolved_min_tokens(), merge_impl=options.merge_impl)
         models = {"baseline": baseline, "turbo": turbo}
         graphs = task.graphs(baseline, turbo, options, image_size, final)

@@ -24,7 +24,7 @@ from torch import nn
 
 from turbo_export.core.merge import RSchedule
 from turbo_export.errors import ParityError, TurboExportError
-from turbo_export.families.base import BenchPlan, Defaults, ExportPlan, GraphSpec, Log, PresetInfo, register
+from turbo_export.families.base import BenchPlan, Defaults, ExportPlan, GraphSpec, Log, register
 from turbo_export.families.blip import DEFAULT_MIN_TOKENS, BlipFamily, check_task, vision_flops
 from turbo_export.families.blip2_graphs import ImageGraph, ItmGraph, LmPrefill, LmStep, TextFeatures
 from turbo_export.families.blip_tasks import (
@@ -38,7 +38,7 @@ from turbo_export.families.blip_tasks import (
 )
 from turbo_export.families.encoders import check_image_size
 from turbo_export.models.presets import RANDOM_PREFIX, LoadedModel, load_pretrained
-from turbo_export.patch import patch_model
+from turbo_export.patch import copy_for_patching, patch_model
 from turbo_export.pipelines.blip import RetrievalScores, TokenIds, softmax
 from turbo_export.pipelines.blip2 import blip2_pipelines
 
@@ -278,16 +278,9 @@ class Blip2Family(BlipFamily):
                                          "min-tokens per task as BLIP's: 40 caption, 100 retrieval")
     options_type = Blip2Options
     bench_warmup = 1
-
-    def presets(self) -> list[PresetInfo]:
-        return [PresetInfo(name, "(one model class per --task)", note) for name, note in PRESET_NOTES.items()]
-
-    def preset_config(self, name: str) -> Any:
-        from transformers import Blip2Config
-
-        if name not in PRESETS:
-            raise TurboExportError(f"model: unknown preset 'random:{name}' for {self.command}")
-        return Blip2Config(**copy.deepcopy(PRESETS[name]))
+    preset_kwargs = PRESETS
+    preset_notes = PRESET_NOTES
+    config_class = "Blip2Config"
 
     def processing(self, source: str, task: str) -> Blip2Processing:
         """What validate and serve need besides the graphs, without loading the weights: the tokenizer (the
@@ -336,7 +329,7 @@ class Blip2Family(BlipFamily):
                 f"min-tokens: Turbo merges nothing: the {num_tokens} image tokens are below --min-tokens "
                 f"{options.resolved_min_tokens()}; pass --min-tokens {num_tokens} or less (0: merge in every block)")
         baseline = loaded.model
-        turbo = patch_model(copy.deepcopy(baseline), options.ratio, alpha=options.alpha,
+        turbo = patch_model(copy_for_patching(baseline), options.ratio, alpha=options.alpha,
                             min_tokens=options.resolved_min_tokens(), merge_impl=options.merge_impl)
         models = {"baseline": baseline, "turbo": turbo}
         retrieval = options.task == "retrieval"

@@ -11,7 +11,6 @@ generation pipeline follow the layout without a second family (report.json: ``la
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from turbo_export.families.base import (
 from turbo_export.families.summary import comparison_table
 from turbo_export.metrics import compare_outputs
 from turbo_export.models.sd_presets import TEXT_LEN, SDComponents, all_presets, load_sd
+from turbo_export.patch import copy_for_patching
 from turbo_export.patch import unet as unet_patch
 
 INPUT_NAMES = ["sample", "timestep", "encoder_hidden_states"]
@@ -216,7 +216,7 @@ class SdUnetFamily(Family):
         resolution = options.resolution or components.resolution
         latent_hw = check_resolution(resolution, components)
         baseline = components.unet
-        turbo = make_turbo(copy.deepcopy(baseline), options)
+        turbo = make_turbo(copy_for_patching(baseline), options)
         if options.merge_impl == "onnx":  # the plugin's kernel ranks by counting: no TopK
             check_backend_sort_limit(turbo, latent_hw, run.backend)
         else:
@@ -226,7 +226,7 @@ class SdUnetFamily(Family):
                                   batch_axes=batch_first(inputs))
                   for name, model in (("baseline", baseline), ("turbo", turbo))}
         counted = turbo if options.merge_impl == "onnx" else make_turbo(
-            copy.deepcopy(baseline), dataclasses.replace(options, merge_impl="onnx"))  # same tokens per block
+            copy_for_patching(baseline), dataclasses.replace(options, merge_impl="onnx"))  # same tokens per block
         flops = {"baseline": count_flops(baseline, inputs), "turbo": count_flops(counted, inputs),
                  "counted_by": "torch.utils.flop_counter.FlopCounterMode on the PyTorch UNet (fake tensors), one "
                                "call (batch 2B), matmul attention, merge matching included"

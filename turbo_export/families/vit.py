@@ -6,7 +6,6 @@ probe) and served as a classifier or an embedding model.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from turbo_export.families.base import BenchPlan, Defaults, ExportPlan, Family, GraphSpec, Log, PresetInfo, register
 from turbo_export.families.encoders import check_image_size, config_flops, ratio_tag, token_plan
-from turbo_export.patch import adapter_for, patch_model
+from turbo_export.patch import adapter_for, copy_for_patching, patch_model
 
 if TYPE_CHECKING:
     from turbo_export.core.merge import RSchedule
@@ -188,7 +187,7 @@ class VitFamily(Family):
         image_size = self.image_size(loaded, options)
         tokens = token_plan(options.ratio, self.num_layers(loaded), self.num_tokens(loaded, image_size),
                             self.protected(loaded), options.min_tokens, options.merge_impl)
-        turbo_model = self.make_turbo(copy.deepcopy(loaded.model), options)
+        turbo_model = self.make_turbo(copy_for_patching(loaded.model), options)
         graphs = {"baseline": self.graph("baseline", loaded.model, loaded, options),
                   "turbo": self.graph("turbo", turbo_model, loaded, options)}
         report = {**tokens.report_fields(options.ratio), "alpha": options.alpha, "min_tokens": options.min_tokens,

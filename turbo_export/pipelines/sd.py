@@ -1,11 +1,11 @@
-"""Text-to-image and image-to-image over a UNet Runner: PyTorch text encoder and VAE decoder, a diffusers scheduler, and the UNet
-from an exported graph (or any Runner). Classifier-free guidance: the UNet is called once per step on
-[B unconditional, B conditional] latents.
+"""Text-to-image and image-to-image over a UNet Runner: PyTorch text encoder and VAE decoder, a diffusers
+scheduler, and the UNet from an exported graph (or any Runner). Classifier-free guidance: the UNet is called once
+per step on [B unconditional, B conditional] latents.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from turbo_export.errors import TurboExportError
 class Generation:
     latents: np.ndarray  # [B, 4, h, w], final (before the VAE)
     images: np.ndarray  # [B, H, W, 3] uint8
+    unet_seconds: list[float] = field(default_factory=list)  # each UNet call, in order
 
 
 def check_prompt(prompt: str) -> str:
@@ -78,51 +79,89 @@ def encode_image(components: Any, image: np.ndarray, batch: int, size: tuple[int
     return latents * vae.config.scaling_factor
 
 
-def generate(unet: Runner, components: Any, prompt: str, steps: int = 25, seed: int = 0, guidance: float = 7.5,
-             progress: bool = True, desc: str = "denoising", init_image: np.ndarray | None = None,
-             strength: float = 1.0) -> Generation:
-    """Seeded text-to-image (or image-to-image with ``init_image``) with classifier-free guidance; the UNet runs
-    through ``unet``. The UNet's conditioning inputs (SD: text states; SDXL: also pooled text and time ids) come
-    from ``components.conditioning``.
+class Denoising:
+    """One seeded generation advanced one UNet call at a time, so that two UNets can run interleaved step by step
+    (``generate_interleaved``). Classifier-free guidance; the UNet's conditioning inputs (SD: text states; SDXL:
+    also pooled text and time ids) come from ``components.conditioning``.
 
     Image-to-image follows diffusers' StableDiffusionImg2ImgPipeline: the init image's VAE latents are noised to
     the timestep ``int(steps * strength)`` steps from the end and only those last steps are denoised.
     """
-    check_prompt(prompt)
-    if steps < 1:
-        raise TurboExportError(f"steps: must be >= 1, got {steps}")
-    if init_image is not None:
-        check_strength(strength, steps)
-    shapes = {t.name: t.shape for t in unet.inputs}
-    dims = shapes["sample"]
-    channels, height, width = (int(d) for d in dims[1:])
-    batch2 = int(dims[0]) if str(dims[0]).isdigit() else 2  # a dynamic batch axis: one image per call
-    batch = batch2 // 2
-    scale = components.vae_scale
-    cond = {k: v.numpy().astype(np.float32) for k, v in components.conditioning(
-        [""] * batch + [prompt] * batch, (height * scale, width * scale)).items()}
 
-    scheduler = components.scheduler()
-    scheduler.set_timesteps(steps)
-    timesteps = scheduler.timesteps
-    generator = torch.Generator().manual_seed(seed)
-    if init_image is None:
-        latents = torch.randn((batch, channels, height, width), generator=generator) * scheduler.init_noise_sigma
-    else:
-        start = steps - min(int(steps * strength), steps)
-        timesteps = timesteps[start * scheduler.order:]
-        init = encode_image(components, init_image, batch, (height * scale, width * scale), generator)
-        noise = torch.randn(init.shape, generator=generator)
-        latents = scheduler.add_noise(init, noise, timesteps[:1])
-    for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+    def __init__(self, unet: Runner, components: Any, prompt: str, steps: int = 25, seed: int = 0,
+                 guidance: float = 7.5, init_image: np.ndarray | None = None, strength: float = 1.0) -> None:
+        check_prompt(prompt)
+        if steps < 1:
+            raise TurboExportError(f"steps: must be >= 1, got {steps}")
+        if init_image is not None:
+            check_strength(strength, steps)
+        dims = {t.name: t.shape for t in unet.inputs}["sample"]
+        channels, height, width = (int(d) for d in dims[1:])
+        self.batch2 = int(dims[0]) if str(dims[0]).isdigit() else 2  # a dynamic batch axis: one image per call
+        self.batch = self.batch2 // 2
+        self.unet, self.components, self.guidance = unet, components, guidance
+        scale = components.vae_scale
+        self.cond = {k: v.numpy().astype(np.float32) for k, v in components.conditioning(
+            [""] * self.batch + [prompt] * self.batch, (height * scale, width * scale)).items()}
+        self.scheduler = components.scheduler()
+        self.scheduler.set_timesteps(steps)
+        self.timesteps = self.scheduler.timesteps
+        generator = torch.Generator().manual_seed(seed)
+        if init_image is None:
+            self.latents = torch.randn((self.batch, channels, height, width), generator=generator) \
+                * self.scheduler.init_noise_sigma
+        else:
+            start = steps - min(int(steps * strength), steps)
+            self.timesteps = self.timesteps[start * self.scheduler.order:]
+            init = encode_image(components, init_image, self.batch, (height * scale, width * scale), generator)
+            noise = torch.randn(init.shape, generator=generator)
+            self.latents = self.scheduler.add_noise(init, noise, self.timesteps[:1])
+        self.done = 0
+        self.unet_seconds: list[float] = []
+
+    def step(self) -> None:
+        """One denoising step (one UNet call, timed into ``unet_seconds``)."""
+        import time
+
+        t = self.timesteps[self.done]
+        model_in = self.scheduler.scale_model_input(torch.cat([self.latents, self.latents]), t)
         feed = {"sample": model_in.numpy().astype(np.float32),
-                "timestep": np.full((batch2,), float(t), dtype=np.float32), **cond}
-        noise = torch.from_numpy(unet.run(feed)["noise_pred"])
-        uncond, cond_noise = noise[:batch], noise[batch:]
-        noise = uncond + guidance * (cond_noise - uncond)
-        latents = scheduler.step(noise, t, latents).prev_sample
-    return Generation(latents.numpy(), decode(components, latents))
+                "timestep": np.full((self.batch2,), float(t), dtype=np.float32), **self.cond}
+        start = time.perf_counter()
+        noise = torch.from_numpy(self.unet.run(feed)["noise_pred"])
+        self.unet_seconds.append(time.perf_counter() - start)
+        uncond, cond_noise = noise[:self.batch], noise[self.batch:]
+        noise = uncond + self.guidance * (cond_noise - uncond)
+        self.latents = self.scheduler.step(noise, t, self.latents).prev_sample
+        self.done += 1
+
+    def finish(self) -> Generation:
+        return Generation(self.latents.numpy(), decode(self.components, self.latents), self.unet_seconds)
+
+
+def generate(unet: Runner, components: Any, prompt: str, steps: int = 25, seed: int = 0, guidance: float = 7.5,
+             progress: bool = True, desc: str = "denoising", init_image: np.ndarray | None = None,
+             strength: float = 1.0) -> Generation:
+    """Seeded text-to-image (or image-to-image with ``init_image``) through ``unet``; see ``Denoising``."""
+    run = Denoising(unet, components, prompt, steps, seed, guidance, init_image, strength)
+    for _ in tqdm(range(len(run.timesteps)), desc=desc, disable=not progress, leave=False):
+        run.step()
+    return run.finish()
+
+
+def generate_interleaved(unets: dict[str, Runner], components: Any, prompt: str, steps: int = 25, seed: int = 0,
+                         guidance: float = 7.5, progress: bool = True, init_image: np.ndarray | None = None,
+                         strength: float = 1.0) -> dict[str, Generation]:
+    """The same seeded generation through each UNet, step by step in alternating order, so that drift on a shared
+    machine hits every UNet alike; each Generation's ``unet_seconds`` times its UNet calls."""
+    runs = {name: Denoising(u, components, prompt, steps, seed, guidance, init_image, strength)
+            for name, u in unets.items()}
+    names = list(runs)
+    for i in tqdm(range(len(runs[names[0]].timesteps)), desc="denoising (interleaved)", disable=not progress,
+                  leave=False):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            runs[name].step()
+    return {name: run.finish() for name, run in runs.items()}
 
 
 def decode(components: Any, latents: torch.Tensor) -> np.ndarray:
