@@ -17,6 +17,16 @@ _ORT_TYPES = {
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+LARGE_GRAPH_BYTES = 1 << 30
+
+
+def _file_bytes(path: str) -> int:
+    """The graph file and the external-data files beside it that share its name."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder or ".")
+               if f == name or (f.startswith(name) and f.endswith(".data")))
+
+
 def default_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -46,6 +56,11 @@ class OnnxRuntimeRunner:
         # Idle ORT worker threads spin for a while after each run; with several sessions on few cores (baseline
         # and Turbo interleaved, pipelines of several graphs) the spinning steals the next session's cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if session_options is None and _file_bytes(path) >= LARGE_GRAPH_BYTES:
+            # A large graph (an SD UNet) gets no memory arena: an arena keeps its peak (a 4096-token attention's
+            # GB-sized scores, rounded up to the next power of two) between calls, and the int8 benchmark of SD
+            # 1.5's UNet (three ONNX Runtime sessions beside the PyTorch peers) went past 24 GB with arenas.
+            options.enable_cpu_mem_arena = False
         if custom_ops is None:
             from turbo_export.core.plugin_contract import has_turbo_nodes
 

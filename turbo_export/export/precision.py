@@ -99,7 +99,8 @@ def quantize_exports(plan: ExportPlan, stage: str, run: Any, loaded: Any, images
     for i, name in enumerate(plan.graphs, 1):
         path = os.path.join(stage, f"{name}.onnx")
         fp32 = fp32_copy(stage, name)
-        os.replace(path, fp32)  # weights over 2 GB stay in <name>.onnx.data, which the fp32 graph names
+        os.replace(path, fp32)
+        _move_external_data(fp32, path + ".data")  # the int8 graph's weights over 2 GB will go to <name>.onnx.data
         log(f"[{i}/{len(plan.graphs)}] int8 ({run.int8_mode}) {name}.onnx ...")
         calibration = image_calibration(plan, name, loaded, images) if run.int8_mode == "static" else None
         reports[name] = quantize_graph(fp32, path, run.int8_mode, calibration,
@@ -108,9 +109,27 @@ def quantize_exports(plan: ExportPlan, stage: str, run: Any, loaded: Any, images
             log(f"      {line.strip()}")
         if name != keep:
             os.remove(fp32)
-            if os.path.exists(path + ".data") and not _uses_external_data(path):
-                os.remove(path + ".data")  # the fp32 weights: the int8 graph holds its own
+            if os.path.exists(fp32 + ".data"):
+                os.remove(fp32 + ".data")
     return reports
+
+
+def _move_external_data(graph: str, data: str) -> None:
+    """Weights over 2 GB sit in ``data`` beside ``graph``: move them to ``<graph>.data`` and point the graph there, so
+    that the int8 graph written as ``<name>.onnx`` gets its own ``<name>.onnx.data`` instead of overwriting them."""
+    import onnx
+
+    if not os.path.exists(data):
+        return
+    model = onnx.load(graph, load_external_data=False)
+    moved = os.path.basename(graph) + ".data"
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location" and entry.value == os.path.basename(data):
+                    entry.value = moved
+    os.replace(data, os.path.join(os.path.dirname(graph), moved))
+    onnx.save_model(model, graph)
 
 
 def int8_fields(reports: dict[str, Any], run: Any) -> dict[str, Any]:
@@ -161,9 +180,3 @@ def _loose(g: Any) -> Any:
 
     return dataclasses.replace(g, atol=float("inf"), merge_model=None)
 
-
-def _uses_external_data(path: str) -> bool:
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
