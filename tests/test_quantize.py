@@ -355,3 +355,22 @@ def test_fp32_weights_in_external_data_move_aside_for_the_int8_graph(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["unet.fp32.onnx", "unet.fp32.onnx.data"]
     x = np.ones((2, 8), np.float32)
     np.testing.assert_allclose(make_runner(fp32).run({"x": x})["y"], x @ numpy_helper.to_array(w), rtol=1e-6)
+
+
+def test_large_graphs_share_one_arena(vit, monkeypatch):
+    """Graphs over LARGE_GRAPH_BYTES (SD UNets) share a process-wide CPU arena (a benchmark's sessions run in turn,
+    so one arena holds the largest peak, not the sum); smaller graphs keep their own. Same outputs either way."""
+    from turbo_export.backends import ort as ort_backend
+
+    paths, feed = vit
+    own = ort_backend.OnnxRuntimeRunner(paths["baseline"])
+    monkeypatch.setattr(ort_backend, "LARGE_GRAPH_BYTES", 1)
+    shared = ort_backend.OnnxRuntimeRunner(paths["baseline"])
+    def env_allocators(runner):
+        try:
+            return runner.session.get_session_options().get_session_config_entry("session.use_env_allocators")
+        except RuntimeError:  # the key was never set
+            return None
+
+    assert env_allocators(own) is None and env_allocators(shared) == "1"
+    np.testing.assert_array_equal(own.run(feed)["out"], shared.run(feed)["out"])

@@ -27,6 +27,21 @@ def _file_bytes(path: str) -> int:
                if f == name or (f.startswith(name) and f.endswith(".data")))
 
 
+_SHARED_ARENA: list[bool] = []
+
+
+def _register_shared_arena() -> None:
+    import onnxruntime as ort
+
+    if _SHARED_ARENA:
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    # OrtArenaCfg(max_mem 0 = no limit, arena_extend_strategy 1 = grow by what is asked, not to a power of two,
+    # initial_chunk_size_bytes / max_dead_bytes_per_chunk -1 = defaults)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+    _SHARED_ARENA.append(True)
+
+
 def default_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -57,10 +72,14 @@ class OnnxRuntimeRunner:
         # and Turbo interleaved, pipelines of several graphs) the spinning steals the next session's cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if session_options is None and _file_bytes(path) >= LARGE_GRAPH_BYTES:
-            # A large graph (an SD UNet) gets no memory arena: an arena keeps its peak (a 4096-token attention's
-            # GB-sized scores, rounded up to the next power of two) between calls, and the int8 benchmark of SD
-            # 1.5's UNet (three ONNX Runtime sessions beside the PyTorch peers) went past 24 GB with arenas.
-            options.enable_cpu_mem_arena = False
+            # Large graphs (SD UNets, BLIP-2's ViT-g) share one process-wide CPU arena instead of one each: the
+            # sessions of a benchmark run in turn, so one arena holds the largest peak, not the sum of them. Two SD
+            # 1.5 UNet sessions after two calls each: 12.3 GB shared, 14.8 GB with an arena each; with three
+            # sessions beside the PyTorch peers, separate arenas went past this machine's 24 GB. (No arena at all
+            # would also fit, but re-faulting GB-sized attention buffers on every call slows the larger graph more,
+            # which would flatter Turbo.)
+            _register_shared_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         if custom_ops is None:
             from turbo_export.core.plugin_contract import has_turbo_nodes
 
