@@ -94,6 +94,20 @@ class UserInputs:
 
 
 
+def random_settings(presets: dict[str, dict[str, Any]], tasks: dict[str, str], preset_name: str, task: str
+                    ) -> dict[str, Any]:
+    """A copy of a preset's config arguments, once the preset and the task are known ones (BLIP and BLIP-2)."""
+    if preset_name not in presets:
+        raise TurboExportError(f"model: unknown preset 'random:{preset_name}'; available: "
+                               + ", ".join(f"random:{n}" for n in presets))
+    if task not in tasks:
+        raise TurboExportError(f"task: unknown '{task}'; choose one of {', '.join(tasks)}")
+    settings = copy.deepcopy(presets[preset_name])
+    # the vision config's default initializer_range is 1e-10, which makes every random image token alike
+    settings["vision_config"].setdefault("initializer_range", 0.02)
+    return settings
+
+
 def build_random_blip(preset_name: str, task: str, seed: int = 0) -> LoadedModel:
     """A BLIP model of the task's class from a preset config with seeded random weights, plus an offline processor."""
     from transformers import BlipConfig
@@ -101,15 +115,7 @@ def build_random_blip(preset_name: str, task: str, seed: int = 0) -> LoadedModel
     from turbo_export.models.presets import build_seeded
     from turbo_export.models.tokenizer import offline_blip_processor
 
-    if preset_name not in PRESETS:
-        raise TurboExportError(f"model: unknown preset 'random:{preset_name}'; available: "
-                               + ", ".join(f"random:{n}" for n in PRESETS))
-    if task not in TASK_CLASSES:
-        raise TurboExportError(f"task: unknown '{task}'; choose one of {', '.join(TASK_CLASSES)}")
-    settings = copy.deepcopy(PRESETS[preset_name])
-    # BlipVisionConfig's default initializer_range is 1e-10, which makes every random image token alike
-    settings["vision_config"].setdefault("initializer_range", 0.02)
-    config = BlipConfig(**settings)
+    config = BlipConfig(**random_settings(PRESETS, TASK_CLASSES, preset_name, task))
     model = build_seeded(TASK_CLASSES[task], config, seed)
     vision = config.vision_config
     processor = offline_blip_processor(config.text_config.vocab_size, config.text_config.bos_token_id,

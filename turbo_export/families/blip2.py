@@ -13,7 +13,6 @@ presets, the graphs, the pipelines and the checks against transformers.
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from torch import nn
 from turbo_export.core.merge import RSchedule
 from turbo_export.errors import ParityError, TurboExportError
 from turbo_export.families.base import BenchPlan, Defaults, ExportPlan, GraphSpec, Log, register
-from turbo_export.families.blip import DEFAULT_MIN_TOKENS, BlipFamily, check_task, vision_flops
+from turbo_export.families.blip import DEFAULT_MIN_TOKENS, BlipFamily, check_task, random_settings, vision_flops
 from turbo_export.families.blip2_graphs import ImageGraph, ItmGraph, LmPrefill, LmStep, TextFeatures
 from turbo_export.families.blip_tasks import (
     AGREEMENT_SET,
@@ -116,14 +115,7 @@ def build_random_blip2(preset_name: str, task: str, seed: int = 0) -> LoadedMode
 
     from turbo_export.models.presets import build_seeded
 
-    if preset_name not in PRESETS:
-        raise TurboExportError(f"model: unknown preset 'random:{preset_name}'; available: "
-                               + ", ".join(f"random:{n}" for n in PRESETS))
-    if task not in TASK_CLASSES:
-        raise TurboExportError(f"task: unknown '{task}'; choose one of {', '.join(TASK_CLASSES)}")
-    settings = copy.deepcopy(PRESETS[preset_name])
-    # Blip2VisionConfig's default initializer_range is 1e-10, which makes every random image token alike
-    settings["vision_config"].setdefault("initializer_range", 0.02)
+    settings = random_settings(PRESETS, TASK_CLASSES, preset_name, task)
     # the Q-Former's text feed-forward exists only in retrieval checkpoints
     settings["qformer_config"]["use_qformer_text_input"] = task == "retrieval"
     config = Blip2Config(**settings)
