@@ -370,3 +370,20 @@ def test_top1_change_wording_is_sign_correct(drop, words):
     from turbo_export.evaluate.validate import top1_change
 
     assert top1_change(drop) == words
+
+
+def test_full_disk_while_exporting_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capfd):
+    """A disk that fills up while a graph is written (numpy's tofile raises an OSError without errno) is one line,
+    exit code 1, and the staged output is gone."""
+    from turbo_export.export import job
+
+    def full(*args, **kwargs):
+        raise OSError("problem writing element 1645568 to file")
+
+    monkeypatch.setattr(job, "export_graphs", full)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vit", "--model", "random:tiny", "--ratio", "4", "--no-bench", "--out", str(out)])
+    lines = [ln for ln in capfd.readouterr().err.strip().splitlines() if not ln.startswith("loading ")]  # progress
+    assert exit_info.value.code == 1 and len(lines) == 1 and "no space left" in lines[0], lines
+    assert not out.exists() and os.listdir(tmp_path) == []

@@ -18,6 +18,7 @@ EXIT_USAGE = 2
 EXIT_PARITY = 1
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_DISK_FULL = 1
 _QUIET = {"on": False}
 
 
@@ -64,8 +65,20 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail("terminated (SIGTERM), nothing was written", EXIT_SIGTERM)
         except KeyboardInterrupt:
             _fail("interrupted, nothing was written", EXIT_SIGINT)
+        except OSError as exc:
+            if not _disk_full(exc):
+                raise
+            _fail(f"no space left on the device while writing ({exc}); nothing was written (a full-size UNet's "
+                  "graphs need about 4 bytes per parameter each, SDXL's 10.3 GB)", EXIT_DISK_FULL)
 
     return wrapper
+
+
+def _disk_full(exc: OSError) -> bool:
+    """ENOSPC / EDQUOT, or numpy's ``tofile`` failing on a full disk (an OSError without an errno)."""
+    import errno
+
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "problem writing" in str(exc))
 
 
 class OneLineErrorGroup(click.Group):
