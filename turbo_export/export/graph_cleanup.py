@@ -313,12 +313,9 @@ def _unfuse_reshaped_gemms(model: Any) -> int:
 
 
 def _shape_of(model: Any, name: str) -> list[int] | None:
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            dims = vi.type.tensor_type.shape.dim
-            return [d.dim_value if d.HasField("dim_value") else -1 for d in dims] if all(
-                d.HasField("dim_value") for d in dims) else None
-    return None
+    """``name``'s shape when every dim is a number, else None."""
+    dims = _dims_of(model, name)
+    return dims if dims is not None and all(isinstance(d, int) for d in dims) else None
 
 
 def _dims_of(model: Any, name: str) -> list[int | str] | None:

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import warnings
+from typing import Any
 
 import torch
 
@@ -81,25 +82,24 @@ def export_onnx(spec: GraphSpec, path: str, dynamic_batch: bool = False) -> str:
             raise user_error from None
         param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         program.save(path, external_data=param_bytes >= TWO_GB)
-    clean_exported(path)
-    onnx.checker.check_model(path if param_bytes >= TWO_GB else onnx.load(path), full_check=False)
+    model = clean_exported(path)
+    onnx.checker.check_model(path if param_bytes >= TWO_GB else model, full_check=False)
     return path
 
 
-def clean_exported(path: str) -> list[str]:
+def clean_exported(path: str) -> Any:
     """Run ``graph_cleanup.cleanup_graph`` on the saved graph, in place (weights in external data stay where they
-    are). Both sides of every comparison get it: the exporter leaves work that changes nothing, such as the
-    Add of the all-zero attention mask that transformers builds for an unmasked image model (12 broadcast Adds
-    of [batch, 1, N, N] in a ViT-B), which would slow the unaccelerated graph for nothing."""
+    are); returns the cleaned ModelProto. Both sides of every comparison get it: the exporter leaves work that
+    changes nothing, such as the Add of the all-zero attention mask that transformers builds for an unmasked image
+    model (12 broadcast Adds of [batch, 1, N, N] in a ViT-B), which would slow the unaccelerated graph for nothing."""
     import onnx
 
     from turbo_export.export.graph_cleanup import cleanup_graph
 
-    model = onnx.load(path, load_external_data=False)
-    model, notes = cleanup_graph(model)
+    model, notes = cleanup_graph(onnx.load(path, load_external_data=False))
     if notes:
         onnx.save(model, path)
-    return notes
+    return model
 
 
 def at_least_two_rows(spec: GraphSpec) -> dict[str, torch.Tensor]:

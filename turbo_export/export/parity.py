@@ -71,6 +71,13 @@ def torch_outputs(spec: GraphSpec, inputs: dict[str, torch.Tensor]) -> list[np.n
     return [t.detach().float().cpu().numpy() for t in out]
 
 
+def _both_sides(spec: GraphSpec, runner: Any, inputs: dict[str, torch.Tensor]
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The PyTorch module's outputs and the graph's (through ``runner``) on the same inputs, in output order."""
+    outputs = runner.run({k: v.cpu().numpy() for k, v in inputs.items()})
+    return torch_outputs(spec, inputs), [outputs[n] for n in spec.output_names]
+
+
 def check_graph(spec: GraphSpec, path: str, runner: Any, inputs: dict[str, torch.Tensor] | None = None) -> ParityReport:
     """Run the ONNX file (through ``runner``) and the PyTorch module on the same inputs and compare.
 
@@ -78,9 +85,7 @@ def check_graph(spec: GraphSpec, path: str, runner: Any, inputs: dict[str, torch
     decisions for it lie within ``spec.tie_tolerance`` of a tie; any other difference fails.
     """
     inputs = inputs if inputs is not None else spec.example_inputs
-    reference = torch_outputs(spec, inputs)
-    outputs = runner.run({k: v.cpu().numpy() for k, v in inputs.items()})
-    actual = [outputs[n] for n in spec.output_names]
+    reference, actual = _both_sides(spec, runner, inputs)
     report = ParityReport(spec.name, path, samples=int(reference[0].shape[0]))
     report.outputs = compare_outputs(spec.output_names, actual, reference, spec.atol)
     if not report.ok and spec.merge_model is not None:
@@ -99,9 +104,7 @@ def check_graph_as_sets(spec: GraphSpec, path: str, runner: Any, inputs: dict[st
     ``spec.token_sets`` is compared by what its consumer sees whatever the token order (the size-weighted mean token
     and the first, protected, token) and its sizes output by its total; every other output as it is."""
     inputs = inputs if inputs is not None else spec.example_inputs
-    reference = dict(zip(spec.output_names, torch_outputs(spec, inputs)))
-    outputs = runner.run({k: v.cpu().numpy() for k, v in inputs.items()})
-    actual = {n: outputs[n] for n in spec.output_names}
+    reference, actual = (dict(zip(spec.output_names, side)) for side in _both_sides(spec, runner, inputs))
     names, got, want = [], [], []
     for name in spec.output_names:
         sizes = spec.token_sets.get(name)

@@ -143,22 +143,19 @@ def generate(unet: Runner, components: Any, prompt: str, steps: int = 25, seed: 
              progress: bool = True, desc: str = "denoising", init_image: np.ndarray | None = None,
              strength: float = 1.0) -> Generation:
     """Seeded text-to-image (or image-to-image with ``init_image``) through ``unet``; see ``Denoising``."""
-    run = Denoising(unet, components, prompt, steps, seed, guidance, init_image, strength)
-    for _ in tqdm(range(len(run.timesteps)), desc=desc, disable=not progress, leave=False):
-        run.step()
-    return run.finish()
+    return generate_interleaved({desc: unet}, components, prompt, steps, seed, guidance, progress, init_image,
+                                strength, desc=desc)[desc]
 
 
 def generate_interleaved(unets: dict[str, Runner], components: Any, prompt: str, steps: int = 25, seed: int = 0,
                          guidance: float = 7.5, progress: bool = True, init_image: np.ndarray | None = None,
-                         strength: float = 1.0) -> dict[str, Generation]:
+                         strength: float = 1.0, desc: str = "denoising (interleaved)") -> dict[str, Generation]:
     """The same seeded generation through each UNet, step by step in alternating order, so that drift on a shared
     machine hits every UNet alike; each Generation's ``unet_seconds`` times its UNet calls."""
     runs = {name: Denoising(u, components, prompt, steps, seed, guidance, init_image, strength)
             for name, u in unets.items()}
     names = list(runs)
-    for i in tqdm(range(len(runs[names[0]].timesteps)), desc="denoising (interleaved)", disable=not progress,
-                  leave=False):
+    for i in tqdm(range(len(runs[names[0]].timesteps)), desc=desc, disable=not progress, leave=False):
         for name in (names if i % 2 == 0 else names[::-1]):
             runs[name].step()
     return {name: run.finish() for name, run in runs.items()}
