@@ -44,7 +44,7 @@ def test_int8_vit_graphs_quantized_merge_float_and_close_to_fp32(vit_int8):
         check = report["parity_int8"][name]
         assert check["ok"] and check["cosine"] >= INT8_MIN_COSINE
         assert "DynamicQuantizeLinear" in _ops(os.path.join(vit_int8, f"{name}.onnx"))
-    assert {"TopK", "GatherElements", "ScatterElements"} <= _ops(os.path.join(vit_int8, "turbo.onnx"))
+    assert "TopK" in _ops(os.path.join(vit_int8, "turbo.onnx"))
     assert "TopK x" in report["int8"]["graphs"]["turbo"]["excluded"]
     assert report["int8"]["graphs"]["baseline"]["excluded"].startswith("no merge nodes")
     assert report["files_fp32"] == {"baseline": "baseline.fp32.onnx"}

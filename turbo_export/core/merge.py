@@ -7,8 +7,10 @@ largest E are merged into their most similar token of set B by size-weighted ave
 
 Every shape here depends only on input shapes and on the Python int ``r``: no data-dependent shape,
 so the functions trace into a static ONNX graph. Index selection uses ``argsort``/``sort`` (TopK in
-ONNX), ``gather`` (GatherElements) and ``scatter_reduce(reduce="sum")`` (ScatterElements with
-reduction "add"); never ``index_add`` or ``reduce="mean"``, which export wrongly.
+ONNX); the understanding models' merge moves whole token rows (``take_rows``: Gather / GatherND) and sums
+sources through a one-hot MatMul; the UNet's grid merge uses ``gather`` (GatherElements) and
+``scatter_reduce(reduce="sum")`` (ScatterElements with reduction "add"); never ``index_add`` or
+``reduce="mean"``, which export wrongly.
 
 Token layout convention (understanding models): A = tokens 0, 2, 4, ... (CLS first), B = tokens
 1, 3, 5, ...; the first ``protected`` tokens (CLS, distillation token) are never sources, and a
@@ -145,13 +147,8 @@ def semantic_value(probs: torch.Tensor, kind: str, size: torch.Tensor | None = N
     raise ValueError(f"semantic value: unknown '{kind}'; choose one of {', '.join(SEMANTIC_VALUES)}")
 
 
-def bipartite_soft_matching(
-    metric: torch.Tensor,
-    r: int,
-    semantic: torch.Tensor | None = None,
-    alpha: float = 0.0,
-    protected: int = 1,
-) -> MergePlan:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, semantic: torch.Tensor | None = None, alpha: float = 0.0,
+                            protected: int = 1) -> MergePlan:
     """Choose the r A tokens with the largest information degree and their destinations.
 
     With ``alpha = 0`` (or no semantic value) this is exactly ToMe's bipartite soft matching.
@@ -165,13 +162,8 @@ def bipartite_soft_matching(
     return MergePlan(unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx)
 
 
-def decision_margin(
-    metric: torch.Tensor,
-    r: int,
-    semantic: torch.Tensor | None = None,
-    alpha: float = 0.0,
-    protected: int = 1,
-) -> torch.Tensor:
+def decision_margin(metric: torch.Tensor, r: int, semantic: torch.Tensor | None = None, alpha: float = 0.0,
+                    protected: int = 1) -> torch.Tensor:
     """How far each sample's merge decisions are from a tie: [B].
 
     The smaller of (a) the gap between the r-th and (r+1)-th largest information degree (which tokens
@@ -194,22 +186,53 @@ def decision_margin(
 def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge. x: [B, N, C], size: [B, N, 1] -> [B, N - r, C], [B, N - r, 1].
 
-    Output order: the unmerged A tokens in original order, then all of B in original order.
+    Output order: the unmerged A tokens in original order, then all of B in original order. A destination d with
+    sources i becomes ``(s_d x_d + sum s_i x_i) / S``, ``S = s_d + sum s_i``, computed as ``x_d + sum (s_i / S)
+    (x_i - x_d)``: every other row is an exact copy (``_MergePositions`` says why rows, not elements).
     """
-    merged = merge_sum(plan, torch.cat([x * size, size], dim=-1))
-    x_sum, size = merged[..., :-1], merged[..., -1:]
-    return x_sum / size, size
+    positions = _merge_positions(plan, x.shape[1], x.dtype)
+    src_size = take_rows(size, positions.src)
+    new_size = take_rows(size, positions.kept) + positions.receives @ src_size
+    weight = src_size / take_rows(new_size, positions.dst_out)
+    delta = weight * (take_rows(x, positions.src) - take_rows(x, positions.dst))
+    return take_rows(x, positions.kept) + positions.receives @ delta, new_size
 
 
 def merge_sum(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
-    """Sum every source into its destination: [B, N, C] -> [B, N - r, C]."""
-    a, b = split_alternate(x)
-    batch, _, channels = a.shape
-    unm = a.gather(dim=1, index=plan.unm_idx.unsqueeze(-1).expand(batch, plan.unm_idx.shape[1], channels))
-    src = a.gather(dim=1, index=plan.src_idx.unsqueeze(-1).expand(batch, plan.src_idx.shape[1], channels))
-    dst_index = plan.dst_idx.unsqueeze(-1).expand(batch, plan.dst_idx.shape[1], channels)
-    b = b.scatter_reduce(dim=1, index=dst_index, src=src, reduce="sum")
-    return torch.cat([unm, b], dim=1)
+    """Sum every source into its destination: [B, N, C] -> [B, N - r, C] (same order as ``merge_wavg``)."""
+    positions = _merge_positions(plan, x.shape[1], x.dtype)
+    return take_rows(x, positions.kept) + positions.receives @ take_rows(x, positions.src)
+
+
+# Why rows: ``gather`` / ``scatter_reduce`` along the token axis export as GatherElements / ScatterElements with an
+# int64 index expanded to every channel (a [B, k, C] index tensor, twice the size of the tokens it moves), and the
+# bipartite split as strided Slices: in an int8 ViT-B graph those ops took a fifth of the call. Here every token
+# moves as one row of the flattened [B * N, C] tensor (one Gather each), and the r sources reach their destinations
+# through a one-hot [B, N - r, r] matrix product (r is small; no scatter, which TensorRT builds only with a plugin).
+class _MergePositions(NamedTuple):
+    kept: torch.Tensor  # [B, N - r] token rows of the output: unmerged A (ascending), then B
+    src: torch.Tensor  # [B, r] token rows of the sources
+    dst: torch.Tensor  # [B, r] token rows of their destinations
+    dst_out: torch.Tensor  # [B, r] the destinations' rows in the output
+    receives: torch.Tensor  # [B, N - r, r] float: 1 where output row j receives source i
+
+
+def _merge_positions(plan: MergePlan, num_tokens: int, dtype: torch.dtype) -> _MergePositions:
+    batch, num_unm = plan.unm_idx.shape
+    num_b = num_tokens // 2
+    b_rows = (2 * torch.arange(num_b, device=plan.unm_idx.device) + 1).expand(batch, num_b)
+    kept = torch.cat([2 * plan.unm_idx, b_rows], dim=1)
+    dst_out = plan.dst_idx + num_unm
+    out_rows = torch.arange(num_unm + num_b, device=plan.unm_idx.device)
+    receives = (out_rows[None, :, None] == dst_out[:, None, :]).to(dtype)
+    return _MergePositions(kept, 2 * plan.src_idx, 2 * plan.dst_idx + 1, dst_out, receives)
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[b, rows[b, k]]`` for every b and k: [B, N, C], [B, K] -> [B, K, C], as one Gather of whole rows."""
+    num_tokens, channels = x.shape[1], x.shape[2]
+    offsets = torch.arange(x.shape[0], device=rows.device)[:, None] * num_tokens
+    return x.reshape(-1, channels)[rows + offsets]
 
 
 def unmerge(plan: MergePlan, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -217,25 +240,9 @@ def unmerge(plan: MergePlan, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
     Unmerged tokens get their own value back; each source receives a copy of its destination.
     """
-    batch, _, channels = x.shape
-    num_unm = plan.unm_idx.shape[1]
-    unm, b = x[:, :num_unm], x[:, num_unm:]
-    src = b.gather(dim=1, index=plan.dst_idx.unsqueeze(-1).expand(batch, plan.dst_idx.shape[1], channels))
-
     num_a = (num_tokens + 1) // 2
-    a = x.new_zeros(batch, num_a, channels)
-    a = a.scatter(dim=1, index=plan.unm_idx.unsqueeze(-1).expand(batch, num_unm, channels), src=unm)
-    a = a.scatter(dim=1, index=plan.src_idx.unsqueeze(-1).expand(batch, plan.src_idx.shape[1], channels), src=src)
-    return interleave(a, b, num_tokens)
-
-
-def interleave(a: torch.Tensor, b: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Inverse of ``split_alternate``: a at even, b at odd positions."""
-    batch, num_b, channels = b.shape
-    pairs = torch.stack([a[:, :num_b], b], dim=2).reshape(batch, 2 * num_b, channels)
-    if num_tokens > 2 * num_b:  # odd length: A has one extra token at the end
-        pairs = torch.cat([pairs, a[:, num_b:]], dim=1)
-    return pairs
+    inverse = [t // 2 if t % 2 == 0 else num_a + t // 2 for t in range(num_tokens)]  # token -> row of cat([A, B])
+    return take_rows(x, _restore_positions(plan, num_a, num_tokens - num_a, torch.tensor(inverse)))
 
 
 def turbo_merge(
@@ -431,21 +438,20 @@ def merge_mean(plan: MergePlan, split: GridSplit, x: torch.Tensor) -> torch.Tens
     return torch.cat([unm, summed[..., :-1] / summed[..., -1:]], dim=1)
 
 
-def restore_positions(plan: MergePlan, split: GridSplit) -> torch.Tensor:
-    """For every original token, its position in the merged sequence: [B, N] (what ``unmerge_grid`` gathers)."""
+def _restore_positions(plan: MergePlan, num_a: int, num_b: int, inverse: torch.Tensor) -> torch.Tensor:
+    """For every original token, its row in the merged sequence [B, N]; ``inverse``: token -> row of cat([A, B])."""
     batch, num_unm = plan.unm_idx.shape
-    num_a, num_b = split.a_idx.numel(), split.b_idx.numel()
-    arange_unm = torch.arange(num_unm, device=plan.unm_idx.device).expand(batch, num_unm)
-    pos_a = torch.zeros(batch, num_a, dtype=torch.long, device=plan.unm_idx.device)
-    pos_a = pos_a.scatter(1, plan.unm_idx, arange_unm).scatter(1, plan.src_idx, plan.dst_idx + num_unm)
-    pos_b = (torch.arange(num_b, device=pos_a.device) + num_unm).expand(batch, num_b)
-    return torch.cat([pos_a, pos_b], dim=1)[:, split.inverse]
+    device = plan.unm_idx.device
+    pos_a = torch.zeros(batch, num_a, dtype=torch.long, device=device)
+    pos_a = pos_a.scatter(1, plan.unm_idx, torch.arange(num_unm, device=device).expand(batch, num_unm))
+    pos_a = pos_a.scatter(1, plan.src_idx, plan.dst_idx + num_unm)
+    pos_b = (torch.arange(num_b, device=device) + num_unm).expand(batch, num_b)
+    return torch.cat([pos_a, pos_b], dim=1)[:, inverse.to(device)]
 
 
 def unmerge_grid(plan: MergePlan, split: GridSplit, x: torch.Tensor) -> torch.Tensor:
     """Restore [B, N - r, C] -> [B, N, C]: every token its own value, every source its destination's."""
-    positions = restore_positions(plan, split)
-    return x.gather(dim=1, index=positions.unsqueeze(-1).expand(*positions.shape, x.shape[-1]))
+    return take_rows(x, _restore_positions(plan, split.a_idx.numel(), split.b_idx.numel(), split.inverse))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,13 +508,5 @@ def merge_wavg_split(
 
 def unmerge_split(plan: MergePlan, a_idx: torch.Tensor, b_idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Restore [B, N - r, C] -> [B, N, C]: unmerged A and B tokens their own row, each source its destination's."""
-    a_idx, b_idx = a_idx.long(), b_idx.long()
-    batch, _, channels = x.shape
-    num_unm, r = plan.unm_idx.shape[1], plan.src_idx.shape[1]
-    unm, b = x[:, :num_unm], x[:, num_unm:]
-    src = b.gather(dim=1, index=plan.dst_idx.unsqueeze(-1).expand(batch, r, channels))
-    rows = lambda idx: idx.unsqueeze(-1).expand(*idx.shape, channels)  # noqa: E731
-    out = x.new_zeros(batch, a_idx.numel() + b_idx.numel(), channels)
-    out = out.scatter(1, rows(b_idx.expand(batch, -1)), b)
-    out = out.scatter(1, rows(a_idx[plan.unm_idx]), unm)
-    return out.scatter(1, rows(a_idx[plan.src_idx]), src)
+    inverse = torch.cat([a_idx, b_idx]).long().argsort()  # token -> row of cat([A, B])
+    return take_rows(x, _restore_positions(plan, a_idx.numel(), b_idx.numel(), inverse))

@@ -24,8 +24,9 @@ DECISION_OPS = frozenset({"TopK", "ArgMax", "ArgMin", "ReduceMax", "ReduceMin"})
 # ops that move tokens (or their indices) by index
 INDEX_OPS = frozenset({"GatherElements", "ScatterElements", "ScatterND", "GatherND"})
 # ops the merge's bookkeeping is made of (normalising keys, slicing the bipartite sets, weighting by size, the
-# log-size bias): the region grows through these and through an activation x activation MatMul, never through
-# an op that computes the model itself (a MatMul / Gemm / Conv with a weight, LayerNormalization, Softmax, Add)
+# log-size bias): the region grows through these, through an activation x activation MatMul and forward through an
+# Add, never through an op that computes the model itself (a MatMul / Gemm / Conv with a weight, LayerNormalization,
+# Softmax, a residual Add)
 BOOKKEEPING_OPS = frozenset({
     "Slice", "Concat", "Split", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Expand", "Identity", "Cast",
     "Gather", "Div", "Mul", "Sub", "Neg", "Log", "Sqrt", "Pow", "Abs", "Clip", "Max", "Min", "ReduceMean",
@@ -34,8 +35,9 @@ BOOKKEEPING_OPS = frozenset({
 })
 MERGE_REASON = (
     "Turbo's merge stays float: the similarity of the normalised keys and the score feeding TopK / ArgMax decide "
-    "which tokens merge (int8 rounding would flip near-tied decisions), and GatherElements / ScatterElements / "
-    "ScatterND with the size bookkeeping around them move tokens and indices, which have no int8 kernels"
+    "which tokens merge (int8 rounding would flip near-tied decisions), and the Gathers / GatherElements / "
+    "ScatterElements / ScatterND, the one-hot MatMul and the size bookkeeping around them move and sum tokens by "
+    "index: quantizing them would only add rounding, no speed"
 )
 
 @dataclass
@@ -114,10 +116,12 @@ def merge_nodes(model: Any, op_types: Iterable[str] = ()) -> MergeExclusion:
     ScatterND / GatherND (moving tokens by index) and every node of the ``turbo`` domain (TurboMerge plugin nodes).
     The region then grows to a fixed point through the bookkeeping ops (Slice, Concat, Div, Mul, ReduceL2, ...)
     and through MatMuls of two activations (the similarity matrix): backward to a node all of whose outputs are
-    consumed inside the region, forward to a node whose inputs all come from the region or are constants. It never
-    takes in a MatMul / Gemm / Conv with a weight, a LayerNormalization, a Softmax or an Add, so it stops at the
-    keys, the attention probabilities and the residual stream the merge reads from, and at the LayerNorm /
-    residual Add / attention-bias Add that read the merged tokens and their sizes.
+    consumed inside the region, forward to a node whose inputs all come from the region or are constants (or a Gather whose
+    indices do: token rows picked by the merge). It never takes in a MatMul / Gemm / Conv with a weight, a
+    LayerNormalization or a Softmax, and an Add only forward (all its inputs from the region: index arithmetic, the
+    merged rows plus what they receive), so it stops at the keys, the attention probabilities and the residual
+    stream the merge reads from, and at the LayerNorm / residual Add / attention-bias Add that read the merged
+    tokens and their sizes.
     """
     index = _Index(model.graph)
     nodes = index.nodes
@@ -129,6 +133,8 @@ def merge_nodes(model: Any, op_types: Iterable[str] = ()) -> MergeExclusion:
     def candidate(n: Any) -> bool:
         if n.op_type == "MatMul":
             return not any(index.is_constant(i) for i in n.input)  # activation x activation
+        if n.op_type == "Add":  # only forward (index arithmetic, merged rows + what they receive), never the residual
+            return n.domain in ("", "ai.onnx")
         return n.op_type in BOOKKEEPING_OPS and n.domain in ("", "ai.onnx")
 
     def consumed_inside(n: Any) -> bool:
@@ -139,6 +145,8 @@ def merge_nodes(model: Any, op_types: Iterable[str] = ()) -> MergeExclusion:
         return bool(users) and all(c in region for c in users)
 
     def fed_from_inside(n: Any) -> bool:
+        if n.op_type == "Gather" and len(n.input) > 1 and index.producer.get(n.input[1]) in region:
+            return True  # rows of the tokens picked by the merge's indices (merge.take_rows)
         sources = [index.producer.get(i) for i in n.input if i and not index.is_constant(i)]
         return bool(sources) and all(s is not None and s in region for s in sources)
 
@@ -148,7 +156,7 @@ def merge_nodes(model: Any, op_types: Iterable[str] = ()) -> MergeExclusion:
         for i, n in enumerate(nodes):
             if i in region or not candidate(n):
                 continue
-            if consumed_inside(n) or fed_from_inside(n):
+            if fed_from_inside(n) or (n.op_type != "Add" and consumed_inside(n)):
                 region.add(i)
                 changed = True
     members = [nodes[i] for i in sorted(region)]

@@ -16,7 +16,8 @@
    cleanup makes either input give the same 50 / 49, and the quantizer's warning is answered (shapes inferred).
 2. **Merge exclusion** (``merge_nodes``): the Turbo merge's nodes are found from the graph's structure and passed
    as ``nodes_to_exclude``, so the matching (similarity of the normalised keys, ReduceMax / ArgMax, TopK) and the
-   token movement (GatherElements / ScatterElements / ScatterND and the size bookkeeping around them) stay float.
+   token movement (row Gathers, the one-hot MatMul, GatherElements / ScatterElements / ScatterND and the size
+   bookkeeping around them) stay float.
 3. **Quantization**: ``dynamic`` = ``quantize_dynamic`` (int8 weights, activations quantized at run time);
    ``static`` = ``quantize_static`` in QDQ format (int8 weights and activations), calibrated on the caller's feeds
    (``calibration``) or, when none are given, on seeded random inputs (``seeded_calibration``), which the report
@@ -435,4 +436,4 @@ def check_fp16_onnxruntime() -> str | None:
         return None
     return (f"fp16 with ONNX Runtime needs the CUDA execution provider (onnxruntime-gpu and a CUDA GPU); this "
             f"onnxruntime {ort.__version__} has only {', '.join(providers)}, and its CPU kernels lack fp16 for most "
-            "ops, Turbo's ScatterElements(reduction='add') among them")
+            "ops, the UNet merge's ScatterElements(reduction='add') among them")
