@@ -182,22 +182,24 @@ def test_to_channels():
 
 
 def test_compose_plans_matches_merging_one_hot_tokens():
-    """Merge one-hot tokens (sum) through the same plans: row j of the result lists the members of group j."""
+    """Merge one-hot tokens through the same plans: row j of the result (the mean, times its size) lists the members
+    of group j."""
     torch.manual_seed(0)
     tokens, metric_dim = 17, 8
-    x = torch.eye(tokens)[None]
+    x, size = torch.eye(tokens)[None], torch.ones(1, tokens, 1)
     plans = []
     for r in (4, 3, 2):
         metric = torch.randn(1, x.shape[1], metric_dim)
         semantic = torch.rand(1, x.shape[1])
         plan = merge.bipartite_soft_matching(metric, r, semantic, alpha=6.0, protected=1)
-        x = merge.merge_sum(plan, x)
+        x, size = merge.merge_wavg(plan, x, size)
         plans.append(plan)
     groups = compose_plans(plans, tokens)
-    members = x[0].numpy()  # [final tokens, original tokens]
+    members = (x * size)[0].numpy()  # [final tokens, original tokens]
     assert members.shape[0] == tokens - 9
+    assert np.allclose(members.sum(axis=0), 1.0)  # every original token in exactly one group
     for original, group in enumerate(groups):
-        assert members[group, original] == 1.0
+        assert abs(members[group, original] - 1.0) < 1e-5
     assert groups[0] == 0  # CLS never moves and never receives anything
     assert (groups == 0).sum() == 1
 

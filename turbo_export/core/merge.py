@@ -188,8 +188,11 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[to
 
     Output order: the unmerged A tokens in original order, then all of B in original order. A destination d with
     sources i becomes ``(s_d x_d + sum s_i x_i) / S``, ``S = s_d + sum s_i``, computed as ``x_d + sum (s_i / S)
-    (x_i - x_d)``: every other row is an exact copy (``_MergePositions`` says why rows, not elements).
+    (x_i - x_d)``: every other row is an exact copy (``_MergePositions`` says why rows, not elements). Eager on a
+    GPU, where a merge is bound by kernel launches, the same average runs as ToMe's gather / scatter_reduce.
     """
+    if x.is_cuda:
+        return _merge_wavg_scatter(plan, x, size)
     positions = _merge_positions(plan, x.shape[1], x.dtype)
     src_size = take_rows(size, positions.src)
     new_size = take_rows(size, positions.kept) + positions.receives @ src_size
@@ -198,10 +201,13 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[to
     return take_rows(x, positions.kept) + positions.receives @ delta, new_size
 
 
-def merge_sum(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
-    """Sum every source into its destination: [B, N, C] -> [B, N - r, C] (same order as ``merge_wavg``)."""
-    positions = _merge_positions(plan, x.shape[1], x.dtype)
-    return take_rows(x, positions.kept) + positions.receives @ take_rows(x, positions.src)
+def _merge_wavg_scatter(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_wavg`` in 1/3 of the kernels (measured 2x faster eager on an H200 at batch 64, docs/gpu-check.md)."""
+    a, b = split_alternate(torch.cat([x * size, size], dim=-1))
+    rows = lambda idx: idx.unsqueeze(-1).expand(*idx.shape, a.shape[-1])  # noqa: E731
+    b = b.scatter_reduce(1, rows(plan.dst_idx), a.gather(1, rows(plan.src_idx)), reduce="sum")
+    merged = torch.cat([a.gather(1, rows(plan.unm_idx)), b], dim=1)
+    return merged[..., :-1] / merged[..., -1:], merged[..., -1:]
 
 
 # Why rows: ``gather`` / ``scatter_reduce`` along the token axis export as GatherElements / ScatterElements with an

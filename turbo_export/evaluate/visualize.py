@@ -32,7 +32,7 @@ PANEL = 320  # the shorter side of each drawn panel, in pixels
 def compose_plans(plans: Sequence[merge.MergePlan], num_tokens: int, sample: int = 0) -> np.ndarray:
     """Final token index of every original token after all merges: [num_tokens] ints.
 
-    After a merge the sequence is [A tokens kept, in order] + [all B tokens, in order] (see ``merge_sum``);
+    After a merge the sequence is [A tokens kept, in order] + [all B tokens, in order] (see ``merge.merge_wavg``);
     an A source goes where its B destination goes.
     """
     position = np.arange(num_tokens)
