@@ -8,11 +8,14 @@ SD UNet > 0.995.
 
 import collections
 import copy
+import os
+import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 from turbo_export import apply_turbo
@@ -379,3 +382,20 @@ def test_large_graphs_share_one_arena(vit, monkeypatch):
 
     assert env_allocators(own) is None and env_allocators(shared) == "1"
     np.testing.assert_array_equal(own.run(feed)["out"], shared.run(feed)["out"])
+
+
+def test_profile_script_finds_the_merge_region_only_in_the_turbo_graph(vit):
+    """scripts/profile_graphs.py: per op type and merge region, the first graph against the others."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import profile_graphs
+
+    paths, feed = vit
+    batch = feed["pixel_values"].shape[0]
+    result = CliRunner().invoke(profile_graphs.main, [paths["baseline"], paths["turbo"], "--batch", str(batch),
+                                                       "--runs", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    region = [float(line.split("merge region")[1].split()[0]) for line in lines if line.endswith(" ms") and
+              "median" in line]
+    assert region[0] == 0 and region[1] > 0  # only the Turbo graph has merge nodes, and they take time
+    assert "TopK" in result.output and "attention (QK^T, softmax, PV)" in result.output
