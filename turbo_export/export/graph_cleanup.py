@@ -116,8 +116,8 @@ def merge_nodes(model: Any, op_types: Iterable[str] = ()) -> MergeExclusion:
     ScatterND / GatherND (moving tokens by index) and every node of the ``turbo`` domain (TurboMerge plugin nodes).
     The region then grows to a fixed point through the bookkeeping ops (Slice, Concat, Div, Mul, ReduceL2, ...)
     and through MatMuls of two activations (the similarity matrix): backward to a node all of whose outputs are
-    consumed inside the region, forward to a node whose inputs all come from the region or are constants (or a Gather whose
-    indices do: token rows picked by the merge). It never takes in a MatMul / Gemm / Conv with a weight, a
+    consumed inside the region, forward to a node whose inputs all come from the region or are constants (or a
+    Gather whose indices do: token rows picked by the merge). It never takes in a MatMul / Gemm / Conv with a weight, a
     LayerNormalization or a Softmax, and an Add only forward (all its inputs from the region: index arithmetic, the
     merged rows plus what they receive), so it stops at the keys, the attention probabilities and the residual
     stream the merge reads from, and at the LayerNorm / residual Add / attention-bias Add that read the merged
