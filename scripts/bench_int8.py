@@ -68,15 +68,18 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
-def export_pair(model: nn.Module, turbo: nn.Module, pixels: dict[str, torch.Tensor], folder: str) -> dict[str, str]:
-    """baseline.onnx and turbo.onnx in ``folder`` (reused when there), each checked against PyTorch."""
+def export_pair(model: nn.Module, turbo: nn.Module, pixels: dict[str, torch.Tensor], folder: str,
+                static_batch: bool = False) -> dict[str, str]:
+    """baseline.onnx and turbo.onnx in ``folder`` (reused when there), each checked against PyTorch; a symbolic
+    batch, as ``turbo-export vit`` exports them (and optimum-onnx its graphs), unless ``static_batch``."""
     paths = {}
     for name, m in (("baseline", model), ("turbo", turbo)):
-        path = os.path.join(folder, f"{name}.onnx")
-        graph = GraphSpec(name, Logits(m), pixels, ["logits"], merge_model=turbo if name == "turbo" else None)
+        path = os.path.join(folder, f"{name}{'_static' if static_batch else ''}.onnx")
+        graph = GraphSpec(name, Logits(m), pixels, ["logits"], merge_model=turbo if name == "turbo" else None,
+                          batch_axes={"pixel_values": 0})
         if not os.path.isfile(path):
             start = time.perf_counter()
-            export_onnx(graph, path)
+            export_onnx(graph, path, dynamic_batch=not static_batch)
             log(f"exported {name}.onnx in {time.perf_counter() - start:.0f} s")
         report = validate(graph, path, make_runner(path))
         require_parity(report)
@@ -149,22 +152,25 @@ def quantize_all(paths: dict[str, str], optimum: str | None, folder: str) -> tup
               help="A Python with optimum-onnx (transformers < 5) [default: $TURBO_OPTIMUM_PYTHON]; optimum is left "
                    "out without one.")
 @click.option("--no-torch", is_flag=True, help="Leave out the PyTorch eager peers.")
+@click.option("--static-batch", is_flag=True, help="Export our graphs with the static batch --batch (default: a "
+                                                   "symbolic batch, as turbo-export and optimum-onnx export them).")
 @click.option("--json", "json_path", default=None)
 def main(model_source: str, ratio: int, batch: int, runs: int, warmup: int, work: str | None, optimum_python: str,
-         no_torch: bool, json_path: str | None) -> None:
+         no_torch: bool, static_batch: bool, json_path: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = work or tmp
         os.makedirs(folder, exist_ok=True)
-        run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_torch, json_path)
+        run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_torch, json_path, static_batch)
 
 
-def run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_torch, json_path) -> None:
+def run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_torch, json_path,
+        static_batch=False) -> None:
     loaded = get_family("vit").load(model_source)
     model = loaded.model.eval()
     turbo = apply_turbo(copy.deepcopy(model), ratio)
     size = loaded.image_size
     pixels = {"pixel_values": torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))}
-    paths = export_pair(model, turbo, pixels, folder)
+    paths = export_pair(model, turbo, pixels, folder, static_batch)
     optimum = export_optimum(model, optimum_python, folder) if os.path.isfile(optimum_python) else None
     if optimum is None and not os.path.isfile(optimum_python):
         log(f"no optimum-onnx Python at '{optimum_python}' (--optimum-python): optimum left out")
@@ -251,7 +257,8 @@ def run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_tor
         import onnxruntime
 
         write_json_atomic(json_path, {
-            "model": model_source, "ratio": ratio, "batch": batch, "runs": runs, "warmup": warmup,
+            "model": model_source, "ratio": ratio, "batch": batch, "static_batch": static_batch, "runs": runs,
+            "warmup": warmup,
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "rows": rows, "ratios": ratios,
             "counts": info["counts"], "quantize": {k: v for k, v in info.items() if k.endswith("_report")},
             "optimum_fp32_max_abs_diff_vs_ours": info.get("optimum_fp32_max_abs_diff_vs_ours"),

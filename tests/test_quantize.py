@@ -8,6 +8,7 @@ SD UNet > 0.995.
 
 import collections
 import copy
+import json
 import os
 import sys
 
@@ -399,3 +400,22 @@ def test_profile_script_finds_the_merge_region_only_in_the_turbo_graph(vit):
               "median" in line]
     assert region[0] == 0 and region[1] > 0  # only the Turbo graph has merge nodes, and they take time
     assert "TopK" in result.output and "attention (QK^T, softmax, PV)" in result.output
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_bench_script_exports_a_symbolic_batch_unless_asked(static, tmp_path, monkeypatch):
+    """scripts/bench_int8.py times our graphs as turbo-export writes them (symbolic batch), --static-batch on request."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import bench_int8
+
+    monkeypatch.delenv("TURBO_OPTIMUM_PYTHON", raising=False)
+    out = tmp_path / "bench.json"
+    args = ["--model", "random:tiny", "--ratio", "4", "--batch", "2", "--runs", "1", "--warmup", "0", "--no-torch",
+            "--work", str(tmp_path), "--json", str(out)] + (["--static-batch"] if static else [])
+    result = CliRunner().invoke(bench_int8.main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["static_batch"] is static and report["ratios"]["turbo_int8_vs_unaccelerated_int8"] > 0
+    graph = onnx.load(str(tmp_path / ("turbo_static.onnx" if static else "turbo.onnx")), load_external_data=False)
+    batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
+    assert (batch_dim.dim_value == 2) if static else (batch_dim.dim_param != "")
