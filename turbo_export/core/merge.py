@@ -194,11 +194,11 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[to
     if x.is_cuda:
         return _merge_wavg_scatter(plan, x, size)
     positions = _merge_positions(plan, x.shape[1], x.dtype)
-    src_size = take_rows(size, positions.src)
-    new_size = take_rows(size, positions.kept) + positions.receives @ src_size
+    src_size = _rows(size, positions.src)
+    new_size = _rows(size, positions.kept) + positions.receives @ src_size
     weight = src_size / take_rows(new_size, positions.dst_out)
-    delta = weight * (take_rows(x, positions.src) - take_rows(x, positions.dst))
-    return take_rows(x, positions.kept) + positions.receives @ delta, new_size
+    delta = weight * (_rows(x, positions.src) - _rows(x, positions.dst))
+    return _rows(x, positions.kept) + positions.receives @ delta, new_size
 
 
 def _merge_wavg_scatter(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,35 +210,37 @@ def _merge_wavg_scatter(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) ->
     return merged[..., :-1] / merged[..., -1:], merged[..., -1:]
 
 
-# Why rows: ``gather`` / ``scatter_reduce`` along the token axis export as GatherElements / ScatterElements with an
-# int64 index expanded to every channel (a [B, k, C] index tensor, twice the size of the tokens it moves), and the
-# bipartite split as strided Slices: in an int8 ViT-B graph those ops took a fifth of the call. Here every token
-# moves as one row of the flattened [B * N, C] tensor (one Gather each), and the r sources reach their destinations
-# through a one-hot [B, N - r, r] matrix product (r is small; no scatter, which TensorRT builds only with a plugin).
+# Why rows: ``gather`` / ``scatter_reduce`` export as GatherElements / ScatterElements with an int64 index expanded to
+# every channel ([B, k, C], twice the size of the tokens it moves), the split as strided Slices: a fifth of an int8
+# ViT-B call. Here every token moves as one row of the flattened [B * N, C] tensor (one Gather each), and the sources
+# reach their destinations through a one-hot [B, N - r, r] MatMul (no scatter: TensorRT needs a plugin for that).
 class _MergePositions(NamedTuple):
-    kept: torch.Tensor  # [B, N - r] token rows of the output: unmerged A (ascending), then B
-    src: torch.Tensor  # [B, r] token rows of the sources
-    dst: torch.Tensor  # [B, r] token rows of their destinations
-    dst_out: torch.Tensor  # [B, r] the destinations' rows in the output
+    kept: torch.Tensor  # [B, N - r] rows of the flattened tokens in the output: unmerged A (ascending), then B
+    src: torch.Tensor  # [B, r] rows of the flattened tokens: the sources
+    dst: torch.Tensor  # [B, r] rows of the flattened tokens: their destinations
+    dst_out: torch.Tensor  # [B, r] the destinations' positions in the output sequence
     receives: torch.Tensor  # [B, N - r, r] float: 1 where output row j receives source i
 
 
 def _merge_positions(plan: MergePlan, num_tokens: int, dtype: torch.dtype) -> _MergePositions:
     batch, num_unm = plan.unm_idx.shape
     num_b = num_tokens // 2
-    b_rows = (2 * torch.arange(num_b, device=plan.unm_idx.device) + 1).expand(batch, num_b)
-    kept = torch.cat([2 * plan.unm_idx, b_rows], dim=1)
+    device = plan.unm_idx.device
+    first = torch.arange(batch, device=device)[:, None] * num_tokens  # each sample's first row, flattened
+    b_rows = (2 * torch.arange(num_b, device=device) + 1).expand(batch, num_b)
+    kept = torch.cat([2 * plan.unm_idx, b_rows], dim=1) + first
     dst_out = plan.dst_idx + num_unm
-    out_rows = torch.arange(num_unm + num_b, device=plan.unm_idx.device)
-    receives = (out_rows[None, :, None] == dst_out[:, None, :]).to(dtype)
-    return _MergePositions(kept, 2 * plan.src_idx, 2 * plan.dst_idx + 1, dst_out, receives)
+    receives = (torch.arange(num_unm + num_b, device=device)[None, :, None] == dst_out[:, None, :]).to(dtype)
+    return _MergePositions(kept, 2 * plan.src_idx + first, 2 * plan.dst_idx + 1 + first, dst_out, receives)
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``x[b, rows[b, k]]`` for every b and k: [B, N, C], [B, K] -> [B, K, C], as one Gather of whole rows."""
-    num_tokens, channels = x.shape[1], x.shape[2]
-    offsets = torch.arange(x.shape[0], device=rows.device)[:, None] * num_tokens
-    return x.reshape(-1, channels)[rows + offsets]
+    return _rows(x, rows + torch.arange(x.shape[0], device=rows.device)[:, None] * x.shape[1])
+
+
+def _rows(x: torch.Tensor, flat_rows: torch.Tensor) -> torch.Tensor:  # [B, N, C], [B, K] rows of [B * N, C]
+    return x.reshape(-1, x.shape[-1])[flat_rows]
 
 
 def unmerge(plan: MergePlan, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
