@@ -16,7 +16,9 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+from typing import Any
 
 import click
 import numpy as np
@@ -41,7 +43,26 @@ def profile(path: str, batch: int, runs: int, threads: int) -> tuple[float, dict
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:  # the profile's JSON file goes here, not into the working folder
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        median = _run(session, batch, runs)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    by_op: dict[str, float] = collections.Counter()
+    in_region: dict[str, float] = collections.Counter()
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        op, ms = event["args"]["op_name"], event["dur"] / 1000 / (runs + 2)
+        by_op[op] += ms
+        if event["name"][: -len("_kernel_time")] in region:
+            in_region[op] += ms
+    return median, dict(by_op), dict(in_region)
+
+
+def _run(session: Any, batch: int, runs: int) -> float:
+    """Two warm-up runs, then ``runs`` timed ones on seeded images; the median in ms."""
     image = session.get_inputs()[0]
     shape = [batch] + [int(d) for d in image.shape[1:]]
     feed = {image.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
@@ -52,18 +73,7 @@ def profile(path: str, batch: int, runs: int, threads: int) -> tuple[float, dict
         start = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - start)
-    by_op: dict[str, float] = collections.Counter()
-    in_region: dict[str, float] = collections.Counter()
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
-    for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        op, ms = event["args"]["op_name"], event["dur"] / 1000 / (runs + 2)
-        by_op[op] += ms
-        if event["name"][: -len("_kernel_time")] in region:
-            in_region[op] += ms
-    return 1000 * statistics.median(times), dict(by_op), dict(in_region)
+    return 1000 * statistics.median(times)
 
 
 @click.command()

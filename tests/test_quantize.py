@@ -385,16 +385,18 @@ def test_large_graphs_share_one_arena(vit, monkeypatch):
     np.testing.assert_array_equal(own.run(feed)["out"], shared.run(feed)["out"])
 
 
-def test_profile_script_finds_the_merge_region_only_in_the_turbo_graph(vit):
+def test_profile_script_finds_the_merge_region_only_in_the_turbo_graph(vit, tmp_path, monkeypatch):
     """scripts/profile_graphs.py: per op type and merge region, the first graph against the others."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     import profile_graphs
 
     paths, feed = vit
     batch = feed["pixel_values"].shape[0]
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(profile_graphs.main, [paths["baseline"], paths["turbo"], "--batch", str(batch),
                                                        "--runs", "1"])
     assert result.exit_code == 0, result.output
+    assert not list(tmp_path.iterdir())  # ONNX Runtime's profile files are not left in the working folder
     lines = result.output.splitlines()
     region = [float(line.split("merge region")[1].split()[0]) for line in lines if line.endswith(" ms") and
               "median" in line]
