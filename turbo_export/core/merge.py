@@ -203,7 +203,11 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[to
 
 def _merge_wavg_scatter(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``merge_wavg`` in 1/3 of the kernels (measured 2x faster eager on an H200 at batch 64, docs/gpu-check.md)."""
-    a, b = split_alternate(torch.cat([x * size, size], dim=-1))
+    return _scatter_wavg(plan, *split_alternate(torch.cat([x * size, size], dim=-1)))
+
+
+def _scatter_wavg(plan: MergePlan, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A / B halves of ``cat([x * size, size])`` -> merged tokens and sizes, by gather / scatter_reduce."""
     rows = lambda idx: idx.unsqueeze(-1).expand(*idx.shape, a.shape[-1])  # noqa: E731
     b = b.scatter_reduce(1, rows(plan.dst_idx), a.gather(1, rows(plan.src_idx)), reduce="sum")
     merged = torch.cat([a.gather(1, rows(plan.unm_idx)), b], dim=1)
@@ -504,14 +508,7 @@ def merge_wavg_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge over an indexed split: [B, N, C] -> [B, N - r, C], [B, N - r, 1]."""
     weighted = torch.cat([x * size, size], dim=-1)
-    a, b = weighted[:, a_idx.long()], weighted[:, b_idx.long()]
-    batch, _, channels = a.shape
-    unm = a.gather(dim=1, index=plan.unm_idx.unsqueeze(-1).expand(batch, plan.unm_idx.shape[1], channels))
-    src = a.gather(dim=1, index=plan.src_idx.unsqueeze(-1).expand(batch, plan.src_idx.shape[1], channels))
-    b = b.scatter_reduce(dim=1, index=plan.dst_idx.unsqueeze(-1).expand(batch, plan.dst_idx.shape[1], channels),
-                         src=src, reduce="sum")
-    merged = torch.cat([unm, b], dim=1)
-    return merged[..., :-1] / merged[..., -1:], merged[..., -1:]
+    return _scatter_wavg(plan, weighted[:, a_idx.long()], weighted[:, b_idx.long()])
 
 
 def unmerge_split(plan: MergePlan, a_idx: torch.Tensor, b_idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
