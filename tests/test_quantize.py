@@ -87,6 +87,7 @@ def _run(path, feed):
     return make_runner(path).run(feed)["out"]
 
 
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 INT8_OPS = {"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger"}
 
 
@@ -387,7 +388,7 @@ def test_large_graphs_share_one_arena(vit, monkeypatch):
 
 def test_profile_script_finds_the_merge_region_only_in_the_turbo_graph(vit, tmp_path, monkeypatch):
     """scripts/profile_graphs.py: per op type and merge region, the first graph against the others."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    sys.path.insert(0, SCRIPTS)
     import profile_graphs
 
     paths, feed = vit
@@ -406,8 +407,8 @@ def test_profile_script_finds_the_merge_region_only_in_the_turbo_graph(vit, tmp_
 
 @pytest.mark.parametrize("static", [False, True])
 def test_int8_bench_script_exports_a_symbolic_batch_unless_asked(static, tmp_path, monkeypatch):
-    """scripts/bench_int8.py times our graphs as turbo-export writes them (symbolic batch), --static-batch on request."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    """scripts/bench_int8.py times our graphs as turbo-export writes them (symbolic batch), or --static-batch."""
+    sys.path.insert(0, SCRIPTS)
     import bench_int8
 
     monkeypatch.delenv("TURBO_OPTIMUM_PYTHON", raising=False)
