@@ -11,8 +11,9 @@ Exports ViT-B/16 (seeded random weights) unaccelerated and with Turbo r=16, quan
 - PyTorch eager (``torch.no_grad``): the transformers model unaccelerated and with ``apply_turbo(model, ratio)``.
 
 Every graph's int8 output is compared with its fp32 output (cosine, same inputs). Medians with min / max over
-``--runs`` interleaved rounds (the order alternates each round); a shared machine makes absolute figures noisy,
-the ratios within one run are what to read. OMP_WAIT_POLICY=PASSIVE (unless set) keeps PyTorch's idle OpenMP
+``--runs`` interleaved rounds (the order alternates each round), in blocks: before each block the ONNX Runtime
+sessions are created anew in a rotated order, since on this machine the session created last runs fastest
+(``bench.interleaved``). A shared machine makes absolute figures noisy; the ratios within one run are what to read. OMP_WAIT_POLICY=PASSIVE (unless set) keeps PyTorch's idle OpenMP
 threads from spinning on the cores the next ONNX Runtime session runs on.
 
     python scripts/bench_int8.py --model random:vit-base-patch16-224 --ratio 16 --batch 8 --runs 10 \\
@@ -213,12 +214,13 @@ def run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_tor
     feeds = {name: feed for name in runners}
     timings = bench.interleaved(runners, feeds, batch, warmup=warmup, runs=runs, desc="interleaved")
 
+    blocks = len(next(iter(timings.values())).block_medians_s)
     rows = []
     for name, t in timings.items():
         runtime, precision = kinds[name]
         rows.append({"name": name, "runtime": runtime, "precision": precision, "items_per_s": t.items_per_s,
                      "median_ms": t.median_s * 1e3, "min_ms": min(t.seconds) * 1e3, "max_ms": max(t.seconds) * 1e3,
-                     **accuracy[name]})
+                     "block_medians_ms": [m * 1e3 for m in t.block_medians_s], **accuracy[name]})
     ips = {r["name"]: r["items_per_s"] for r in rows}
     ratios = {
         "turbo_int8_vs_unaccelerated_fp32": ips["turbo int8, quantize_graph"] / ips["unaccelerated fp32"],
@@ -236,8 +238,8 @@ def run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_tor
         ratios["turbo_int8_vs_optimum_int8"] = ips["turbo int8, quantize_graph"] / ips["optimum int8, quantize_dynamic"]
 
     click.echo(f"\n{model_source}, {size} px, batch {batch}, Turbo r={ratio}; ONNX Runtime CPU "
-               f"({os.cpu_count()} cores); {runs} interleaved rounds after {warmup} warm-up; images/s from the "
-               "median, min/max latency in ms\n")
+               f"({os.cpu_count()} cores); {runs} interleaved rounds after {warmup} warm-up, in {blocks} blocks of "
+               "sessions created anew in a rotated order; images/s from the median, min/max latency in ms\n")
     click.echo("| runner | runtime | precision | images/s | median ms | min ms | max ms | cosine vs its fp32 |")
     click.echo("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -258,7 +260,7 @@ def run(model_source, ratio, batch, runs, warmup, folder, optimum_python, no_tor
 
         write_json_atomic(json_path, {
             "model": model_source, "ratio": ratio, "batch": batch, "static_batch": static_batch, "runs": runs,
-            "warmup": warmup,
+            "warmup": warmup, "blocks": blocks,
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "rows": rows, "ratios": ratios,
             "counts": info["counts"], "quantize": {k: v for k, v in info.items() if k.endswith("_report")},
             "optimum_fp32_max_abs_diff_vs_ours": info.get("optimum_fp32_max_abs_diff_vs_ours"),

@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from turbo_export import apply_turbo  # noqa: E402
 from turbo_export.core import merge  # noqa: E402
-from turbo_export.models import datasets  # noqa: E402
 from turbo_export.families import get_family  # noqa: E402
+from turbo_export.models import datasets  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "weights",
                              "dinov2-small-imgfocus")

@@ -413,12 +413,14 @@ def test_int8_bench_script_exports_a_symbolic_batch_unless_asked(static, tmp_pat
 
     monkeypatch.delenv("TURBO_OPTIMUM_PYTHON", raising=False)
     out = tmp_path / "bench.json"
-    args = ["--model", "random:tiny", "--ratio", "4", "--batch", "2", "--runs", "1", "--warmup", "0", "--no-torch",
+    args = ["--model", "random:tiny", "--ratio", "4", "--batch", "2", "--runs", "3", "--warmup", "0", "--no-torch",
             "--work", str(tmp_path), "--json", str(out)] + (["--static-batch"] if static else [])
     result = CliRunner().invoke(bench_int8.main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["static_batch"] is static and report["ratios"]["turbo_int8_vs_unaccelerated_int8"] > 0
+    # six ONNX Runtime sessions, three rounds: three blocks, each after re-creating the sessions in a rotated order
+    assert report["blocks"] == 3 and all(len(row["block_medians_ms"]) == 3 for row in report["rows"])
     graph = onnx.load(str(tmp_path / ("turbo_static.onnx" if static else "turbo.onnx")), load_external_data=False)
     batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
     assert (batch_dim.dim_value == 2) if static else (batch_dim.dim_param != "")

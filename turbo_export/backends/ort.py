@@ -105,6 +105,18 @@ class OnnxRuntimeRunner:
                     if not custom_ops and "Turbo" in str(exc) else "")
             raise TurboExportError(f"cannot load ONNX file '{path}': {str(exc).splitlines()[0]}{hint}") from None
         self.providers = self.session.get_providers()
+        self._options = options
+
+    def close(self) -> None:
+        """Drop the session (``reopen`` makes a new one)."""
+        self.session = None
+
+    def reopen(self) -> None:
+        """A new session over the same file and options, placed anew in memory (see ``bench.interleaved``)."""
+        import onnxruntime as ort
+
+        self.session = None
+        self.session = ort.InferenceSession(self.path, self._options, providers=self.providers)
 
     @staticmethod
     def _info(args: Sequence[Any]) -> list[TensorInfo]:

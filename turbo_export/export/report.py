@@ -72,6 +72,8 @@ def bench_fields(timings: dict[str, bench.Timing], run: Any, plan: ExportPlan, f
         "batch": plan.bench.rows,
         "runs": run.bench_runs,
         "warmup": run.bench_warmup,
+        "blocks": len(timings["turbo"].block_medians_s),
+        "block_medians_ms": {key: [m * 1e3 for m in t.block_medians_s] for key, t in timings.items()},
         "baseline_ips": timings["baseline"].items_per_s,
         "turbo_ips": timings["turbo"].items_per_s,
         "baseline_median_ms": timings["baseline"].median_s * 1e3,

@@ -61,7 +61,10 @@ def peer_lines(report: dict[str, Any]) -> list[str]:
         return []
     reference = bench["baseline_ips"]
     width = max(len(f"{p['name']} ({p['runtime']}, {p['precision']})") for p in peers)
-    lines = ["", f"same interleaved run, batch {bench['batch']} (items/s, median with min..max of the timed runs):"]
+    blocks = bench.get("blocks", 1)
+    rotated = f"; {blocks} blocks, sessions created anew in a rotated order" if blocks > 1 else ""
+    lines = ["", f"same interleaved run, batch {bench['batch']} (items/s, median with min..max of the timed "
+             f"runs{rotated}):"]
     for p in sorted(peers, key=lambda p: -p["items_per_s"]):
         label = f"{p['name']} ({p['runtime']}, {p['precision']})"
         spread = f"{bench['batch'] / p['max_ms'] * 1e3:.1f}..{bench['batch'] / p['min_ms'] * 1e3:.1f}"
