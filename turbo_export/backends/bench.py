@@ -44,11 +44,13 @@ def interleaved(
     """Time each runner ``runs`` times, alternating the order every round so drift hits all equally.
 
     Runners that can ``reopen`` (ONNX Runtime sessions) are timed in ``blocks`` (default: one per such runner, at
-    most ``runs``): before each block after the first they are all closed, then created anew in an order rotated
-    by one, then warmed up once. On the shared VMs this project is measured on, the session created last runs fastest: the same
-    ViT-B int8 graph in three sessions of one process ran 1.24x faster in the last-created one than in the first,
-    and the same held with one process per session. Rotating spreads that over every runner instead of handing
-    it to whichever was opened last. The timings pool every block; ``block_medians_s`` keeps each block's median.
+    most ``runs``). Before each block they are all closed, then created anew in an order rotated by one per block
+    (block 0: the given order), then warmed up. On the shared VMs this project is measured on, the order in which
+    sessions are created changes their speed: the same ViT-B int8 graph in three sessions of one process ran 1.24x
+    faster in the one created last than in the one created first (1.30-1.40x with one process per session), and
+    Turbo's int8 graph ran 1.22-1.35x faster than the unaccelerated one when created first, 1.65-1.84x when created
+    last. Rotating hands that advantage to every runner in turn; the timings pool every block, and
+    ``block_medians_s`` keeps each block's median.
 
     When every runner has ``timed_run`` (TensorRT), each run is timed on the device with CUDA events, inputs
     already in device memory; otherwise with the wall clock around ``run``.
@@ -67,7 +69,7 @@ def interleaved(
     bar = tqdm(total=runs, desc=desc, disable=not progress, leave=False)
     round_index = 0
     for b, size in enumerate(sizes):
-        if b and movable:
+        if len(movable) > 1:
             for n in movable:  # all released first, so that no new session lands where its own old one was
                 close = getattr(runners[n], "close", None)
                 if callable(close):
