@@ -91,14 +91,42 @@ def test_the_order_alternates_within_and_across_blocks():
 
 
 def test_onnx_runtime_runner_reopens_a_new_session_with_the_same_outputs(tmp_path):
-    import torch
-
-    path = str(tmp_path / "linear.onnx")
-    torch.onnx.export(torch.nn.Linear(4, 3), (torch.randn(2, 4),), path, input_names=["x"], output_names=["y"],
-                      dynamo=False)
-    runner = make_runner(path)
+    runner = make_runner(_linear_graph(tmp_path))
     feed = {"x": np.ones((2, 4), np.float32)}
     first, session = runner.run(feed)["y"], runner.session
     runner.reopen()
     assert runner.session is not session
     np.testing.assert_array_equal(runner.run(feed)["y"], first)
+
+
+def _linear_graph(tmp_path) -> str:
+    import torch
+
+    path = str(tmp_path / "linear.onnx")
+    torch.onnx.export(torch.nn.Linear(4, 3), (torch.randn(2, 4),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    return path
+
+
+def test_session_order_script_times_each_way(tmp_path):
+    import json
+    import os
+    import sys
+
+    from click.testing import CliRunner
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import session_order
+
+    path = _linear_graph(tmp_path)
+    out = tmp_path / "order.json"
+    result = CliRunner().invoke(session_order.main, [path, path, "--runs", "2", "--warmup", "0", "--batch", "3",
+                                                     "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["median_ms"]) == ["given order, one block", "reverse order, one block", "rotated blocks"]
+    for medians in report["median_ms"].values():
+        assert list(medians) == ["0:linear.onnx", "1:linear.onnx"] and all(ms > 0 for ms in medians.values())
+    assert "rotated blocks (2 blocks, 2 rounds)" in result.output
+    single = CliRunner().invoke(session_order.main, [path])
+    assert single.exit_code == 2 and "at least two graphs" in single.output
