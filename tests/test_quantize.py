@@ -367,6 +367,30 @@ def test_fp32_weights_in_external_data_move_aside_for_the_int8_graph(tmp_path):
     np.testing.assert_allclose(make_runner(fp32).run({"x": x})["y"], x @ numpy_helper.to_array(w), rtol=1e-6)
 
 
+def test_weights_behind_a_transpose_are_folded_and_quantized(tmp_path):
+    """MatMul(x, Transpose(W)) (what the exporter left in SD 1.5's Turbo UNet) is quantized like MatMul(x, W.T): the
+    transposed weight becomes an initializer, read from external data; a weight with other users stays as well."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(0)
+    w, shared = rng.randn(5, 8).astype(np.float32), rng.randn(8, 8).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["a"]),
+             helper.make_node("Transpose", ["s"], ["st"], perm=[1, 0]), helper.make_node("MatMul", ["x", "st"], ["b"]),
+             helper.make_node("MatMul", ["b", "s"], ["c"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("a", "c")],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(shared, "s")])
+    src, dst = str(tmp_path / "g.onnx"), str(tmp_path / "g.int8.onnx")
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src,
+                    save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    report = quantize_graph(src, dst)
+    assert "folded 2 transposed weights" in " ".join(report.cleanup)
+    assert op_counts(dst)["MatMulInteger"] == 3 and "Transpose" not in op_counts(dst)
+    x = rng.randn(3, 4, 8).astype(np.float32)
+    out = make_runner(dst).run({"x": x})
+    assert cosine(out["a"], x @ w.T) > 0.999 and cosine(out["c"], x @ shared.T @ shared) > 0.999
+
+
 def test_large_graphs_share_one_arena(vit, monkeypatch):
     """Graphs over LARGE_GRAPH_BYTES (SD UNets) share a process-wide CPU arena (a benchmark's sessions run in turn,
     so one arena holds the largest peak, not the sum); smaller graphs keep their own. Same outputs either way."""

@@ -49,6 +49,7 @@ from turbo_export.export.graph_cleanup import (
     merge_nodes,
     op_counts,
 )
+from turbo_export.export.weight_folding import fold_weight_transposes
 from turbo_export.logs import quieted
 
 MODES = ("dynamic", "static")
@@ -287,6 +288,10 @@ def quantize_graph(
     notes: list[str] = []
     if cleanup:
         model, notes = cleanup_graph(model)
+        folded = fold_weight_transposes(model, os.path.dirname(os.path.abspath(src)))
+        if folded:
+            notes.append(f"folded {folded} transposed weights into initializers (the quantizer quantizes only "
+                         "MatMuls whose weight is an initializer)")
     counts_cleaned = op_counts(model)
     exclusion = merge_nodes(model, op_types) if exclude_merge else MergeExclusion(reason="merge exclusion off")
     exclude = list(dict.fromkeys([*exclusion.names, *nodes_to_exclude]))
