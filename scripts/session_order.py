@@ -7,7 +7,7 @@
 
 Each way prints the median ms of every graph and its speed relative to the first graph. Pass one file several
 times to time copies of the same graph. Inputs are seeded random floats (integer inputs zero), symbolic dimensions
-set to ``--batch``.
+set to ``--batch`` unless another of the graphs fixes them.
 
     python scripts/session_order.py vitb/baseline.onnx vitb/turbo.onnx --runs 8
     python scripts/session_order.py vitb/baseline.onnx vitb/baseline.onnx vitb/baseline.onnx --runs 8
@@ -27,11 +27,14 @@ from turbo_export.backends import bench, make_runner  # noqa: E402
 from turbo_export.files import write_json_atomic  # noqa: E402
 
 
-def random_feed(runner, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_feed(runners: list, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One feed for graphs with the same inputs: a dimension is the first fixed size any graph gives it, else
+    ``batch``."""
     rng = np.random.default_rng(seed)
     feed = {}
-    for info in runner.inputs:
-        shape = tuple(batch if not isinstance(d, int) else d for d in info.shape)
+    for info in runners[0].inputs:
+        shapes = [i.shape for r in runners for i in r.inputs if i.name == info.name and len(i.shape) == len(info.shape)]
+        shape = tuple(next((s[k] for s in shapes if isinstance(s[k], int)), batch) for k in range(len(info.shape)))
         floating = np.issubdtype(info.dtype, np.floating)
         feed[info.name] = rng.standard_normal(shape).astype(info.dtype) if floating else np.zeros(shape, info.dtype)
     return feed
@@ -42,7 +45,7 @@ def time_order(paths: list[str], order: list[int], batch: int, runs: int, warmup
     """Median ms per graph (labelled by its position in ``paths``), sessions first created in ``order``."""
     labels = [f"{i}:{os.path.basename(p)}" for i, p in enumerate(paths)]
     runners = {labels[i]: make_runner(paths[i]) for i in order}
-    feed = random_feed(next(iter(runners.values())), batch)
+    feed = random_feed([runners[label] for label in labels], batch)
     timings = bench.interleaved(runners, {n: feed for n in runners}, batch, warmup=warmup, runs=runs,
                                 progress=False, blocks=blocks)
     return {label: timings[label].median_s * 1e3 for label in labels}

@@ -17,7 +17,11 @@ class TensorInfo:
 
 @runtime_checkable
 class Runner(Protocol):
-    """What pipelines, benchmarks and servers use; implemented by ONNX Runtime (and TensorRT)."""
+    """What pipelines, benchmarks and servers use; implemented by ONNX Runtime (and TensorRT).
+
+    Optional, where a runner can: ``close()`` drops what it holds and ``reopen()`` builds it anew (ONNX Runtime: a
+    new session over the same file), which ``bench.interleaved`` uses to rotate the order sessions are created in.
+    """
 
     name: str
     backend: str
