@@ -45,12 +45,11 @@ def interleaved(
 
     Runners that can ``reopen`` (ONNX Runtime sessions) are timed in ``blocks`` (default: one per such runner, at
     most ``runs``). Before each block they are all closed, then created anew in an order rotated by one per block
-    (block 0: the given order), then warmed up. On the shared VMs this project is measured on, the order in which
-    sessions are created changes their speed: the same ViT-B int8 graph in three sessions of one process ran 1.24x
-    faster in the one created last than in the one created first (1.30-1.40x with one process per session), and
-    Turbo's int8 graph ran 1.22-1.35x faster than the unaccelerated one when created first, 1.65-1.84x when created
-    last. Rotating hands that advantage to every runner in turn; the timings pool every block, and
-    ``block_medians_s`` keeps each block's median.
+    (block 0: the given order), then warmed up. On the shared VMs this project is measured on, the session created
+    last runs faster, by a different amount from run to run (Turbo's ViT-B int8 graph against the unaccelerated
+    one: 1.70x created first, 1.88x created last; docs/precision.md, "Session order", and
+    ``scripts/session_order.py``). Rotating hands that advantage to every runner in turn; the timings pool every
+    block, and ``block_medians_s`` keeps each block's median.
 
     When every runner has ``timed_run`` (TensorRT), each run is timed on the device with CUDA events, inputs
     already in device memory; otherwise with the wall clock around ``run``.

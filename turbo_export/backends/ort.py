@@ -115,7 +115,7 @@ class OnnxRuntimeRunner:
         """A new session over the same file and options, placed anew in memory (see ``bench.interleaved``)."""
         import onnxruntime as ort
 
-        self.session = None
+        self.close()
         self.session = ort.InferenceSession(self.path, self._options, providers=self.providers)
 
     @staticmethod

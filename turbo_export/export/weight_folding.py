@@ -15,9 +15,10 @@ from onnx import numpy_helper
 
 
 def fold_weight_transposes(model: Any, base_dir: str) -> int:
-    """``MatMul(x, Transpose(W))``, W a 2-D initializer whose every consumer is such a MatMul, becomes
-    ``MatMul(x, W_t)`` with W_t the transposed weight as a new initializer (W's external data is read from
-    ``base_dir``). ``model`` is changed in place; returns how many Transposes were folded."""
+    """``MatMul(x, Transpose(W))``, W a 2-D initializer and every consumer of the Transpose a MatMul taking it as
+    its weight, becomes ``MatMul(x, W_t)`` with W_t the transposed weight as a new initializer (W's external data is
+    read from ``base_dir``; W stays where anything else uses it). ``model`` is changed in place; returns how many
+    Transposes were folded."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[Any]] = {}
