@@ -13,8 +13,9 @@ Exports ViT-B/16 (seeded random weights) unaccelerated and with Turbo r=16, quan
 Every graph's int8 output is compared with its fp32 output (cosine, same inputs). Medians with min / max over
 ``--runs`` interleaved rounds (the order alternates each round), in blocks: before each block the ONNX Runtime
 sessions are created anew in a rotated order, since on this machine the session created last runs fastest
-(``bench.interleaved``). A shared machine makes absolute figures noisy; the ratios within one run are what to read. OMP_WAIT_POLICY=PASSIVE (unless set) keeps PyTorch's idle OpenMP
-threads from spinning on the cores the next ONNX Runtime session runs on.
+(``bench.interleaved``). A shared machine makes absolute figures noisy; the ratios within one run are what to
+read. OMP_WAIT_POLICY=PASSIVE (unless set) keeps PyTorch's idle OpenMP threads from spinning on the cores the next
+ONNX Runtime session runs on.
 
     python scripts/bench_int8.py --model random:vit-base-patch16-224 --ratio 16 --batch 8 --runs 10 \\
         --optimum-python ../venv-optimum/bin/python --json int8.json

@@ -10,8 +10,9 @@ the unaccelerated model's:
 
 Rows: ToMe (alpha 0, the floor that uses no semantic value), the CLS row at alpha 6 (the backbone default), and
 the no-CLS candidates at alpha 6: the mean query's attention row ("mean-query", SigLIP's default), the attention
-each token receives ("received"; also without the diagonal, and at alpha 30). Images: scikit-image's ten photos, each as the full photo, its four corner crops (60 % of the
-side) and its mirror image (60 views), and optionally lfw_subset faces.
+each token receives ("received"; also without the diagonal, and at alpha 30). Images: scikit-image's ten photos,
+each as the full photo, its four corner crops (60 % of the side) and its mirror image (60 views), and optionally
+lfw_subset faces.
 
     PYTHONPATH=.:plugins python scripts/semantic_no_cls_check.py --lfw 40 [--only mean-query,ToMe] [--json out.json]
 """
