@@ -44,6 +44,10 @@ def test_symbolic_batch_by_default_and_static_on_request(exports):
     for name in ("baseline", "turbo"):
         assert _first_dims(os.path.join(exports["dynamic"], f"{name}.onnx")) == {"pixel_values": "batch"}
         assert _first_dims(os.path.join(exports["static"], f"{name}.onnx")) == {"pixel_values": 3}
+        # each intermediate tensor has a batch name of its own (export.tensor_symbols)
+        named = [d.dim_param for v in onnx.load(os.path.join(exports["dynamic"], f"{name}.onnx")).graph.value_info
+                 for d in v.type.tensor_type.shape.dim if d.dim_param.startswith("batch")]
+        assert len(named) > 20 and len(set(named)) == len(named) and "batch" not in named
     assert dynamic["parity"]["batches"] == [3, 1] and dynamic["parity_baseline"]["batches"] == [3, 1]
     assert static["parity"]["batches"] == [3]
 

@@ -91,13 +91,15 @@ def clean_exported(path: str) -> Any:
     """Run ``graph_cleanup.cleanup_graph`` on the saved graph, in place (weights in external data stay where they
     are); returns the cleaned ModelProto. Both sides of every comparison get it: the exporter leaves work that
     changes nothing, such as the Add of the all-zero attention mask that transformers builds for an unmasked image
-    model (12 broadcast Adds of [batch, 1, N, N] in a ViT-B), which would slow the unaccelerated graph for nothing."""
+    model (12 broadcast Adds of [batch, 1, N, N] in a ViT-B), which would slow the unaccelerated graph for nothing.
+    With a symbolic batch, each intermediate tensor then gets its own batch name (``tensor_symbols``)."""
     import onnx
 
     from turbo_export.export.graph_cleanup import cleanup_graph
+    from turbo_export.export.tensor_symbols import name_symbols_per_tensor
 
     model, notes = cleanup_graph(onnx.load(path, load_external_data=False))
-    if notes:
+    if name_symbols_per_tensor(model) or notes:
         onnx.save(model, path)
     return model
 

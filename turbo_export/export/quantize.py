@@ -49,6 +49,7 @@ from turbo_export.export.graph_cleanup import (
     merge_nodes,
     op_counts,
 )
+from turbo_export.export.tensor_symbols import name_symbols_per_tensor
 from turbo_export.export.weight_folding import fold_weight_transposes
 from turbo_export.logs import quieted
 
@@ -345,6 +346,11 @@ def quantize_graph(
         os.remove(cleaned)
         if os.path.dirname(cleaned) != src_dir:
             shutil.rmtree(os.path.dirname(cleaned), ignore_errors=True)
+    quantized = onnx.load(dst, load_external_data=False)
+    if name_symbols_per_tensor(quantized):  # the quantizer's new tensors too; see tensor_symbols
+        onnx.save(quantized, dst)
+        notes.append("each intermediate tensor named its own batch dimension (no buffer reuse across blocks)")
+    del quantized
     return QuantizeReport(
         src=src, dst=dst, mode=mode, weight_type=weight_type, activation_type=activation_type,
         per_channel=per_channel, op_types=sorted(op_types), excluded=exclusion,

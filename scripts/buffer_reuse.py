@@ -1,0 +1,96 @@
+"""How much ONNX Runtime's buffer reuse across blocks costs a graph: each graph is timed three ways in one rotated,
+interleaved run (``bench.interleaved``):
+
+- as exported: each intermediate tensor has a batch name of its own (``export/tensor_symbols.py``);
+- shared name: a copy in which every intermediate tensor carries the graph input's one batch name again, as exports
+  had before, so ONNX Runtime's allocation planner may hand one block's buffers to the next;
+- reuse off: as exported, with ONNX Runtime's memory reuse switched off (``SessionOptions.enable_mem_reuse``).
+
+Prints the median ms of each and its speed relative to the shared-name copy of the same graph.
+
+    python scripts/buffer_reuse.py b15/baseline_int8.onnx b15/turbo_int8.onnx --batch 8 --runs 12
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from session_order import random_feed  # noqa: E402
+
+from turbo_export.backends import bench, make_runner  # noqa: E402
+from turbo_export.export.tensor_symbols import _RENAMED  # noqa: E402
+from turbo_export.files import write_json_atomic  # noqa: E402
+
+
+def share_symbols(src: str, dst: str) -> int:
+    """Write ``src`` to ``dst`` (same folder, so external weights resolve) with every ``<symbol>__t<k>`` dimension
+    named ``<symbol>`` again; returns how many were renamed."""
+    import onnx
+
+    model = onnx.load(src, load_external_data=False)
+    renamed = 0
+    for value in model.graph.value_info:
+        for dim in value.type.tensor_type.shape.dim:
+            match = _RENAMED.match(dim.dim_param)
+            if match:
+                dim.dim_param = match.group("base")
+                renamed += 1
+    onnx.save(model, dst)
+    return renamed
+
+
+@click.command()
+@click.argument("graphs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch", default=8, show_default=True, help="Value of every symbolic dimension of the inputs.")
+@click.option("--runs", default=12, show_default=True, help="Timed rounds, spread over the rotated blocks.")
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--blocks", default=None, type=int, help="Rotated blocks [default: one per session].")
+@click.option("--json", "json_path", default=None, help="Write the medians here.")
+def main(graphs: tuple[str, ...], batch: int, runs: int, warmup: int, blocks: int | None, json_path: str | None
+         ) -> None:
+    import onnxruntime as ort
+
+    copies, runners, renamed = [], {}, {}
+    try:
+        for path in graphs:
+            folder, name = os.path.split(os.path.abspath(path))
+            copy = os.path.join(folder, f".shared-{os.getpid()}-{name}")
+            copies.append(copy)
+            renamed[path] = share_symbols(path, copy)
+            if not renamed[path]:
+                raise click.BadParameter(f"'{path}' has no per-tensor batch names (a static batch, or exported "
+                                         "before tensor_symbols): nothing to compare", param_hint="GRAPHS")
+            no_reuse = ort.SessionOptions()
+            no_reuse.enable_mem_reuse = False
+            base = os.path.basename(path)
+            runners[f"{base} shared name"] = make_runner(copy)
+            runners[f"{base} as exported"] = make_runner(path)
+            runners[f"{base} reuse off"] = make_runner(path, session_options=no_reuse)
+        feed = random_feed(list(runners.values()), batch)
+        timings = bench.interleaved(runners, {n: feed for n in runners}, batch, warmup=warmup, runs=runs,
+                                    progress=False, blocks=blocks)
+    finally:
+        for copy in copies:
+            if os.path.exists(copy):
+                os.remove(copy)
+    medians = {label: t.median_s * 1e3 for label, t in timings.items()}
+    click.echo(f"batch {batch}, {runs} rounds in {blocks or len(runners)} rotated blocks; median ms (min-max)")
+    for path in graphs:
+        base = os.path.basename(path)
+        shared = medians[f"{base} shared name"]
+        for way in ("shared name", "as exported", "reuse off"):
+            t = timings[f"{base} {way}"]
+            click.echo(f"  {base:28s} {way:12s} {t.median_s * 1e3:8.1f} ({min(t.seconds) * 1e3:.0f}-"
+                       f"{max(t.seconds) * 1e3:.0f})   shared / this {shared / medians[f'{base} {way}']:5.3f}x")
+    if json_path:
+        write_json_atomic(json_path, {"graphs": list(graphs), "batch": batch, "runs": runs, "warmup": warmup,
+                                      "renamed_dims": renamed, "median_ms": medians})
+
+
+if __name__ == "__main__":
+    main()
