@@ -349,7 +349,7 @@ def quantize_graph(
     quantized = onnx.load(dst, load_external_data=False)
     if name_symbols_per_tensor(quantized):  # the quantizer's new tensors too; see tensor_symbols
         onnx.save(quantized, dst)
-        notes.append("each intermediate tensor named its own batch dimension (no buffer reuse across blocks)")
+        notes.append("each intermediate tensor given its own names for the symbolic dimensions (see tensor_symbols)")
     del quantized
     return QuantizeReport(
         src=src, dst=dst, mode=mode, weight_type=weight_type, activation_type=activation_type,

@@ -5,11 +5,11 @@ ONNX Runtime's allocation planner lets an output take over the buffer of a tenso
 the same inferred shape, symbolic dimensions compared by name. With one symbolic ``batch`` on every tensor, the
 twelve blocks of a ViT-B have identical shapes, so each block's tensors reuse the buffers of the block before it.
 Measured with ONNX Runtime 1.32 on this project's 2-core CPU (ViT-B/16, batch 8, docs/precision.md): that reuse
-made the int8 graph 12-13% slower and its peak memory 23% larger (460 MB against 375 MB) than the same graph with
-one name per tensor; the fp32 graph about 3% slower; a Turbo graph not at all, because its blocks have different
-token counts and so never matched. optimum's export escapes it by accident: its run-time reshape arithmetic gives
-every block a new unknown dimension. The names are only annotations (``value_info``); nothing a runtime computes
-changes, and ONNX Runtime still plans memory by lifetime (its memory pattern).
+made the int8 graph 13% slower, and the peak memory of a process running it 24% larger (460 MB against 371 MB),
+than the same graph with one name per tensor; the fp32 graph 3% slower; a Turbo graph not at all, as its blocks
+have different token counts and so never matched. optimum's export escapes it by accident: its run-time reshape
+arithmetic gives every block a new unknown dimension. The names are only annotations (``value_info``); nothing a
+runtime computes changes, and ONNX Runtime still plans memory by lifetime (its memory pattern).
 """
 
 from __future__ import annotations
