@@ -127,6 +127,27 @@ def test_buffer_reuse_script_times_each_way_and_leaves_no_copy(tmp_path):
     assert sorted(report["median_ms"]) == ["named.onnx as exported", "named.onnx reuse off", "named.onnx shared name"]
     assert report["renamed_dims"] == {named: 11} and all(ms > 0 for ms in report["median_ms"].values())
     assert sorted(os.listdir(tmp_path)) == ["named.onnx", "plain.onnx", "reuse.json", "shared.onnx"]
-    refused = CliRunner().invoke(buffer_reuse.main, [plain])
-    assert refused.exit_code == 2 and "no per-tensor batch names" in refused.output
+    static = CliRunner().invoke(buffer_reuse.main, [plain, "--runs", "2", "--warmup", "0", "--batch", "2",
+                                                    "--json", str(out)])
+    assert static.exit_code == 0, static.output
+    assert sorted(json.loads(out.read_text())["median_ms"]) == ["plain.onnx as exported", "plain.onnx reuse off"]
+    assert "as exported / this" in static.output
     assert sorted(os.listdir(tmp_path)) == ["named.onnx", "plain.onnx", "reuse.json", "shared.onnx"]
+
+
+def test_runner_switches_buffer_reuse_off_unless_given_options_or_large(tmp_path, monkeypatch):
+    """A static batch cannot carry per-tensor names, so the runner itself turns ONNX Runtime's reuse off (graphs
+    under LARGE_GRAPH_BYTES, no caller options); outputs stay the same."""
+    from turbo_export.backends import ort as ort_backend
+
+    path = str(tmp_path / "static.onnx")
+    onnx.save(onnx.shape_inference.infer_shapes(_blocks(batch=3)), path)
+    x = {"x": np.random.default_rng(3).standard_normal((3, 5, 16)).astype(np.float32)}
+    default = ort_backend.OnnxRuntimeRunner(path)
+    given = ort_backend.OnnxRuntimeRunner(path, session_options=ort.SessionOptions())
+    monkeypatch.setattr(ort_backend, "LARGE_GRAPH_BYTES", 1)
+    large = ort_backend.OnnxRuntimeRunner(path)
+    reuse = {name: r.session.get_session_options().enable_mem_reuse
+             for name, r in (("default", default), ("given", given), ("large", large))}
+    assert reuse == {"default": False, "given": True, "large": True}
+    np.testing.assert_array_equal(default.run(x)["y"], given.run(x)["y"])
