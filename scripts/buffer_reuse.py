@@ -28,25 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from session_order import random_feed  # noqa: E402
 
 from turbo_export.backends import bench, make_runner  # noqa: E402
-from turbo_export.export.tensor_symbols import _RENAMED  # noqa: E402
+from turbo_export.export.tensor_symbols import share_symbols  # noqa: E402
 from turbo_export.files import write_json_atomic  # noqa: E402
-
-
-def share_symbols(src: str, dst: str) -> int:
-    """Write ``src`` to ``dst`` (same folder, so external weights resolve) with every ``<symbol>__t<k>`` dimension
-    named ``<symbol>`` again; returns how many were renamed."""
-    import onnx
-
-    model = onnx.load(src, load_external_data=False)
-    renamed = 0
-    for value in model.graph.value_info:
-        for dim in value.type.tensor_type.shape.dim:
-            match = _RENAMED.match(dim.dim_param)
-            if match:
-                dim.dim_param = match.group("base")
-                renamed += 1
-    onnx.save(model, dst)
-    return renamed
 
 
 @click.command()
@@ -58,20 +41,23 @@ def share_symbols(src: str, dst: str) -> int:
 @click.option("--json", "json_path", default=None, help="Write the medians here.")
 def main(graphs: tuple[str, ...], batch: int, runs: int, warmup: int, blocks: int | None, json_path: str | None
          ) -> None:
+    import onnx
     import onnxruntime as ort
 
     copies, runners, renamed = [], {}, {}
     try:
         for path in graphs:
-            folder, name = os.path.split(os.path.abspath(path))
-            copy = os.path.join(folder, f".shared-{os.getpid()}-{name}")
-            copies.append(copy)
-            renamed[path] = share_symbols(path, copy)
+            model = onnx.load(path, load_external_data=False)
+            renamed[path] = share_symbols(model)
             no_reuse = ort.SessionOptions()
             no_reuse.enable_mem_reuse = False
             base = os.path.basename(path)
             # ONNX Runtime's defaults (the runner would switch reuse off without options of the caller's)
             if renamed[path]:  # a static batch (or an older export) has no names to share: it is its own "before"
+                folder, name = os.path.split(os.path.abspath(path))
+                copy = os.path.join(folder, f".shared-{os.getpid()}-{name}")  # beside it: external weights resolve
+                copies.append(copy)
+                onnx.save(model, copy)
                 runners[f"{base} shared name"] = make_runner(copy, session_options=ort.SessionOptions())
             runners[f"{base} as exported"] = make_runner(path, session_options=ort.SessionOptions())
             runners[f"{base} reuse off"] = make_runner(path, session_options=no_reuse)

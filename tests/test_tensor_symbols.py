@@ -11,7 +11,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from turbo_export.export.quantize import quantize_graph
-from turbo_export.export.tensor_symbols import name_symbols_per_tensor
+from turbo_export.export.tensor_symbols import name_symbols_per_tensor, share_symbols
 
 
 def _blocks(batch: str | int = "batch", blocks: int = 3, width: int = 16) -> onnx.ModelProto:
@@ -115,9 +115,8 @@ def test_buffer_reuse_script_times_each_way_and_leaves_no_copy(tmp_path):
     onnx.save(model, plain)
     name_symbols_per_tensor(model)
     onnx.save(model, named)
-    shared = str(tmp_path / "shared.onnx")
-    assert buffer_reuse.share_symbols(named, shared) == 11
-    assert set(_symbols(onnx.load(shared)).values()) == {"batch"}
+    shared = onnx.load(named)
+    assert share_symbols(shared) == 11 and set(_symbols(shared).values()) == {"batch"}
 
     out = tmp_path / "reuse.json"
     result = CliRunner().invoke(buffer_reuse.main, [named, "--runs", "2", "--warmup", "0", "--batch", "3",
@@ -126,13 +125,13 @@ def test_buffer_reuse_script_times_each_way_and_leaves_no_copy(tmp_path):
     report = json.loads(out.read_text())
     assert sorted(report["median_ms"]) == ["named.onnx as exported", "named.onnx reuse off", "named.onnx shared name"]
     assert report["renamed_dims"] == {named: 11} and all(ms > 0 for ms in report["median_ms"].values())
-    assert sorted(os.listdir(tmp_path)) == ["named.onnx", "plain.onnx", "reuse.json", "shared.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["named.onnx", "plain.onnx", "reuse.json"]
     static = CliRunner().invoke(buffer_reuse.main, [plain, "--runs", "2", "--warmup", "0", "--batch", "2",
                                                     "--json", str(out)])
     assert static.exit_code == 0, static.output
     assert sorted(json.loads(out.read_text())["median_ms"]) == ["plain.onnx as exported", "plain.onnx reuse off"]
     assert "as exported / this" in static.output
-    assert sorted(os.listdir(tmp_path)) == ["named.onnx", "plain.onnx", "reuse.json", "shared.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["named.onnx", "plain.onnx", "reuse.json"]
 
 
 def test_runner_switches_buffer_reuse_off_unless_given_options_or_large(tmp_path, monkeypatch):

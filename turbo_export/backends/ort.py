@@ -71,14 +71,15 @@ class OnnxRuntimeRunner:
         # Idle ORT worker threads spin for a while after each run; with several sessions on few cores (baseline
         # and Turbo interleaved, pipelines of several graphs) the spinning steals the next session's cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if session_options is None and _file_bytes(path) < LARGE_GRAPH_BYTES:
+        large = _file_bytes(path) >= LARGE_GRAPH_BYTES
+        if session_options is None and not large:
             # ONNX Runtime hands a freed buffer to the next tensor of the same inferred shape, which ties each block
             # of a model whose blocks share shapes to the buffers of the block before: 12% slower for ViT-B int8,
             # the unaccelerated graph only (docs/precision.md, "buffer reuse"). Exports name the batch per tensor
             # (export/tensor_symbols.py); this covers what cannot carry such names (a static batch) and graphs from
             # elsewhere. Memory is still shared by lifetime (the memory pattern); large graphs keep the default.
             options.enable_mem_reuse = False
-        if session_options is None and _file_bytes(path) >= LARGE_GRAPH_BYTES:
+        elif session_options is None:
             # Large graphs (SD UNets, BLIP-2's ViT-g) share one process-wide CPU arena instead of one each: the
             # sessions of a benchmark run in turn, so one arena holds the largest peak, not the sum of them. Two SD
             # 1.5 UNet sessions after two calls each: 12.3 GB shared, 14.8 GB with an arena each; with three

@@ -48,3 +48,16 @@ def name_symbols_per_tensor(model: Any) -> int:
     del graph.value_info[:]
     graph.value_info.extend(inferred)
     return named
+
+
+def share_symbols(model: Any) -> int:
+    """The inverse, to measure what the names are for: every ``<symbol>__t<k>`` dimension becomes ``<symbol>``
+    again, as exports had them before. ``model`` is changed in place; returns how many were renamed."""
+    renamed = 0
+    for value in model.graph.value_info:
+        for dim in value.type.tensor_type.shape.dim:
+            match = _RENAMED.match(dim.dim_param)
+            if match:
+                dim.dim_param = match.group("base")
+                renamed += 1
+    return renamed
