@@ -350,12 +350,13 @@ def quantize_graph(
     if name_symbols_per_tensor(quantized):  # the quantizer's new tensors too; see tensor_symbols
         onnx.save(quantized, dst)
         notes.append("each intermediate tensor given its own names for the symbolic dimensions (see tensor_symbols)")
+    counts_dst = op_counts(quantized)
     del quantized
     return QuantizeReport(
         src=src, dst=dst, mode=mode, weight_type=weight_type, activation_type=activation_type,
         per_channel=per_channel, op_types=sorted(op_types), excluded=exclusion,
         extra_excluded=[*nodes_to_exclude, *activation_matmuls],
-        counts_src=_counted(counts_src), counts_cleaned=_counted(counts_cleaned), counts_dst=_counted(op_counts(dst)),
+        counts_src=_counted(counts_src), counts_cleaned=_counted(counts_cleaned), counts_dst=_counted(counts_dst),
         cleanup=notes, calibration=calibration_note, seconds=time.perf_counter() - start, dst_bytes=_file_bytes(dst),
     )
 
