@@ -138,10 +138,15 @@ def test_merge_nodes_found_and_kept_float(vit, tmp_path):
     by_op = collections.defaultdict(set)
     for n in model.graph.node:
         by_op[n.op_type].add(n.name)
-    for op in ("TopK", "ArgMax", "ReduceMax", "GatherND"):  # the decision, and the token rows it moves
+    for op in ("TopK", "ArgMax", "ReduceMax", "Where"):  # the decision (Where: the CLS token never a source)
         assert by_op[op] and by_op[op] <= names, op
     inits = {t.name for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
+    # the token rows it moves: five Gathers per merge (kept, source and destination rows of the tokens; the kept
+    # and source rows of the sizes), each reading indices the region computed
+    row_gathers = {n.name for n in model.graph.node if n.op_type == "Gather" and n.input[1] in producer
+                   and producer[n.input[1]].name in names}
+    assert len(row_gathers) == 5 * len(by_op["TopK"]) // 2 and row_gathers <= names
     similarity = {producer[n.input[0]].name for n in model.graph.node if n.op_type == "ReduceMax"}
     assert similarity <= names and all(model.graph.node[[m.name for m in model.graph.node].index(s)].op_type
                                        == "MatMul" for s in similarity)
@@ -162,9 +167,10 @@ def test_merge_nodes_found_and_kept_float(vit, tmp_path):
     assert not _similarity_inputs_quantized(dst)
     assert set(report.excluded.names) == names and report.excluded.op_counts["TopK"] == len(by_op["TopK"])
     assert "float" in report.excluded.reason and "TopK x8" in report.excluded.summary()
-    # MatMuls in the region, per merge: the similarity, and the one-hot sums of the sources' sizes and values
+    # MatMuls in the region, per merge: the similarity, the one-hot sums of the sources' sizes and values, and the
+    # transposed one-hot reading each source's destination's new size
     merge_matmuls = by_op["MatMul"] & names
-    assert similarity < merge_matmuls and len(merge_matmuls) == 3 * len(similarity)
+    assert similarity < merge_matmuls and len(merge_matmuls) == 4 * len(similarity)
     assert report.excluded.quantizable.get("MatMul") == len(merge_matmuls)
     # without the exclusion the same options quantize the similarity MatMul: the exclusion is what keeps it float
     unguarded = str(tmp_path / "turbo_int8_all.onnx")

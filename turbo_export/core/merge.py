@@ -7,7 +7,7 @@ largest E are merged into their most similar token of set B by size-weighted ave
 
 Every shape here depends only on input shapes and on the Python int ``r``: no data-dependent shape,
 so the functions trace into a static ONNX graph. Index selection uses ``argsort``/``sort`` (TopK in
-ONNX); the understanding models' merge moves whole token rows (``take_rows``: Gather / GatherND) and sums
+ONNX); the understanding models' merge moves whole token rows (``take_rows``: one Gather) and sums
 sources through a one-hot MatMul; the UNet's grid merge uses ``gather`` (GatherElements) and
 ``scatter_reduce(reduce="sum")`` (ScatterElements with reduction "add"); never ``index_add`` or
 ``reduce="mean"``, which export wrongly.
@@ -50,9 +50,14 @@ def similarity(metric: torch.Tensor, protected: int = 1) -> torch.Tensor:
     a, b = split_alternate(metric)
     scores = a @ b.transpose(-1, -2)
     protected_b = protected // 2  # B holds the odd indices below `protected`
-    if protected_b:
-        scores[..., :protected_b] = -math.inf
-    return scores
+    return _protect_first(scores, protected_b) if protected_b else scores
+
+
+def _protect_first(values: torch.Tensor, count: int) -> torch.Tensor:
+    """``values`` with the first ``count`` entries of the last dimension -inf: one Where on a constant mask (a slice
+    assignment exports as a dozen shape nodes around a ScatterND)."""
+    mask = torch.tensor([i < count for i in range(values.shape[-1])], device=values.device)
+    return values.masked_fill(mask, -math.inf)
 
 
 def information_degree(
@@ -74,9 +79,7 @@ def information_degree(
         degree = redundancy - alpha * semantic[:, ::2]
     else:
         degree = redundancy
-    if protected_a:
-        degree[..., :protected_a] = -math.inf
-    return degree, dst
+    return (_protect_first(degree, protected_a) if protected_a else degree), dst
 
 
 SEMANTIC_VALUES = ("cls", "received", "mean-query")
@@ -155,9 +158,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, semantic: torch.Tensor
     ``r`` must already respect ``r <= (N - protected) // 2`` (see ``layer_r``).
     """
     degree, dst = information_degree(metric, semantic, alpha, protected)
-    order = degree.argsort(dim=-1, descending=True)
+    order = degree.topk(degree.shape[-1], dim=-1)[1]  # argsort, descending; topk's K is a constant in ONNX
     src_idx = order[:, :r]
-    unm_idx = order[:, r:].sort(dim=-1)[0]
+    unm_idx = order[:, r:].topk(order.shape[-1] - r, dim=-1, largest=False)[0]
     dst_idx = dst.gather(dim=-1, index=src_idx)
     return MergePlan(unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx)
 
@@ -196,7 +199,7 @@ def merge_wavg(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[to
     positions = _merge_positions(plan, x.shape[1], x.dtype)
     src_size = _rows(size, positions.src)
     new_size = _rows(size, positions.kept) + positions.receives @ src_size
-    weight = src_size / take_rows(new_size, positions.dst_out)
+    weight = src_size / (positions.receives.transpose(-1, -2) @ new_size)  # exactly each destination's new size
     delta = weight * (_rows(x, positions.src) - _rows(x, positions.dst))
     return _rows(x, positions.kept) + positions.receives @ delta, new_size
 
@@ -222,7 +225,6 @@ class _MergePositions(NamedTuple):
     kept: torch.Tensor  # [B, N - r] rows of the flattened tokens in the output: unmerged A (ascending), then B
     src: torch.Tensor  # [B, r] rows of the flattened tokens: the sources
     dst: torch.Tensor  # [B, r] rows of the flattened tokens: their destinations
-    dst_out: torch.Tensor  # [B, r] the destinations' positions in the output sequence
     receives: torch.Tensor  # [B, N - r, r] float: 1 where output row j receives source i
 
 
@@ -231,11 +233,11 @@ def _merge_positions(plan: MergePlan, num_tokens: int, dtype: torch.dtype) -> _M
     num_b = num_tokens // 2
     device = plan.unm_idx.device
     first = torch.arange(batch, device=device)[:, None] * num_tokens  # each sample's first row, flattened
-    b_rows = (2 * torch.arange(num_b, device=device) + 1).expand(batch, num_b)
-    kept = torch.cat([2 * plan.unm_idx, b_rows], dim=1) + first
-    dst_out = plan.dst_idx + num_unm
+    b_rows = 2 * torch.arange(num_b, device=device) + 1
+    kept = torch.cat([2 * plan.unm_idx + first, b_rows + first], dim=1)
+    dst_out = plan.dst_idx + num_unm  # the destinations' positions in the output sequence
     receives = (torch.arange(num_unm + num_b, device=device)[None, :, None] == dst_out[:, None, :]).to(dtype)
-    return _MergePositions(kept, 2 * plan.src_idx + first, 2 * plan.dst_idx + 1 + first, dst_out, receives)
+    return _MergePositions(kept, 2 * plan.src_idx + first, 2 * plan.dst_idx + 1 + first, receives)
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -244,7 +246,7 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor, flat_rows: torch.Tensor) -> torch.Tensor:  # [B, N, C], [B, K] rows of [B * N, C]
-    return x.reshape(-1, x.shape[-1])[flat_rows]
+    return torch.nn.functional.embedding(flat_rows, x.reshape(-1, x.shape[-1]))  # one Gather (indexing: GatherND)
 
 
 def unmerge(plan: MergePlan, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -277,7 +279,7 @@ def turbo_merge(
 
 def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:
     """log(size) as an additive attention bias over keys: [B, N, 1] -> [B, 1, 1, N]."""
-    return size.log()[:, None, None, :, 0]
+    return size.log().reshape(-1, 1, 1, size.shape[1])
 
 
 def r_schedule(r: RSchedule, num_layers: int) -> list[int]:
