@@ -6,11 +6,11 @@ set) and I its semantic value (the CLS token's attention to it). The ``r`` token
 largest E are merged into their most similar token of set B by size-weighted average.
 
 Every shape here depends only on input shapes and on the Python int ``r``: no data-dependent shape,
-so the functions trace into a static ONNX graph. Index selection uses ``argsort``/``sort`` (TopK in
-ONNX); the understanding models' merge moves whole token rows (``take_rows``: one Gather) and sums
-sources through a one-hot MatMul; the UNet's grid merge uses ``gather`` (GatherElements) and
-``scatter_reduce(reduce="sum")`` (ScatterElements with reduction "add"); never ``index_add`` or
-``reduce="mean"``, which export wrongly.
+so the functions trace into a static ONNX graph. Index selection uses ``topk`` (the understanding models) or
+``argsort``/``sort`` (the UNet), all TopK in ONNX; the understanding models' merge moves whole token rows
+(``take_rows``: one Gather) and sums sources through a one-hot MatMul; the UNet's grid merge uses ``gather``
+(GatherElements) and ``scatter_reduce(reduce="sum")`` (ScatterElements with reduction "add"); never
+``index_add`` or ``reduce="mean"``, which export wrongly.
 
 Token layout convention (understanding models): A = tokens 0, 2, 4, ... (CLS first), B = tokens
 1, 3, 5, ...; the first ``protected`` tokens (CLS, distillation token) are never sources, and a
